@@ -20,13 +20,13 @@ MAX_INPUT_IMAGES = 14
 MAX_INPUT_IMAGE_BYTES = 7 * 1024 * 1024
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     PENDING = "pending"
 
 
-class InputKind(str, enum.Enum):
+class InputKind(enum.StrEnum):
     FILE = "file"  # a local file, sent as a base64 data URL
     URL = "url"  # http(s), passed through untouched
     DATA = "data"  # a data: URL written in the manifest, passed through

@@ -1,0 +1,5 @@
+"""``python -m batch`` is the ``imgbatch`` command."""
+
+from batch.cli import entry
+
+entry()

@@ -1,0 +1,307 @@
+"""The checkpoint: what every job of an output folder has cost and produced, across runs.
+
+Store: an append-only JSON-lines journal, ``<DIR>/.imgbatch/journal.jsonl``,
+one full job state per line (the last line for an id wins), fsynced at every
+outcome. Chosen over SQLite because the only writer is this process (the
+lock guarantees it), appends of a few hundred bytes are atomic enough that a
+crash can only tear the last line (which loading drops), and the file is
+greppable by an operator at 3 a.m. It is compacted when it grows past twice
+the live records.
+
+A success is recorded *before* its image is renamed to the final name, with
+the temporary name beside it: a crash between the two is finished on the
+next open (the temporary file is complete, fsynced and hashed), so an image
+that was paid for and written is never lost.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batch.errors import LockHeld, OutputError, StorageError
+from batch.images import file_matches, fsync_dir, remove_quietly, sha256_of, stray_temporaries
+from batch.jobs import ImageRecord, Job, Status
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = ".imgbatch"
+JOURNAL = "journal.jsonl"
+LOCK = "lock"
+
+
+def fingerprint(job: Job) -> str:
+    """A hash of everything that shapes the request (not the id)."""
+    canonical = json.dumps(
+        [
+            job.model,
+            job.prompt,
+            job.aspect_ratio,
+            job.image_size,
+            job.params,
+            [image.digest for image in job.images],
+        ],
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        default=str,
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class JobState:
+    """The last known state of one job id."""
+
+    id: str
+    fingerprint: str
+    status: Status
+    attempts: int  # requests sent for this id, across all runs
+    error: Mapping[str, Any] | None = None
+    images: tuple[ImageRecord, ...] = ()
+    image_meta: tuple[Mapping[str, Any], ...] = ()  # per image: tmp name and mtime_ns
+    usage: Mapping[str, Any] | None = None
+    latency_s: float | None = None
+    text: str | None = None
+
+    def to_line(self) -> bytes:
+        record = {
+            "id": self.id,
+            "fp": self.fingerprint,
+            "status": self.status.value,
+            "attempts": self.attempts,
+            "error": self.error,
+            "images": [
+                {**image.as_dict(), **meta}
+                for image, meta in zip(self.images, self.image_meta, strict=True)
+            ],
+            "usage": self.usage,
+            "latency_s": self.latency_s,
+            "text": self.text,
+        }
+        return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+    @staticmethod
+    def from_record(record: Mapping[str, Any]) -> JobState:
+        images = []
+        metas = []
+        for item in record.get("images") or []:
+            images.append(
+                ImageRecord(
+                    path=item["path"],
+                    sha256=item["sha256"],
+                    bytes=item["bytes"],
+                    mime=item["mime"],
+                    width=item["width"],
+                    height=item["height"],
+                )
+            )
+            metas.append({"tmp": item.get("tmp"), "mtime_ns": item.get("mtime_ns")})
+        return JobState(
+            id=record["id"],
+            fingerprint=record["fp"],
+            status=Status(record["status"]),
+            attempts=int(record["attempts"]),
+            error=record.get("error"),
+            images=tuple(images),
+            image_meta=tuple(metas),
+            usage=record.get("usage"),
+            latency_s=record.get("latency_s"),
+            text=record.get("text"),
+        )
+
+
+class Checkpoint:
+    """The journal of one output folder, held under an exclusive lock while open."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.states: dict[str, JobState] = {}
+        self.runs: list[dict[str, Any]] = []
+        self._lock_fd: int | None = None
+        self._fd: int | None = None
+        self._lines = 0
+
+    # -- opening -------------------------------------------------------------
+
+    @classmethod
+    def open(cls, root: Path) -> Checkpoint:
+        """Lock the folder, load the journal, finish interrupted renames, drop stray temps."""
+        store = cls(root)
+        state_dir = root / STATE_DIR
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create {state_dir}: {exc.strerror}") from None
+        store._lock(state_dir / LOCK)
+        try:
+            store._load(state_dir / JOURNAL)
+            store._recover()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    @classmethod
+    def read(cls, root: Path) -> Checkpoint:
+        """Load the journal without locking or changing anything (for ``status``)."""
+        store = cls(root)
+        store._load(root / STATE_DIR / JOURNAL, writable=False)
+        return store
+
+    def _lock(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise LockHeld(str(self.root), int(holder) if holder.isdigit() else None) from None
+        # The kernel drops a flock when its holder dies, so a stale lock never blocks.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _load(self, path: Path, *, writable: bool = True) -> None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        except OSError as exc:
+            raise OutputError(f"cannot read {path}: {exc.strerror}") from None
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            log.warning("%s: dropping a torn last record (%d bytes)", path, len(data) - end)
+        lines = data[:end].splitlines()
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if "run" in record:
+                    self.runs.append(record)
+                else:
+                    state = JobState.from_record(record)
+                    self.states[state.id] = state
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("%s:%d: skipping an unreadable record (%s)", path, number, exc)
+        self._lines = len(lines)
+        if not writable:
+            return
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        try:
+            self._fd = os.open(path, flags, 0o644)
+            if end < len(data):
+                os.truncate(path, end)
+        except OSError as exc:
+            raise OutputError(f"cannot open {path}: {exc.strerror}") from None
+        if self._lines > 1000 and self._lines > 2 * (len(self.states) + len(self.runs)):
+            self._compact(path)
+
+    def _compact(self, path: Path) -> None:
+        tmp = path.with_suffix(".compact.tmp")
+        lines = [json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in self.runs[-50:]]
+        lines += [state.to_line() for state in self.states.values()]
+        with tmp.open("wb") as handle:
+            handle.writelines(lines)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        assert self._fd is not None
+        os.close(self._fd)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        log.info("compacted %s from %d to %d records", path, self._lines, len(lines))
+        self._lines = len(lines)
+
+    def _recover(self) -> None:
+        """Finish renames cut short by a crash, then drop temporaries nobody needs."""
+        wanted: set[str] = set()
+        for state in self.states.values():
+            if state.status is not Status.SUCCEEDED:
+                continue
+            for image, meta in zip(state.images, state.image_meta, strict=True):
+                final = self.root / image.path
+                if file_matches(final, image.bytes, meta.get("mtime_ns") or -1):
+                    continue
+                tmp_rel = meta.get("tmp")
+                if not tmp_rel:
+                    continue
+                tmp = self.root / tmp_rel
+                if tmp.exists() and sha256_of(tmp) == image.sha256:
+                    os.replace(tmp, final)
+                    wanted.add(tmp.name)
+                    log.info("recovered %s from an interrupted run", image.path)
+        for stray in stray_temporaries(self.root):
+            if stray.name not in wanted:
+                remove_quietly(stray)
+
+    # -- questions -----------------------------------------------------------
+
+    def is_done(self, job: Job, fp: str, *, verify: bool = False) -> bool:
+        """True if ``job`` succeeded with this fingerprint and its files are intact."""
+        state = self.states.get(job.id)
+        if state is None or state.status is not Status.SUCCEEDED or state.fingerprint != fp:
+            return False
+        return self.intact(state, verify=verify)
+
+    def intact(self, state: JobState, *, verify: bool = False) -> bool:
+        """True if every image of ``state`` is on disk with its recorded content."""
+        for image, meta in zip(state.images, state.image_meta, strict=True):
+            path = self.root / image.path
+            if not verify and file_matches(path, image.bytes, meta.get("mtime_ns") or -1):
+                continue
+            # Size or mtime moved (or asked to verify): only the content decides.
+            if sha256_of(path) != image.sha256:
+                return False
+        return True
+
+    def attempts(self, job_id: str) -> int:
+        state = self.states.get(job_id)
+        return state.attempts if state else 0
+
+    # -- writing -------------------------------------------------------------
+
+    def record(self, state: JobState, *, durable: bool) -> None:
+        """Append ``state``; ``durable`` fsyncs it before returning."""
+        self.states[state.id] = state
+        self._append(state.to_line(), durable=durable)
+
+    def record_run(self, event: str, **fields: Any) -> None:
+        record = {"run": event, "t": time.time(), "pid": os.getpid(), **fields}
+        self.runs.append(record)
+        self._append(json.dumps(record, separators=(",", ":")).encode() + b"\n", durable=True)
+
+    def _append(self, line: bytes, *, durable: bool) -> None:
+        if self._fd is None:
+            raise StorageError("the checkpoint is closed")
+        try:
+            os.write(self._fd, line)
+            if durable:
+                os.fsync(self._fd)
+        except OSError as exc:
+            raise StorageError(f"writing the checkpoint failed: {exc.strerror}") from None
+        self._lines += 1
+
+    def mark_attempt(self, job: Job, fp: str) -> JobState:
+        """Count one more request for ``job`` before it is sent."""
+        state = JobState(id=job.id, fingerprint=fp, status=Status.PENDING,
+                         attempts=self.attempts(job.id) + 1)
+        # Not fsynced: losing an attempt count in a crash costs nothing but accuracy.
+        self.record(state, durable=False)
+        return state
+
+    def close(self) -> None:
+        for name in ("_fd", "_lock_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                setattr(self, name, None)
+                os.close(fd)

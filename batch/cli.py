@@ -1,0 +1,325 @@
+"""The command line: ``imgbatch run | validate | status | simulate``.
+
+Thin on purpose: parse arguments into config objects, call the pipeline,
+map outcomes onto exit codes. Exit codes: 0 every job succeeded; 1 some
+failed or pending; 2 invalid manifest or usage, nothing sent; 3 run aborted
+on a fatal API answer; 4 the output folder is in use by another run;
+130 / 143 stopped by SIGINT / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from batch import __version__, simulator
+from batch.checkpoint import Checkpoint
+from batch.client import DEFAULT_BASE_URL, ChatCompletionsClient, ClientConfig, Secret
+from batch.engine import Engine, EngineConfig, RunStats, StopReason
+from batch.errors import (
+    ImgbatchError,
+    LockHeld,
+    ManifestError,
+    OutputError,
+    StorageError,
+    UsageError,
+)
+from batch.jobs import DEFAULT_MODEL, Status
+from batch.manifest import Manifest, load_manifest, summarize
+from batch.progress import ConsoleProgress
+from batch.results import RESULTS, write_results
+from batch.retry import RetryPolicy
+
+log = logging.getLogger("batch")
+
+EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_FATAL, EXIT_LOCKED = 0, 1, 2, 3, 4
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imgbatch",
+        description="Turn a catalog of prompts into images through a paid generative API.",
+    )
+    parser.add_argument("--version", action="version", version=f"imgbatch {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="generate every job of a manifest (re-run to resume)")
+    run.add_argument("manifest", type=Path)
+    run.add_argument("--output", type=Path, help="output folder (default output/<manifest name>)")
+    run.add_argument("--base-url", default=DEFAULT_BASE_URL)
+    run.add_argument("--model", default=DEFAULT_MODEL, help="model for jobs that name none")
+    run.add_argument("--api-key-env", default="QINIU_API_KEY", metavar="VAR")
+    run.add_argument("--concurrency", type=_positive_int, default=8, help="requests in flight")
+    run.add_argument("--max-attempts", type=_positive_int, default=5)
+    run.add_argument("--timeout", type=_positive_float, default=300.0, metavar="S")
+    run.add_argument("--rpm", type=_positive_float, default=None, help="request starts/minute")
+    run.add_argument("--max-rate-limit-wait", type=_positive_float, default=900.0, metavar="S")
+    run.add_argument("--max-runtime", type=_positive_float, default=None, metavar="S")
+    run.add_argument("--grace", type=_non_negative_float, default=30.0, metavar="S")
+    run.add_argument("--force", action="store_true", help="redo every job")
+    run.add_argument("--ca-bundle", type=Path, default=None)
+    _add_logging(run)
+
+    validate = commands.add_parser("validate", help="check a manifest and print the plan")
+    validate.add_argument("manifest", type=Path)
+    validate.add_argument("--model", default=DEFAULT_MODEL)
+    _add_logging(validate)
+
+    status = commands.add_parser("status", help="what an output folder holds (no network)")
+    status.add_argument("output", type=Path)
+    _add_logging(status)
+
+    simulate = commands.add_parser("simulate", help="run the local gateway simulator")
+    simulator.add_arguments(simulate)
+    _add_logging(simulate)
+    return parser
+
+
+def _add_logging(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="errors only")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be zero or more, not {text}")
+    return value
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "t": round(record.created, 3),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "message": record.getMessage(),
+            },
+            ensure_ascii=False,
+        )
+
+
+def setup_logging(quiet: bool, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("imgbatch: %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.ERROR if quiet else logging.INFO)
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.quiet, args.log_format)
+    try:
+        if args.command == "validate":
+            return cmd_validate(args)
+        if args.command == "status":
+            return cmd_status(args)
+        if args.command == "simulate":
+            try:
+                config = simulator.config_from_args(args)
+            except ValueError as exc:
+                raise UsageError(f"simulate: {exc}") from None
+            return simulator.serve(config)
+        return cmd_run(args)
+    except ManifestError as exc:
+        print(f"imgbatch: invalid manifest:\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except LockHeld as exc:
+        print(f"imgbatch: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    except (UsageError, OutputError) as exc:
+        print(f"imgbatch: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StorageError as exc:
+        print(f"imgbatch: {exc}; re-run to resume", file=sys.stderr)
+        return EXIT_INCOMPLETE
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    manifest = load_manifest(args.manifest, default_model=args.model)
+    plan = summarize(manifest)
+    print(f"{args.manifest}: valid, {plan['jobs']} job(s)")
+    for key, value in plan.items():
+        if key != "jobs":
+            print(f"  {key}: {json.dumps(value, ensure_ascii=False)}")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    root: Path = args.output
+    if not (root / ".imgbatch").is_dir():
+        raise UsageError(f"{root} holds no imgbatch checkpoint")
+    store = Checkpoint.read(root)
+    counts: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    attempts = 0
+    for state in store.states.values():
+        counts[state.status.value] = counts.get(state.status.value, 0) + 1
+        attempts += state.attempts
+        if state.status is Status.FAILED and state.error:
+            kind = str(state.error.get("type"))
+            errors[kind] = errors.get(kind, 0) + 1
+    print(f"{root}: {len(store.states)} job(s): " + ", ".join(
+        f"{n} {s}" for s, n in sorted(counts.items())) + f"; {attempts} request(s) in all")
+    for kind, n in sorted(errors.items(), key=lambda item: -item[1]):
+        print(f"  failed with {kind}: {n}")
+    starts = [r for r in store.runs if r.get("run") == "start"]
+    ends = [r for r in store.runs if r.get("run") == "end"]
+    if starts:
+        print(f"  last run started {_when(starts[-1]['t'])} (pid {starts[-1].get('pid')})")
+    if ends:
+        end = ends[-1]
+        print(f"  last run ended {_when(end['t'])}: {end.get('summary', '')}")
+    return EXIT_OK
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    manifest = load_manifest(args.manifest, default_model=args.model)
+    key = os.environ.get(args.api_key_env, "").strip()
+    if not key:
+        raise UsageError(f"no API key: set the environment variable {args.api_key_env}")
+    root: Path = args.output or Path("output") / args.manifest.stem
+    prepare_output(root)
+    client_config = ClientConfig(
+        base_url=args.base_url,
+        api_key=Secret(key),
+        timeout_s=args.timeout,
+        max_connections=args.concurrency,
+        ca_bundle=args.ca_bundle,
+    )
+    engine_config = EngineConfig(
+        concurrency=args.concurrency,
+        policy=RetryPolicy(
+            max_attempts=args.max_attempts, max_rate_limit_wait_s=args.max_rate_limit_wait
+        ),
+        rpm=args.rpm,
+        force=args.force,
+        max_runtime_s=args.max_runtime,
+    )
+    store = Checkpoint.open(root)
+    try:
+        return asyncio.run(_run(manifest, root, store, client_config, engine_config, args.grace))
+    finally:
+        store.close()
+
+
+def prepare_output(root: Path) -> None:
+    """Create the output folder, or say why it cannot be used, before anything is sent."""
+    if root.exists() and not root.is_dir():
+        raise OutputError(f"output folder {root} exists and is not a folder")
+    try:
+        (root / "images").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {root}: {exc.strerror}") from None
+    if not os.access(root, os.W_OK):
+        raise OutputError(f"output folder {root} is not writable")
+
+
+async def _run(
+    manifest: Manifest,
+    root: Path,
+    store: Checkpoint,
+    client_config: ClientConfig,
+    engine_config: EngineConfig,
+    grace_s: float,
+) -> int:
+    started = time.monotonic()
+    progress = ConsoleProgress(sys.stderr, bar=sys.stderr.isatty())
+    client = ChatCompletionsClient(client_config)
+    engine = Engine(client, store, engine_config, progress)
+    received: list[signal.Signals] = []
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: signal.Signals) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            engine.stop(StopReason.SIGNAL, f"{signum.name} received; finishing requests in flight "
+                        f"for up to {grace_s:g}s (send it again to stop now)")
+            loop.call_later(grace_s, engine.cancel_in_flight)
+        else:
+            engine.cancel_in_flight()
+
+    for signum in EXIT_SIGNAL:
+        loop.add_signal_handler(signum, on_signal, signum)
+    store.record_run("start", jobs=len(manifest.jobs))
+    stats = RunStats()
+    try:
+        todo = engine.plan(manifest.jobs)
+        stats = await engine.run(todo)
+    finally:
+        progress.close()
+        await client.close()
+        for signum in EXIT_SIGNAL:
+            loop.remove_signal_handler(signum)
+        counts = write_results(manifest.jobs, store)
+        summary = _summary(counts, stats, time.monotonic() - started, root)
+        store.record_run("end", summary=summary)
+        print(f"imgbatch: {summary}", file=sys.stderr)
+    if received:
+        return EXIT_SIGNAL[received[0]]
+    if stats.stop is StopReason.FATAL:
+        return EXIT_FATAL
+    return EXIT_OK if counts.get(Status.SUCCEEDED.value, 0) == len(manifest.jobs) else (
+        EXIT_INCOMPLETE
+    )
+
+
+def _summary(counts: dict[str, int], stats: RunStats, wall_s: float, root: Path) -> str:
+    total = sum(counts.values())
+    parts = ", ".join(f"{counts.get(s.value, 0)} {s.value}" for s in Status)
+    retries = sum(stats.retries.values())
+    text = (
+        f"{total} job(s): {parts}; {stats.requests} request(s) this run "
+        f"({retries} retries, {stats.rate_limited} rate-limited); "
+        f"{stats.images_written} image(s), {stats.bytes_written / 1e6:.1f} MB written; "
+        f"{wall_s:.1f}s; results in {root / RESULTS}"
+    )
+    if stats.stop is not StopReason.NONE:
+        text += f"; stopped: {stats.stop_message}"
+    return text
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    try:
+        code = main()
+    except ImgbatchError as exc:
+        print(f"imgbatch: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

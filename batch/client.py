@@ -1,0 +1,250 @@
+"""The provider interface and its first implementation: OpenAI-compatible chat completions.
+
+:class:`Provider` is all the engine knows of a provider. The chat-completions
+client sends the body built by :mod:`batch.protocol`, streams the answer
+through :mod:`batch.decoder` straight into temporary image files, and maps
+every aiohttp and OS exception onto :mod:`batch.errors` here and nowhere
+else. Nothing it raises or logs carries the API key: messages are built
+from the status, the body and the exception's class, never request headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import ssl
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from batch import __version__
+from batch.decoder import BodyDecoder, ImageBegin, ImageBytes, ImageEnd, Inflater, placeholder
+from batch.errors import (
+    JobError,
+    MalformedResponse,
+    RejectedError,
+    RequestTimeout,
+    TransportError,
+)
+from batch.imageinfo import DEFAULT_MAX_PIXELS
+from batch.images import ImageWriter, StagedImage, remove_quietly
+from batch.jobs import InputKind, Job
+from batch.protocol import build_body, error_for_status, interpret
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.qnaigc.com/v1"
+CHUNK_BYTES = 64 * 1024
+ERROR_BODY_BYTES = 64 * 1024
+
+
+class Secret(str):
+    """A string that does not show itself in reprs, logs or tracebacks."""
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    base_url: str = DEFAULT_BASE_URL
+    api_key: Secret = field(default=Secret(""), repr=False)
+    timeout_s: float = 300.0
+    connect_timeout_s: float = 30.0
+    max_connections: int = 8
+    max_response_bytes: int = 200 * 1024 * 1024
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    ca_bundle: Path | None = None
+    user_agent: str = f"imgbatch/{__version__}"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A successful answer: its images staged on disk, and what the server said."""
+
+    images: tuple[StagedImage, ...]
+    usage: dict[str, Any] | None
+    text: str
+    latency_s: float
+
+
+class Provider(Protocol):
+    """What the engine needs from any image provider."""
+
+    async def generate(self, job: Job, root: Path) -> Generation:
+        """Send one request for ``job``; stage its images under ``root``, or raise a JobError."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ChatCompletionsClient:
+    """``POST {base_url}/chat/completions`` with images streamed out of the answer."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.url = config.base_url.rstrip("/") + "/chat/completions"
+        if urlsplit(self.url).scheme == "http" and not is_loopback(self.url):
+            log.warning("sending the API key over plain http to %s", urlsplit(self.url).hostname)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            ssl_context: ssl.SSLContext | bool = True
+            if self.config.ca_bundle is not None:
+                ssl_context = ssl.create_default_context(cafile=str(self.config.ca_bundle))
+            connector = aiohttp.TCPConnector(limit=self.config.max_connections, ssl=ssl_context)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=False,  # we inflate ourselves, with a cap
+                trust_env=True,  # HTTP(S)_PROXY for corporate networks
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self.config.connect_timeout_s
+                ),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _headers(self) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {self.config.api_key}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "Accept-Encoding": "gzip, deflate",
+            "User-Agent": self.config.user_agent,
+        }
+
+    async def generate(self, job: Job, root: Path) -> Generation:
+        """Send one request for ``job``; stage its images under ``root``, or raise a JobError."""
+        body = await self._body(job)
+        started = time.monotonic()
+        writers: dict[int, ImageWriter] = {}
+        staged: dict[int, StagedImage] = {}
+        try:
+            try:
+                async with asyncio.timeout(self.config.timeout_s):
+                    document, streamed = await self._exchange(job, root, body, writers, staged)
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"no complete answer within {self.config.timeout_s:g}s", job_id=job.id
+                ) from None
+            except aiohttp.ClientError as exc:
+                raise TransportError(_describe(exc), job_id=job.id) from None
+            answer = interpret(document, streamed, job_id=job.id)
+        except BaseException as exc:
+            if isinstance(exc, JobError) and not exc.job_id:
+                exc.job_id = job.id
+            self._abort(root, writers, staged)
+            raise
+        keep = [staged.pop(i) for i in answer.image_indexes if i in staged]
+        self._abort(root, {}, staged)  # data URLs outside message.images
+        return Generation(
+            tuple(keep),
+            dict(answer.usage) if answer.usage else None,
+            answer.text,
+            time.monotonic() - started,
+        )
+
+    async def _body(self, job: Job) -> bytes:
+        def read(path: str) -> bytes:
+            return Path(path).read_bytes()
+
+        def encode() -> bytes:
+            return json.dumps(build_body(job, read), ensure_ascii=False).encode("utf-8")
+
+        try:
+            if any(image.kind is InputKind.FILE for image in job.images):
+                return await asyncio.to_thread(encode)
+            return encode()
+        except OSError as exc:
+            # The file was there at validation; it has moved since. Not worth a retry.
+            raise RejectedError(f"cannot read an input image: {exc}", job_id=job.id) from None
+
+    async def _exchange(
+        self,
+        job: Job,
+        root: Path,
+        body: bytes,
+        writers: dict[int, ImageWriter],
+        staged: dict[int, StagedImage],
+    ) -> tuple[Any, dict[str, int]]:
+        session = self._open()
+        async with session.post(self.url, data=body, headers=self._headers()) as response:
+            if response.status != 200:
+                raw = await response.content.read(ERROR_BODY_BYTES)
+                raise error_for_status(
+                    response.status, response.headers, raw, job_id=job.id, now_s=time.time()
+                )
+            inflater = Inflater(
+                response.headers.get("Content-Encoding"),
+                max_output_bytes=self.config.max_response_bytes,
+            )
+            decoder = BodyDecoder()
+            streamed: dict[str, int] = {}
+            current: list[int] = []
+
+            async def handle(pieces: Any) -> None:
+                for piece in pieces:
+                    for event in decoder.feed(piece):
+                        if type(event) is ImageBytes:
+                            writers[current[-1]].write(event.data)
+                        elif type(event) is ImageBegin:
+                            current.append(event.index)
+                            writers[event.index] = ImageWriter(
+                                root, job.id, event.index,
+                                max_pixels=self.config.max_image_pixels,
+                            )
+                            streamed[placeholder(event.index)] = event.index
+                        elif type(event) is ImageEnd:
+                            staged[event.index] = await writers[event.index].finish()
+                            del writers[event.index]
+
+            async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+                await handle(inflater.feed(chunk))
+            await handle(inflater.finish())
+            document = decoder.finish()
+            if writers:
+                raise MalformedResponse("answer ended inside an image", job_id=job.id)
+            return document, streamed
+
+    @staticmethod
+    def _abort(
+        root: Path, writers: dict[int, ImageWriter], staged: dict[int, StagedImage] | None = None
+    ) -> None:
+        for writer in writers.values():
+            writer.abort()
+        writers.clear()
+        for image in (staged or {}).values():
+            remove_quietly(root / image.tmp_rel)
+
+
+def _describe(exc: BaseException) -> str:
+    """A message for a transport failure that cannot leak headers."""
+    name = type(exc).__name__
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{name}: HTTP {exc.status} {exc.message}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"{name}: cannot connect to {exc.host}:{exc.port} ({exc.strerror or exc.os_error})"
+    text = str(exc)
+    return f"{name}: {text}" if text else name
+

@@ -1,0 +1,340 @@
+"""The engine: a function from jobs to outcomes, over a checkpoint.
+
+Pipeline: plan (what the checkpoint already has) -> a bounded pool of
+workers pulling jobs from an iterator (never one task per job) -> for each
+job, tenacity driving :func:`batch.retry.decide` around one request through
+the :class:`~batch.limits.Limits` -> images committed to the checkpoint,
+then published.
+
+Stopping: a fatal API answer, a storage failure, a signal, the runtime
+budget or endless rate limiting set one flag; no job starts after it, retry
+sleeps end at once, and requests already in flight finish (a signal's grace
+period cuts them off after ``grace_s``). Unfinished jobs stay ``pending``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from tenacity import AsyncRetrying, RetryCallState, stop_never
+
+from batch.checkpoint import Checkpoint, JobState, fingerprint
+from batch.client import Generation, Provider
+from batch.errors import (
+    FatalApiError,
+    JobError,
+    RateLimited,
+    StorageError,
+)
+from batch.images import IMAGES_DIR, fsync_dir, publish, remove_quietly
+from batch.jobs import ImageRecord, Job, Status
+from batch.limits import ConcurrencyMeter, Limits, PauseGate, RateMeter
+from batch.progress import Observer
+from batch.retry import Decision, RetryPolicy, decide
+
+log = logging.getLogger(__name__)
+
+
+class StopReason(enum.StrEnum):
+    NONE = "completed"
+    FATAL = "fatal_api_error"
+    STORAGE = "storage_error"
+    SIGNAL = "signal"
+    RUNTIME = "max_runtime"
+    RATE_LIMIT = "rate_limit_wait_exceeded"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    concurrency: int = 8
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    rpm: float | None = None
+    adaptive: bool = True
+    force: bool = False
+    max_runtime_s: float | None = None
+    seed: int | None = None
+
+
+@dataclass
+class RunStats:
+    """Counters of one run (mutable: the engine adds to them as it goes)."""
+
+    planned: int = 0
+    skipped: int = 0  # already done with the same fingerprint
+    requests: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retries: Counter[str] = field(default_factory=Counter)
+    rate_limited: int = 0
+    bytes_written: int = 0
+    images_written: int = 0
+    peak_in_flight: int = 0
+    stop: StopReason = StopReason.NONE
+    stop_message: str = ""
+
+
+class _Stopped(Exception):
+    """Raised inside a job when the run stops before its next request."""
+
+
+class Engine:
+    """One run of jobs over a checkpoint; see the module docstring."""
+
+    def __init__(
+        self,
+        provider: Provider,
+        store: Checkpoint,
+        config: EngineConfig,
+        observer: Observer,
+    ) -> None:
+        self.provider = provider
+        self.store = store
+        self.config = config
+        self.observer = observer
+        self.stats = RunStats()
+        self.limits = Limits(
+            concurrency=ConcurrencyMeter(config.concurrency, adaptive=config.adaptive),
+            gate=PauseGate(),
+            rate=RateMeter(config.rpm) if config.rpm else None,
+        )
+        self._stopping = asyncio.Event()
+        self._rng = random.Random(config.seed)
+        self._rate_limited_since: float | None = None
+        self._in_flight: set[asyncio.Task[None]] = set()
+
+    # -- control ---------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def stop(self, reason: StopReason, message: str) -> None:
+        """Start no more requests; the first reason given is the one reported."""
+        if not self._stopping.is_set():
+            self.stats.stop = reason
+            self.stats.stop_message = message
+            log.warning("stopping: %s", message)
+            self._stopping.set()
+            self.observer.on_stop(message)
+
+    def cancel_in_flight(self) -> None:
+        """Abandon requests in flight (after a signal's grace period)."""
+        for task in list(self._in_flight):
+            task.cancel()
+
+    # -- the run ------------------------------------------------------------------
+
+    def plan(self, jobs: Sequence[Job]) -> list[tuple[Job, str]]:
+        """The jobs that need a request, with their fingerprints, in manifest order."""
+        todo = []
+        for job in jobs:
+            fp = fingerprint(job)
+            if self.config.force or not self.store.is_done(job, fp):
+                todo.append((job, fp))
+        self.stats.planned = len(todo)
+        self.stats.skipped = len(jobs) - len(todo)
+        return todo
+
+    async def run(self, todo: Sequence[tuple[Job, str]]) -> RunStats:
+        """Run ``todo`` to the end or until stopped."""
+        self.observer.on_plan(len(todo), self.stats.skipped)
+        pending = iter(todo)
+        timer = None
+        if self.config.max_runtime_s is not None:
+            timer = asyncio.get_running_loop().call_later(
+                self.config.max_runtime_s,
+                self.stop,
+                StopReason.RUNTIME,
+                f"--max-runtime of {self.config.max_runtime_s:g}s reached",
+            )
+        # Jobs waiting out a retry hold a worker but not a request slot, so
+        # twice as many workers as slots keeps the slots busy.
+        workers = min(len(todo), 2 * self.config.concurrency)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(workers):
+                    group.create_task(self._worker(pending))
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self.stats.peak_in_flight = self.limits.concurrency.peak
+        return self.stats
+
+    async def _worker(self, pending: Iterator[tuple[Job, str]]) -> None:
+        while not self.stopping:
+            item = next(pending, None)
+            if item is None:
+                return
+            await self._run_job(*item)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+    async def _run_job(self, job: Job, fp: str) -> None:
+        history: list[JobError] = []
+        decisions: list[Decision] = []
+        previous = self.store.states.get(job.id)
+        old_paths = {image.path for image in previous.images} if previous else set()
+
+        def should_retry(state: RetryCallState) -> bool:
+            assert state.outcome is not None
+            error = state.outcome.exception()
+            if not isinstance(error, JobError):
+                return False
+            history.append(error)
+            decision = decide(history, self.config.policy, self._rng.random())
+            decisions.append(decision)
+            if decision.retry and not self.stopping:
+                self.stats.retries[error.type] += 1
+                self.observer.on_retry(job, error, decision.wait_s)
+                return True
+            return False
+
+        def wait(state: RetryCallState) -> float:
+            return decisions[-1].wait_s
+
+        retrying = AsyncRetrying(
+            retry=should_retry, wait=wait, stop=stop_never, sleep=self._sleep, reraise=True
+        )
+        try:
+            generation: Generation = await retrying(self._attempt, job, fp)
+        except _Stopped:
+            if history:
+                self._record_end(job, fp, Status.PENDING, history[-1])
+            return
+        except StorageError as exc:
+            self.stop(StopReason.STORAGE, f"{exc}; jobs left pending, re-run to resume")
+            return
+        except FatalApiError as exc:
+            self.stop(StopReason.FATAL, str(exc))
+            self._record_end(job, fp, Status.PENDING, exc)
+            return
+        except JobError as exc:
+            if decisions and decisions[-1].retry:
+                # Worth another request, but the run is stopping: finish it next run.
+                self._record_end(job, fp, Status.PENDING, exc)
+                return
+            self.stats.failed += 1
+            self._record_end(job, fp, Status.FAILED, exc)
+            self.observer.on_failure(job, exc)
+            return
+        await self._commit(job, fp, generation, old_paths)
+
+    async def _attempt(self, job: Job, fp: str) -> Generation:
+        if self.stopping:
+            raise _Stopped
+        async with self.limits.slot():
+            if self.stopping:
+                raise _Stopped
+            self.store.mark_attempt(job, fp)
+            self.stats.requests += 1
+            self.observer.on_attempt(job)
+            task = asyncio.current_task()
+            assert task is not None
+            self._in_flight.add(task)
+            try:
+                generation = await self.provider.generate(job, self.store.root)
+            except RateLimited as exc:
+                self._on_rate_limited(exc)
+                raise
+            finally:
+                self._in_flight.discard(task)
+        self._rate_limited_since = None
+        await self.limits.concurrency.on_success()
+        return generation
+
+    def _on_rate_limited(self, error: RateLimited) -> None:
+        self.stats.rate_limited += 1
+        now = time.monotonic()
+        if self._rate_limited_since is None:
+            self._rate_limited_since = now
+        waited = now - self._rate_limited_since
+        if waited > self.config.policy.max_rate_limit_wait_s:
+            self.stop(
+                StopReason.RATE_LIMIT,
+                f"rate limited continuously for {waited:.0f}s "
+                f"(--max-rate-limit-wait {self.config.policy.max_rate_limit_wait_s:g}s); "
+                "jobs left pending",
+            )
+            return
+        pause = error.retry_after_s
+        if pause is None:
+            pause = min(self.config.policy.cap_s, 1.0 + self._rng.random())
+        pause = min(pause, self.config.policy.max_server_wait_s)
+        if self.limits.gate.pause(pause):
+            self.limits.concurrency.on_rate_limited()
+            log.info("rate limited (HTTP 429): pausing all requests for %.1fs", pause)
+
+    async def _commit(
+        self, job: Job, fp: str, generation: Generation, old_paths: set[str]
+    ) -> None:
+        root = self.store.root
+        pairs = [
+            (
+                ImageRecord(
+                    path=s.final_rel,
+                    sha256=s.sha256,
+                    bytes=s.bytes,
+                    mime=s.info.mime,
+                    width=s.info.width,
+                    height=s.info.height,
+                ),
+                {"tmp": s.tmp_rel, "mtime_ns": s.mtime_ns},
+            )
+            for s in generation.images
+        ]
+        state = JobState(
+            id=job.id,
+            fingerprint=fp,
+            status=Status.SUCCEEDED,
+            attempts=self.store.attempts(job.id),
+            images=tuple(image for image, _ in pairs),
+            image_meta=tuple(meta for _, meta in pairs),
+            usage=generation.usage,
+            latency_s=round(generation.latency_s, 3),
+            text=generation.text or None,
+        )
+        try:
+            # Recorded before the rename: a crash in between is finished by the next open.
+            await asyncio.to_thread(self.store.record, state, durable=True)
+            for staged in generation.images:
+                publish(root, staged)
+            await asyncio.to_thread(fsync_dir, root / IMAGES_DIR)
+        except StorageError as exc:
+            for staged in generation.images:
+                remove_quietly(root / staged.tmp_rel)
+            self.stop(StopReason.STORAGE, f"{exc}; jobs left pending, re-run to resume")
+            return
+        for path in old_paths - set(state_paths(state)):
+            remove_quietly(root / path)
+        self.stats.succeeded += 1
+        self.stats.images_written += len(generation.images)
+        self.stats.bytes_written += sum(s.bytes for s in generation.images)
+        self.observer.on_success(job, state)
+
+    def _record_end(self, job: Job, fp: str, status: Status, error: JobError) -> None:
+        state = JobState(
+            id=job.id,
+            fingerprint=fp,
+            status=status,
+            attempts=self.store.attempts(job.id),
+            error=error.as_record(),
+            text=None,
+        )
+        try:
+            self.store.record(state, durable=True)
+        except StorageError as exc:
+            self.stop(StopReason.STORAGE, str(exc))
+
+
+def state_paths(state: JobState) -> list[str]:
+    return [image.path for image in state.images]

@@ -1,0 +1,174 @@
+"""The images folder: streamed writes to temporary files, verification, atomic publication.
+
+An image goes ``images/.<id>~<n>.<pid>.<rand>.tmp`` -> verified, fsynced ->
+(recorded in the checkpoint) -> renamed to ``images/<id>[~<n>].<ext>``. A
+final name therefore only ever holds a complete, verified image; the
+temporary name is what the checkpoint uses to finish a rename a crash
+interrupted. ``~`` cannot occur in a job id, so extra images of one job never
+collide with another job's name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from batch.errors import StorageError
+from batch.imageinfo import ImageInfo, ImageVerifier
+
+log = logging.getLogger(__name__)
+
+IMAGES_DIR = "images"
+TMP_SUFFIX = ".tmp"
+
+
+@dataclass(frozen=True)
+class StagedImage:
+    """A verified image, fsynced under its temporary name, not yet published."""
+
+    tmp_rel: str  # relative to the output folder
+    final_rel: str
+    sha256: str
+    bytes: int
+    info: ImageInfo
+    mtime_ns: int
+
+
+def final_name(job_id: str, index: int, ext: str) -> str:
+    """The published file name of image ``index`` of a job."""
+    stem = job_id if index == 0 else f"{job_id}~{index + 1}"
+    return f"{IMAGES_DIR}/{stem}.{ext}"
+
+
+class ImageWriter:
+    """Writes one streamed image to a temporary file while verifying and hashing it."""
+
+    def __init__(self, root: Path, job_id: str, index: int, *, max_pixels: int) -> None:
+        self._root = root
+        self._job_id = job_id
+        self._index = index
+        unique = f"{os.getpid()}.{secrets.token_hex(4)}"
+        self.tmp_rel = f"{IMAGES_DIR}/.{job_id}~{index}.{unique}{TMP_SUFFIX}"
+        self._path = root / self.tmp_rel
+        self._sha = hashlib.sha256()
+        self._verifier = ImageVerifier(max_pixels=max_pixels)
+        self._size = 0
+        try:
+            self._fd: int | None = os.open(
+                self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+            )
+        except OSError as exc:
+            raise StorageError(f"cannot create {self._path}: {exc.strerror}") from None
+
+    def write(self, data: bytes) -> None:
+        """Append decoded bytes; raises MalformedResponse if they stop being an image.
+
+        The caller aborts the writer on any error.
+        """
+        self._verifier.feed(data)
+        self._sha.update(data)
+        self._size += len(data)
+        assert self._fd is not None
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            raise StorageError(f"writing {self._path} failed: {exc.strerror}") from None
+
+    async def finish(self) -> StagedImage:
+        """Verify the image is complete and make it durable under its temporary name."""
+        try:
+            info = self._verifier.finish()
+        except BaseException:
+            self.abort()
+            raise
+        fd = self._fd
+        assert fd is not None
+        try:
+            await asyncio.to_thread(os.fsync, fd)
+            mtime_ns = os.fstat(fd).st_mtime_ns
+        except OSError as exc:
+            self.abort()
+            raise StorageError(f"fsync of {self._path} failed: {exc.strerror}") from None
+        finally:
+            self._close()
+        return StagedImage(
+            tmp_rel=self.tmp_rel,
+            final_rel=final_name(self._job_id, self._index, info.ext),
+            sha256=self._sha.hexdigest(),
+            bytes=self._size,
+            info=info,
+            mtime_ns=mtime_ns,
+        )
+
+    def abort(self) -> None:
+        """Drop the temporary file (idempotent)."""
+        self._close()
+        remove_quietly(self._path)
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+def remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc.strerror)
+
+
+def publish(root: Path, staged: StagedImage) -> None:
+    """Rename a staged image to its final name (atomic on POSIX)."""
+    try:
+        os.replace(root / staged.tmp_rel, root / staged.final_rel)
+    except OSError as exc:
+        raise StorageError(f"renaming {staged.tmp_rel} failed: {exc.strerror}") from None
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames and creations in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def stray_temporaries(root: Path) -> list[Path]:
+    """Temporary image files left behind by earlier runs."""
+    folder = root / IMAGES_DIR
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)]
+
+
+def file_matches(path: Path, size: int, mtime_ns: int) -> bool:
+    """Cheap check that a published file is the one recorded (size and mtime)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_size == size and st.st_mtime_ns == mtime_ns
+
+
+def sha256_of(path: Path) -> str | None:
+    """Hash of a file's content, or None if it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()

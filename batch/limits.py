@@ -1,0 +1,152 @@
+"""Meters that decide when a request may start.
+
+Each meter has the same small interface (after aiometer): ``await
+acquire()`` before a request starts and ``release()`` when it ends. The
+engine stacks them in :class:`Limits`:
+
+- :class:`ConcurrencyMeter`: requests in flight, with an adaptive limit that
+  halves on a rate limit and grows back by one per ``limit`` successes (AIMD);
+- :class:`PauseGate`: one shared pause after a 429, so the whole pool waits
+  for the server's ``Retry-After`` instead of each worker finding the limit
+  on its own;
+- :class:`RateMeter`: a GCRA spacing request starts to ``rpm`` per minute.
+
+The clock is a parameter so tests drive time by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+class ConcurrencyMeter:
+    """At most ``limit`` holders at once; the limit adapts between 1 and ``max_limit``."""
+
+    def __init__(self, max_limit: int, *, adaptive: bool = True) -> None:
+        if max_limit < 1:
+            raise ValueError("max_limit must be at least 1")
+        self.max_limit = max_limit
+        self.limit = max_limit
+        self.in_flight = 0
+        self.peak = 0
+        self._adaptive = adaptive
+        self._successes = 0
+        self._changed = asyncio.Condition()
+
+    async def acquire(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.in_flight < self.limit)
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+
+    async def release(self) -> None:
+        async with self._changed:
+            self.in_flight -= 1
+            self._changed.notify(1)
+
+    async def on_success(self) -> None:
+        """Additive increase: one more slot after ``limit`` successes in a row."""
+        if not self._adaptive or self.limit >= self.max_limit:
+            return
+        self._successes += 1
+        if self._successes >= self.limit:
+            self._successes = 0
+            async with self._changed:
+                self.limit += 1
+                self._changed.notify(1)
+            log.info("concurrency raised to %d", self.limit)
+
+    def on_rate_limited(self) -> None:
+        """Multiplicative decrease."""
+        self._successes = 0
+        if not self._adaptive or self.limit <= 1:
+            return
+        self.limit = max(1, self.limit // 2)
+        log.info("rate limited: concurrency lowered to %d", self.limit)
+
+
+class PauseGate:
+    """A pause shared by every worker: nobody starts a request before ``until``."""
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self.until = 0.0
+
+    def pause(self, wait_s: float) -> bool:
+        """Extend the pause to at least ``wait_s`` from now; True if it was extended."""
+        until = self._clock() + wait_s
+        if until <= self.until:
+            return False
+        self.until = until
+        return True
+
+    def remaining_s(self) -> float:
+        return max(0.0, self.until - self._clock())
+
+    async def acquire(self) -> None:
+        while (wait := self.remaining_s()) > 0:
+            await asyncio.sleep(wait)
+
+    async def release(self) -> None:
+        return None
+
+
+class RateMeter:
+    """GCRA without burst: request starts at least ``60 / rpm`` seconds apart.
+
+    No burst, so no sliding 60 s window ever sees more than ``rpm`` starts.
+    """
+
+    def __init__(self, rpm: float, clock: Clock = time.monotonic) -> None:
+        if rpm <= 0:
+            raise ValueError("rpm must be positive")
+        self.interval_s = 60.0 / rpm
+        self._clock = clock
+        self._tat = 0.0  # theoretical arrival time of the next allowed start
+        self._lock = asyncio.Lock()
+
+    def reserve(self) -> float:
+        """Take the next start slot; return how long to wait for it."""
+        now = self._clock()
+        start = max(self._tat, now)
+        self._tat = start + self.interval_s
+        return start - now
+
+    async def acquire(self) -> None:
+        wait = self.reserve()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    async def release(self) -> None:
+        return None
+
+
+@dataclass
+class Limits:
+    """The meters a request passes, in order: a slot, the shared pause, the rate."""
+
+    concurrency: ConcurrencyMeter
+    gate: PauseGate
+    rate: RateMeter | None = None
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        await self.concurrency.acquire()
+        try:
+            await self.gate.acquire()
+            if self.rate is not None:
+                await self.rate.acquire()
+                # A 429 seen while we waited for our turn pauses us too.
+                await self.gate.acquire()
+            yield
+        finally:
+            await self.concurrency.release()

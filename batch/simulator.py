@@ -1,0 +1,613 @@
+"""Local stand-in for an OpenAI-compatible image gateway (gemini-3-pro-image over chat completions).
+
+It speaks the wire format imgbatch targets, answers with real PNGs and injects faults,
+latency and rate limits on demand, so the client can be tested and shown offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import collections
+import gzip
+import hashlib
+import hmac
+import json
+import math
+import os
+import random
+import re
+import signal
+import struct
+import time
+import zlib
+from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
+from typing import Any
+
+from aiohttp import web
+
+from batch.jobs import ASPECT_RATIOS, DEFAULT_MODEL, IMAGE_SIZES, MAX_INPUT_IMAGES
+
+FLASH_MODEL = "gemini-2.5-flash-image"
+KNOWN_MODELS = (DEFAULT_MODEL, FLASH_MODEL, "google/gemini-3-pro-image-preview")
+# Documented 1K output sizes of gemini-3-pro-image; 2K and 4K multiply both sides.
+BASE_DIMS = MappingProxyType({
+    "1:1": (1024, 1024), "2:3": (848, 1264), "3:2": (1264, 848), "3:4": (896, 1200),
+    "4:3": (1200, 896), "4:5": (928, 1152), "5:4": (1152, 928), "9:16": (768, 1376),
+    "16:9": (1376, 768), "21:9": (1584, 672),
+})
+SIZE_FACTOR = MappingProxyType({"1K": 1, "2K": 2, "4K": 4})
+TEXT_KEYWORD = b"imgbatch-request"
+CHUNK = 64 * 1024
+_BLOCKED_AGENTS = ("python-urllib", "python-requests", "python/")
+_HTTP_URL = re.compile(r"https?://[^/\s]")
+_DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,")
+_IMAGE_MARK = "@@IMAGE_{}@@"
+_NGINX_502 = (
+    "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+    "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    "</body>\r\n</html>\r\n"
+)
+# A 16x16 baseline JPEG (made with Pillow), served when the gateway mislabels its output.
+_JPEG = base64.b64decode(
+    "/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDABALDA4MChAODQ4SERATGCgaGBYWGDEjJR0oOjM9PDkzODdASFxOQERX"
+    "RTc4UG1RV19iZ2hnPk1xeXBkeFxlZ2P/2wBDARESEhgVGC8aGi9jQjhCY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2Nj"
+    "Y2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2P/wAARCAAQABADASIAAhEBAxEB/8QAFQABAQAAAAAAAAAAAAAAAAAA"
+    "BQb/xAAXEAEAAwAAAAAAAAAAAAAAAAAEACEx/8QAFQEBAQAAAAAAAAAAAAAAAAAAAAL/xAAZEQACAwEAAAAAAAAA"
+    "AAAAAAAABAMFITH/2gAMAwEAAhEDEQA/AJ84cqJnDlRM4cqJnDlSpWxXvc0//9k="
+)
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Probability (0..1, summing to at most 1) that a request gets each fault."""
+
+    rate_limit: float = 0.0
+    server_error_json: float = 0.0
+    server_error_html: float = 0.0
+    server_error_text: float = 0.0
+    reset: float = 0.0
+    truncate: float = 0.0
+    bad_base64: float = 0.0
+    no_image: float = 0.0
+    error_200: float = 0.0
+    incomplete_image: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in self.names():
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"fault {name}: probability must be within 0..1")
+        if self.total() > 1.0 + 1e-9:
+            raise ValueError(f"fault probabilities sum to {self.total():g}, more than 1")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def mix(cls, total: float) -> Faults:
+        """``total`` spread evenly over every fault."""
+        share = total / len(cls.names())
+        return cls(**{name: share for name in cls.names()})
+
+    def total(self) -> float:
+        return sum(float(getattr(self, name)) for name in self.names())
+
+    def pick(self, draw: float) -> tuple[str, float] | None:
+        """The fault a uniform draw in [0, 1) lands on, and where in its share (0..1)."""
+        low = 0.0
+        for name in self.names():
+            p = float(getattr(self, name))
+            if p > 0.0 and draw < low + p:
+                return name, (draw - low) / p
+            low += p
+        return None
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Everything one simulator instance does; see ``add_arguments`` for the meanings."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    api_key: str | None = None  # None: any non-empty bearer key is accepted
+    scale: float = 1.0
+    latency_s: float = 0.0
+    latency_jitter_s: float = 0.0  # plus uniform(0, jitter)
+    faults: Faults = field(default_factory=Faults)
+    fault_attempts: int = 1  # faults hit the first N requests of each prompt; 0 = all
+    seed: int | None = None
+    rpm_limit: int = 0
+    rate_window_s: float = 60.0
+    retry_after_s: float = 1.0
+    payload_bytes: int = 0
+    images_per_response: int = 1
+    escape_slashes: bool = False
+    gzip: bool = False
+    jpeg_lie: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.scale <= 0 or self.rate_window_s <= 0 or self.retry_after_s <= 0:
+            raise ValueError("scale, rate_window_s and retry_after_s must be positive")
+        if min(self.latency_s, self.latency_jitter_s, self.payload_bytes) < 0:
+            raise ValueError("latency, jitter and payload_bytes must not be negative")
+        if self.fault_attempts < 0 or self.rpm_limit < 0 or self.images_per_response < 1:
+            raise ValueError("fault_attempts, rpm_limit >= 0 and images_per_response >= 1")
+        if not 0.0 <= self.jpeg_lie <= 1.0:
+            raise ValueError("jpeg_lie must be within 0..1")
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    model: str
+    prompt: str
+    input_images: int
+    aspect_ratio: str
+    image_size: str
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+def image_dims(aspect_ratio: str, image_size: str, scale: float = 1.0) -> tuple[int, int]:
+    """Output size: table size times size factor times scale, rounded half up, at least 1."""
+    w, h = BASE_DIMS[aspect_ratio]
+    k = SIZE_FACTOR[image_size] * scale
+    return max(1, math.floor(w * k + 0.5)), max(1, math.floor(h * k + 0.5))
+
+
+def _check_url(url: Any, where: str) -> None:
+    if not isinstance(url, str) or not url:
+        raise _Reject(400, f"{where}.image_url.url is required")
+    if _HTTP_URL.match(url):
+        return
+    match = _DATA_URL.match(url)
+    if match is None:
+        raise _Reject(400, f"{where}: url must be http(s) or data:image/...;base64,")
+    try:
+        if not base64.b64decode(url[match.end():], validate=True):
+            raise _Reject(400, f"{where}: empty image data")
+    except binascii.Error as exc:
+        raise _Reject(400, f"{where}: invalid base64 in data URL") from exc
+
+
+def _parse(body: Any) -> _Parsed:
+    if not isinstance(body, dict):
+        raise _Reject(400, "request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _Reject(400, "model is required")
+    if model not in KNOWN_MODELS:
+        raise _Reject(404, "model not found", "model_not_found")
+    if "stream" in body and body["stream"] is not False:
+        raise _Reject(400, "stream must be false")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _Reject(400, "messages must be a non-empty list")
+    texts: list[str] = []
+    images = 0
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
+            raise _Reject(400, f"{where} must be an object with role user, system or assistant")
+        content = msg.get("content")
+        if isinstance(content, str) and content:
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list) or not content:
+            raise _Reject(400, f"{where}.content must be a non-empty string or list")
+        for j, part in enumerate(content):
+            pwhere = f"{where}.content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                if msg["role"] == "user":
+                    texts.append(part["text"])
+            elif kind == "image_url":
+                image_url = part.get("image_url")
+                _check_url(image_url.get("url") if isinstance(image_url, dict) else None, pwhere)
+                images += 1
+            else:
+                raise _Reject(400, f"{pwhere}: unknown content part type {kind!r}")
+    if not any(m["role"] == "user" for m in messages):
+        raise _Reject(400, "messages must include a user message")
+    if images > MAX_INPUT_IMAGES:
+        raise _Reject(400, f"too many input images: {images} > {MAX_INPUT_IMAGES}")
+    config = body.get("image_config", {})
+    if not isinstance(config, dict):
+        raise _Reject(400, "image_config must be an object")
+    ratio, size = config.get("aspect_ratio", "1:1"), config.get("image_size", "1K")
+    if ratio not in ASPECT_RATIOS:
+        raise _Reject(400, f"unsupported aspect_ratio {ratio!r}")
+    if size not in IMAGE_SIZES:
+        raise _Reject(400, f"unsupported image_size {size!r}")
+    if model == FLASH_MODEL and size != "1K":
+        raise _Reject(400, f"image_size {size} is not supported by {FLASH_MODEL}")
+    return _Parsed(model, "\n".join(texts), images, ratio, size)
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(data, zlib.crc32(kind))
+    return b"".join((struct.pack(">I", len(data)), kind, data, struct.pack(">I", crc)))
+
+
+def _retry_headers(seconds: float) -> dict[str, str]:
+    # Retry-After only carries whole seconds; the precise value rides in retry-after-ms.
+    headers = {"Retry-After": str(max(1, math.ceil(seconds)))}
+    if seconds != int(seconds):
+        headers["retry-after-ms"] = str(max(1, math.ceil(seconds * 1000)))
+    return headers
+
+
+def _error_body(message: str, kind: str, code: str | int | None = None) -> bytes:
+    err: dict[str, Any] = {"message": message, "type": kind}
+    if code is not None:
+        err["code"] = code
+    return json.dumps({"error": err}).encode()
+
+
+class _Simulator:
+    """All per-server state: counters, fault bookkeeping, caches."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.serial = 0
+        self.in_flight = 0
+        self._idat: collections.OrderedDict[tuple[int, int, bytes], bytes]
+        self._idat = collections.OrderedDict()
+        # Incompressible padding, made once: benchmarks want size, not variety.
+        self._pad = os.urandom(config.payload_bytes)
+        self.reset()
+
+    def reset(self) -> None:
+        self.requests = 0
+        self.max_in_flight = self.in_flight
+        self.by_status: collections.Counter[str] = collections.Counter()
+        self.faults: collections.Counter[str] = collections.Counter()
+        self.by_prompt: collections.Counter[str] = collections.Counter()
+        self.attempts: collections.Counter[str] = collections.Counter()
+        self.window: collections.deque[float] = collections.deque()
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "requests": self.requests, "by_status": dict(self.by_status),
+            "faults": dict(self.faults), "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight, "by_prompt": dict(self.by_prompt),
+        })
+
+    async def reset_handler(self, request: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response({"ok": True})
+
+    async def not_found(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        return await self._gate(request) or await self._error(request, 404, "not found")
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        self.serial += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._chat(request, self.serial)
+        finally:
+            self.in_flight -= 1
+
+    async def _chat(self, request: web.Request, n: int) -> web.StreamResponse:
+        cfg = self.config
+        blocked = await self._gate(request)
+        if blocked is not None:
+            return blocked
+        if request.method != "POST":
+            return await self._error(request, 404, "not found")
+        auth = request.headers.get("Authorization", "")
+        key = auth[7:].strip() if auth.startswith("Bearer ") else ""
+        if not key or (cfg.api_key is not None and not hmac.compare_digest(key, cfg.api_key)):
+            return await self._error(request, 401, "invalid api key", "invalid_api_key")
+        if request.content_type != "application/json":
+            return await self._error(request, 400, "Content-Type must be application/json")
+        try:
+            parsed = _parse(json.loads(await request.read()))
+        except ValueError:
+            return await self._error(request, 400, "invalid JSON body")
+        except _Reject as exc:
+            return await self._error(request, exc.status, exc.message, exc.code)
+        sha = hashlib.sha256(parsed.prompt.encode()).hexdigest()
+        self.by_prompt[sha] += 1
+        wait = self._admit()
+        if wait is not None:
+            self.faults["rpm_limit"] += 1
+            return await self._rate_limited(request, wait)
+        self.attempts[sha] += 1
+        picked = None
+        if cfg.fault_attempts == 0 or self.attempts[sha] <= cfg.fault_attempts:
+            picked = cfg.faults.pick(self.rng.random())
+        fault, where = picked if picked is not None else ("", 0.0)
+        if fault:
+            self.faults[fault] += 1
+        if fault == "rate_limit":  # quota rejections come back at once, before any latency
+            return await self._rate_limited(request, cfg.retry_after_s)
+        delay = cfg.latency_s + cfg.latency_jitter_s * self.rng.random()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if fault == "reset":
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response()  # aiohttp fails to write it and drops the connection
+        if fault == "server_error_json":
+            status = 500 if where < 0.5 else 503
+            message = "internal server error" if status == 500 else "model overloaded, try later"
+            body = _error_body(message, "server_error", status)
+            return await self._send(request, status, [body], "application/json")
+        if fault == "server_error_html":
+            return await self._send(request, 502, [_NGINX_502.encode()], "text/html")
+        if fault == "server_error_text":
+            return await self._send(request, 525, [b"SSL Handshake Failed"], "text/plain",
+                                    reason="SSL Handshake Failed")
+        pieces = self._completion(parsed, sha, n, fault, where)
+        cut = where if fault == "truncate" else None
+        return await self._send(request, 200, pieces, "application/json", cut=cut)
+
+    async def _gate(self, request: web.Request) -> web.StreamResponse | None:
+        agent = request.headers.get("User-Agent", "").strip().lower()
+        if not agent or agent.startswith(_BLOCKED_AGENTS):
+            return await self._send(request, 403, [b"error code: 1010"], "text/plain")
+        return None
+
+    def _admit(self) -> float | None:
+        """Seconds until a slot frees if the sliding window is full, else take a slot."""
+        limit, window = self.config.rpm_limit, self.config.rate_window_s
+        if limit <= 0:
+            return None
+        now = time.monotonic()
+        while self.window and self.window[0] <= now - window:
+            self.window.popleft()
+        if len(self.window) >= limit:
+            return self.window[0] + window - now
+        self.window.append(now)
+        return None
+
+    async def _rate_limited(self, request: web.Request, seconds: float) -> web.StreamResponse:
+        body = _error_body("Rate limit exceeded", "rate_limit_error", 429)
+        return await self._send(request, 429, [body], "application/json",
+                                headers=_retry_headers(seconds))
+
+    async def _error(self, request: web.Request, status: int, message: str,
+                     code: str | None = None) -> web.StreamResponse:
+        body = _error_body(message, "invalid_request_error", code)
+        return await self._send(request, status, [body], "application/json")
+
+    async def _send(self, request: web.Request, status: int, pieces: list[bytes],
+                    content_type: str, headers: dict[str, str] | None = None,
+                    reason: str | None = None, cut: float | None = None) -> web.StreamResponse:
+        """Write the body in CHUNKs under a full Content-Length.
+
+        With ``cut`` (0..1), hang up after that fraction of the bytes, at least one
+        byte short of the end.
+        """
+        self.by_status[str(status)] += 1
+        headers = dict(headers or {})
+        if self.config.gzip and "gzip" in request.headers.get("Accept-Encoding", "").lower():
+            pieces = [gzip.compress(b"".join(pieces), compresslevel=1)]
+            headers["Content-Encoding"] = "gzip"
+        total = sum(len(p) for p in pieces)
+        resp = web.StreamResponse(status=status, reason=reason, headers=headers)
+        resp.content_type = content_type
+        resp.content_length = total
+        limit = total if cut is None else 1 + int(cut * (total - 2))
+        try:
+            await resp.prepare(request)
+            sent = 0
+            for piece in pieces:
+                view = memoryview(piece)
+                for start in range(0, len(view), CHUNK):
+                    if sent >= limit:
+                        break
+                    part = view[start:start + min(CHUNK, limit - sent)]
+                    await resp.write(part)
+                    sent += len(part)
+            if cut is not None and request.transport is not None:
+                request.transport.close()  # flushes what was written, then FIN
+        except ConnectionError:
+            pass  # the client left; aiohttp notices on write_eof and drops the connection
+        return resp
+
+    def _completion(self, parsed: _Parsed, sha: str, n: int, fault: str,
+                    where: float) -> list[bytes]:
+        if fault == "error_200":
+            return [json.dumps({"error": {"message": "upstream error", "code": 502}}).encode()]
+        reasoning_tokens = 150 + int(sha[:4], 16) % 350
+        message: dict[str, Any] = {
+            "role": "assistant", "content": "",
+            "reasoning_content": (
+                f"**Composing the scene**\n\nLaying out a {parsed.aspect_ratio} frame at "
+                f"{parsed.image_size}, settling light and palette before rendering."
+            ),
+        }
+        urls: list[bytes] = []
+        if fault == "no_image":
+            message["content"] = "I can't generate that image."
+            image_tokens = 0
+        else:
+            urls = [self._data_url(parsed, sha, n, i, fault, where)
+                    for i in range(self.config.images_per_response)]
+            message["images"] = [
+                {"type": "image_url", "image_url": {"url": _IMAGE_MARK.format(i)}, "index": i}
+                for i in range(len(urls))
+            ]
+            image_tokens = (2000 if parsed.image_size == "4K" else 1120) * len(urls)
+        prompt_tokens = len(parsed.prompt) // 4 + 560 * parsed.input_images
+        completion_tokens = image_tokens + reasoning_tokens
+        text = json.dumps({
+            "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),
+            "model": parsed.model,
+            "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
+            "usage": {
+                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "completion_tokens_details": {
+                    "reasoning_tokens": reasoning_tokens, "image_tokens": image_tokens,
+                },
+            },
+        })
+        # The image data is spliced in rather than passed through json.dumps: no copy of it.
+        pieces: list[bytes] = []
+        for i, url in enumerate(urls):
+            before, text = text.split(_IMAGE_MARK.format(i), 1)
+            pieces += [before.encode(), url]
+        pieces.append(text.encode())
+        if self.config.escape_slashes:  # "/" only occurs inside JSON strings, so this is safe
+            pieces = [p.replace(b"/", b"\\/") for p in pieces]
+        return pieces
+
+    def _data_url(self, parsed: _Parsed, sha: str, n: int, index: int, fault: str,
+                  where: float) -> bytes:
+        meta = TEXT_KEYWORD + b"\0" + json.dumps({"prompt_sha256": sha, "n": n}).encode()
+        cfg = self.config
+        if cfg.jpeg_lie and self.rng.random() < cfg.jpeg_lie:
+            self.faults["jpeg_lie"] += 1
+            end = 4 + struct.unpack(">H", _JPEG[4:6])[0]  # after the APP0 (JFIF) segment
+            comment = b"\xff\xfe" + struct.pack(">H", len(meta) + 2) + meta
+            data = _JPEG[:end] + comment + _JPEG[end:]
+        else:
+            # Further images of one answer get their own colour, hence their own bytes.
+            seed = sha if index == 0 else hashlib.sha256(f"{sha}:{index}".encode()).hexdigest()
+            dims = image_dims(parsed.aspect_ratio, parsed.image_size, cfg.scale)
+            data = self._png(*dims, bytes.fromhex(seed[:6]), meta)
+        if fault == "incomplete_image":  # somewhere after the header, always before the end
+            data = data[:33 + int(where * (len(data) - 45))]
+        b64 = base64.b64encode(data)
+        if fault == "bad_base64":
+            middle = len(b64) // 2
+            b64 = b64[:middle] + b"***" + b64[middle:]
+        return b"data:image/png;base64," + b64
+
+    def _png(self, width: int, height: int, rgb: bytes, meta: bytes) -> bytes:
+        head = [
+            b"\x89PNG\r\n\x1a\n",
+            _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)),
+            _chunk(b"tEXt", meta),
+        ]
+        tail = [_chunk(b"IDAT", self._idat_for(width, height, rgb)), _chunk(b"IEND", b"")]
+        pad = self.config.payload_bytes - sum(len(c) for c in head + tail) - 12
+        if pad > 0:  # npAd: ancillary, private, safe-to-copy; decoders must skip it
+            head.append(_chunk(b"npAd", self._pad[:pad]))
+        return b"".join(head + tail)
+
+    def _idat_for(self, width: int, height: int, rgb: bytes) -> bytes:
+        key = (width, height, rgb)
+        if key in self._idat:
+            self._idat.move_to_end(key)
+            return self._idat[key]
+        # A horizontal gradient: row 0 unfiltered, every later row filter "Up" (all zeros),
+        # so even a 4K image compresses in a blink.
+        r, g, b = rgb
+        row0 = bytearray([0])
+        for x in range(width):
+            row0 += bytes((r, g, (b + 255 * x // max(1, width - 1)) & 0xFF))
+        up_row = b"\x02" + bytes(3 * width)
+        per_block = max(1, (1 << 20) // len(up_row))
+        comp = zlib.compressobj(6)
+        out = [comp.compress(bytes(row0))]
+        for done in range(1, height, per_block):
+            out.append(comp.compress(up_row * min(per_block, height - done)))
+        out.append(comp.flush())
+        self._idat[key] = data = b"".join(out)
+        if len(self._idat) > 64:
+            self._idat.popitem(last=False)
+        return data
+
+
+def build_app(config: SimConfig) -> web.Application:
+    sim = _Simulator(config)
+    # 14 input images of up to 7 MiB each, base64-encoded, must fit.
+    app = web.Application(client_max_size=256 * 1024 * 1024)
+    app.router.add_get("/_stats", sim.stats)
+    app.router.add_post("/_reset", sim.reset_handler)
+    app.router.add_route("*", "/v1/chat/completions", sim.chat)
+    app.router.add_route("*", "/{tail:.*}", sim.not_found)
+    return app
+
+
+async def start(config: SimConfig) -> tuple[web.AppRunner, int]:
+    """Start serving; returns the runner (call ``cleanup()``) and the bound port."""
+    runner = web.AppRunner(build_app(config), handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    await web.TCPSite(runner, config.host, config.port).start()
+    return runner, int(runner.addresses[0][1])
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: must be within 0..1")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    add("--port", type=int, default=8765, help="port; 0 picks a free one (default: 8765)")
+    add("--api-key", help="require exactly this bearer key (default: any non-empty key)")
+    add("--scale", type=float, default=1.0, help="multiply image sides, e.g. 0.0625")
+    add("--latency", type=float, default=0.0, metavar="S", help="seconds before answering")
+    add("--latency-jitter", type=float, default=0.0, metavar="S", help="plus up to S seconds")
+    for name in Faults.names():
+        add(f"--fault-{name.replace('_', '-')}", dest=f"fault_{name}", type=_probability,
+            metavar="P", help=f"probability of the {name} fault")
+    add("--fault-mix", type=_probability, default=0.0, metavar="P",
+        help="total fault probability spread evenly; --fault-* flags override their share")
+    add("--fault-attempts", type=int, default=1, metavar="N",
+        help="faults hit only the first N requests of each prompt; 0 = every request")
+    add("--seed", type=int, help="seed the fault and latency draws")
+    add("--rpm-limit", type=int, default=0, metavar="N", help="requests per window, 0 = off")
+    add("--rate-window", type=float, default=60.0, metavar="S", help="rate window (60 s)")
+    add("--retry-after", type=float, default=1.0, metavar="S", help="Retry-After of 429 faults")
+    add("--payload-bytes", type=int, default=0, metavar="N", help="pad each PNG to ~N bytes")
+    add("--images-per-response", type=int, default=1, metavar="N")
+    add("--escape-slashes", action="store_true", help='write "\\/" for every "/" in JSON')
+    add("--gzip", action="store_true", help="gzip bodies when the client accepts it")
+    add("--jpeg-lie", type=_probability, default=0.0, metavar="P",
+        help="probability of sending JPEG bytes labelled image/png")
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    """Raises ValueError when the options contradict each other (faults summing over 1)."""
+    given = {n: getattr(args, f"fault_{n}") for n in Faults.names()}
+    given = {n: p for n, p in given.items() if p is not None}
+    faults = replace(Faults.mix(args.fault_mix), **given)
+    return SimConfig(
+        host=args.host, port=args.port, api_key=args.api_key, scale=args.scale,
+        latency_s=args.latency, latency_jitter_s=args.latency_jitter, faults=faults,
+        fault_attempts=args.fault_attempts, seed=args.seed, rpm_limit=args.rpm_limit,
+        rate_window_s=args.rate_window, retry_after_s=args.retry_after,
+        payload_bytes=args.payload_bytes, images_per_response=args.images_per_response,
+        escape_slashes=args.escape_slashes, gzip=args.gzip, jpeg_lie=args.jpeg_lie,
+    )
+
+
+async def _serve(config: SimConfig) -> None:
+    runner, port = await start(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    print(f"imgbatch simulator listening on http://{host}:{port}/v1", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+
+
+def serve(config: SimConfig) -> int:
+    """Run until SIGINT/SIGTERM. Prints one line with the address once listening."""
+    asyncio.run(_serve(config))
+    return 0

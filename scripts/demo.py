@@ -1,0 +1,49 @@
+"""`make demo`: start the simulator on a free port, run jobs/example.yaml against it, stop it.
+
+Images and results land in output/example/. The simulator injects a few
+faults (rate limits, server errors, a reset) so the log shows retries.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> int:
+    simulator = subprocess.Popen(
+        [sys.executable, "-m", "batch", "simulate", "--port", "0", "--latency", "0.3",
+         "--fault-rate-limit", "0.1", "--fault-server-error-html", "0.1", "--fault-reset", "0.05",
+         "--retry-after", "1", "--seed", "7"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    try:
+        assert simulator.stdout is not None
+        line = simulator.stdout.readline()
+        match = re.search(r"(http://\S+)", line)
+        if match is None:
+            print(f"demo: the simulator did not start: {line!r}", file=sys.stderr)
+            return 1
+        base_url = match.group(1)
+        print(f"demo: simulator at {base_url}", file=sys.stderr)
+        env = {**os.environ, "QINIU_API_KEY": "demo-key-not-secret"}
+        code = subprocess.call(
+            [sys.executable, "-m", "batch", "run", "jobs/example.yaml",
+             "--base-url", base_url, "--concurrency", "4"],
+            cwd=ROOT, env=env,
+        )
+        print(f"demo: imgbatch exited {code}; see output/example/ (images/, results.jsonl)",
+              file=sys.stderr)
+        return code
+    finally:
+        simulator.terminate()
+        simulator.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

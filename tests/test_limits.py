@@ -1,0 +1,105 @@
+"""Meters: spacing, shared pauses, adaptive concurrency; the clock is driven by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+
+import pytest
+
+from batch.limits import ConcurrencyMeter, Limits, PauseGate, RateMeter
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rate_meter_spaces_starts_evenly() -> None:
+    clock = FakeClock()
+    meter = RateMeter(600, clock=clock)
+    waits = [meter.reserve() for _ in range(5)]
+    assert waits == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    clock.now += 10  # idle time does not build up a burst
+    assert meter.reserve() == 0.0
+    assert meter.reserve() == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("rpm", [1, 7, 60, 600, 6000])
+def test_rate_meter_never_exceeds_rpm_in_any_window(rpm: int) -> None:
+    clock = FakeClock()
+    meter = RateMeter(rpm, clock=clock)
+    starts = []
+    for _ in range(3 * rpm):
+        starts.append(clock.now + meter.reserve())
+    for i, start in enumerate(starts):
+        in_window = bisect.bisect_left(starts, start + 60.0 - 1e-9) - i
+        assert in_window <= rpm
+
+
+def test_pause_gate_extends_but_never_shortens() -> None:
+    clock = FakeClock()
+    gate = PauseGate(clock)
+    assert gate.pause(5.0)
+    assert not gate.pause(2.0)
+    assert gate.remaining_s() == pytest.approx(5.0)
+    clock.now += 3
+    assert gate.pause(4.0)
+    assert gate.remaining_s() == pytest.approx(4.0)
+    clock.now += 10
+    assert gate.remaining_s() == 0.0
+
+
+def test_concurrency_halves_on_rate_limit_and_grows_back_additively() -> None:
+    async def scenario() -> list[int]:
+        meter = ConcurrencyMeter(16)
+        seen = [meter.limit]
+        meter.on_rate_limited()
+        seen.append(meter.limit)
+        meter.on_rate_limited()
+        seen.append(meter.limit)
+        for _ in range(4):  # one more slot after `limit` successes
+            await meter.on_success()
+        seen.append(meter.limit)
+        for _ in range(5):
+            await meter.on_success()
+        seen.append(meter.limit)
+        return seen
+
+    assert asyncio.run(scenario()) == [16, 8, 4, 5, 6]
+
+
+def test_fixed_concurrency_does_not_adapt() -> None:
+    meter = ConcurrencyMeter(4, adaptive=False)
+    meter.on_rate_limited()
+    assert meter.limit == 4
+
+
+def test_slot_caps_requests_in_flight() -> None:
+    async def scenario() -> int:
+        limits = Limits(ConcurrencyMeter(3), PauseGate())
+        inside = 0
+        peak = 0
+        release = asyncio.Event()
+
+        async def request() -> None:
+            nonlocal inside, peak
+            async with limits.slot():
+                inside += 1
+                peak = max(peak, inside)
+                await release.wait()
+                inside -= 1
+
+        tasks = [asyncio.create_task(request()) for _ in range(10)]
+        while inside < 3:
+            await asyncio.sleep(0)
+        for _ in range(20):
+            await asyncio.sleep(0)  # give the other seven every chance to get in
+        release.set()
+        await asyncio.gather(*tasks)
+        return peak
+
+    assert asyncio.run(scenario()) == 3
