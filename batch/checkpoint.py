@@ -243,6 +243,9 @@ class Checkpoint:
         for stray in stray_temporaries(self.root):
             if stray.name not in wanted:
                 remove_quietly(stray)
+        # Atomic rewrites (results.jsonl, a compaction) cut short by a crash.
+        for leftover in [*self.root.glob(".*.tmp"), *(self.root / STATE_DIR).glob("*.tmp")]:
+            remove_quietly(leftover)
 
     # -- questions -----------------------------------------------------------
 

@@ -17,13 +17,15 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from batch import __version__, simulator
+from batch import __version__, report, simulator
 from batch.checkpoint import Checkpoint
 from batch.client import DEFAULT_BASE_URL, ChatCompletionsClient, ClientConfig, Secret
-from batch.engine import Engine, EngineConfig, RunStats, StopReason
+from batch.cost import PriceTable, estimate
+from batch.engine import Engine, EngineConfig, StopReason
 from batch.errors import (
     ImgbatchError,
     LockHeld,
@@ -65,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-rate-limit-wait", type=_positive_float, default=900.0, metavar="S")
     run.add_argument("--max-runtime", type=_positive_float, default=None, metavar="S")
     run.add_argument("--grace", type=_non_negative_float, default=30.0, metavar="S")
+    run.add_argument("--max-cost", type=_positive_float, default=None, metavar="USD",
+                     help="start no request that could push the estimated spend past USD")
     run.add_argument("--force", action="store_true", help="redo every job")
     run.add_argument("--ca-bundle", type=Path, default=None)
     _add_logging(run)
@@ -172,6 +176,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for key, value in plan.items():
         if key != "jobs":
             print(f"  {key}: {json.dumps(value, ensure_ascii=False)}")
+    total, unknown = estimate(manifest.jobs, PriceTable.with_overrides(manifest.pricing))
+    note = f" (+{unknown} job(s) of unknown price)" if unknown else ""
+    print(f"  estimated cost: ${total:.2f} for one image per job{note}")
     return EXIT_OK
 
 
@@ -200,6 +207,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     if ends:
         end = ends[-1]
         print(f"  last run ended {_when(end['t'])}: {end.get('summary', '')}")
+    runs = report.read_runs(root)
+    if runs:
+        print("  recent runs:")
+        for run in runs[-5:]:
+            jobs = run.get("jobs", {})
+            print(f"    {run.get('start')}  exit {run.get('exit_code')}  "
+                  f"{jobs.get('succeeded', 0)} ok / {jobs.get('failed', 0)} failed / "
+                  f"{jobs.get('pending', 0)} pending  {run.get('requests')} requests  "
+                  f"~${run.get('estimated_cost_usd', 0):.2f}  {run.get('wall_s')}s")
     return EXIT_OK
 
 
@@ -213,6 +229,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not key:
         raise UsageError(f"no API key: set the environment variable {args.api_key_env}")
     root: Path = args.output or Path("output") / args.manifest.stem
+    prices = PriceTable.with_overrides(manifest.pricing)
+    if args.max_cost is not None:
+        unpriced = sorted({(j.model, j.image_size) for j in manifest.jobs
+                           if prices.job_price(j) is None})
+        if unpriced:
+            raise UsageError(
+                "--max-cost needs a price for every job; none known for "
+                + ", ".join(f"{m} {s}" for m, s in unpriced)
+                + " (add them under pricing: in the manifest)"
+            )
     prepare_output(root)
     client_config = ClientConfig(
         base_url=args.base_url,
@@ -229,6 +255,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         rpm=args.rpm,
         force=args.force,
         max_runtime_s=args.max_runtime,
+        max_cost_usd=args.max_cost,
+        prices=prices,
     )
     store = Checkpoint.open(root)
     try:
@@ -257,7 +285,6 @@ async def _run(
     engine_config: EngineConfig,
     grace_s: float,
 ) -> int:
-    started = time.monotonic()
     progress = ConsoleProgress(sys.stderr, bar=sys.stderr.isatty())
     client = ChatCompletionsClient(client_config)
     engine = Engine(client, store, engine_config, progress)
@@ -275,8 +302,11 @@ async def _run(
 
     for signum in EXIT_SIGNAL:
         loop.add_signal_handler(signum, on_signal, signum)
+    started_at = time.time()
     store.record_run("start", jobs=len(manifest.jobs))
-    stats = RunStats()
+    stats = engine.stats
+    counts: Counter[str] = Counter()
+    code = EXIT_INCOMPLETE
     try:
         todo = engine.plan(manifest.jobs)
         stats = await engine.run(todo)
@@ -286,31 +316,23 @@ async def _run(
         for signum in EXIT_SIGNAL:
             loop.remove_signal_handler(signum)
         counts = write_results(manifest.jobs, store)
-        summary = _summary(counts, stats, time.monotonic() - started, root)
-        store.record_run("end", summary=summary)
-        print(f"imgbatch: {summary}", file=sys.stderr)
-    if received:
-        return EXIT_SIGNAL[received[0]]
-    if stats.stop is StopReason.FATAL:
-        return EXIT_FATAL
-    return EXIT_OK if counts.get(Status.SUCCEEDED.value, 0) == len(manifest.jobs) else (
-        EXIT_INCOMPLETE
-    )
-
-
-def _summary(counts: dict[str, int], stats: RunStats, wall_s: float, root: Path) -> str:
-    total = sum(counts.values())
-    parts = ", ".join(f"{counts.get(s.value, 0)} {s.value}" for s in Status)
-    retries = sum(stats.retries.values())
-    text = (
-        f"{total} job(s): {parts}; {stats.requests} request(s) this run "
-        f"({retries} retries, {stats.rate_limited} rate-limited); "
-        f"{stats.images_written} image(s), {stats.bytes_written / 1e6:.1f} MB written; "
-        f"{wall_s:.1f}s; results in {root / RESULTS}"
-    )
-    if stats.stop is not StopReason.NONE:
-        text += f"; stopped: {stats.stop_message}"
-    return text
+        if received:
+            code = EXIT_SIGNAL[received[0]]
+        elif stats.stop is StopReason.FATAL:
+            code = EXIT_FATAL
+        elif counts.get(Status.SUCCEEDED.value, 0) == len(manifest.jobs):
+            code = EXIT_OK
+        record = report.run_record(
+            started_at=started_at, ended_at=time.time(), counts=counts, stats=stats,
+            exit_code=code, manifest=str(manifest.path),
+        )
+        report.append_run(root, record)
+        line = report.one_line(record, root / RESULTS)
+        store.record_run("end", summary=line, exit_code=code)
+        for extra in report.details(record):
+            log.info("%s", extra)
+        print(f"imgbatch: {line}", file=sys.stderr)
+    return code
 
 
 def entry() -> None:

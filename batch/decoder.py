@@ -32,6 +32,10 @@ _B64_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 # The body of a JSON string up to its closing quote or a backslash that ends the
 # input (unrolled so runs of plain characters are matched in one step).
 _STRING_BODY = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*', re.DOTALL)
+# Escapes in data URL text: fast paths for the common ones, then the general case.
+_NOT_SLASH_ESCAPE = re.compile(rb"\\(?!/)")
+_NOT_SIMPLE_ESCAPE = re.compile(rb"\\(?![/nrt])")
+_WHITESPACE_ESCAPE = re.compile(rb"\\[nrt]")
 _ESCAPE = re.compile(rb"\\(u[0-9A-Fa-f]{4}|.)", re.DOTALL)
 _HEX4 = re.compile(rb"[0-9A-Fa-f]{4}")
 _SIMPLE_ESCAPES = {ord(k): v for k, v in zip('"\\/bfnrt', '"\\/\b\f\n\r\t', strict=True)}
@@ -143,9 +147,7 @@ class BodyDecoder:
         """Copy ``data`` to the skeleton (a memoryview slice avoids one copy)."""
         self._skeleton += data
         if len(self._skeleton) > self._max_skeleton:
-            raise MalformedResponse(
-                f"body has over {self._max_skeleton} bytes besides its images"
-            )
+            raise MalformedResponse(f"body has over {self._max_skeleton} bytes besides its images")
 
     def _string_run(self, chunk: bytes, pos: int, endpos: int) -> tuple[int, bool]:
         """How far the current string goes in ``chunk[pos:endpos]``: (stop, closed).
@@ -286,23 +288,26 @@ def _data_url_header(raw: bytes) -> tuple[str, int] | None:
 
 
 def _unescape(seg: bytes) -> bytes:
-    """Undo the JSON escapes a data URL may hold; whitespace escapes are dropped.
+    """Undo the JSON escapes in data URL text; whitespace escapes are dropped.
 
-    Bulk replaces are safe because an escaped backslash, the one thing that
-    could make them overlap, is rejected first (a backslash is never base64).
+    ``seg`` holds no cut escape. The two fast paths are exact because they only
+    run when every backslash starts an escape of "/" (or of n, r, t): with no
+    escaped backslash around, escapes cannot overlap, so deleting is unescaping.
     """
-    if b"\\\\" in seg:
-        raise MalformedResponse("data URL holds a backslash")
-    seg = seg.replace(b"\\/", b"/")
-    if b"\\" in seg:
-        seg = seg.replace(b"\\n", b"").replace(b"\\r", b"").replace(b"\\t", b"")
-        if b"\\" in seg:
-            seg = _ESCAPE.sub(_unicode_escape, seg)
-    return seg
+    if _NOT_SLASH_ESCAPE.search(seg) is None:
+        return seg.replace(b"\\", b"")  # the usual case: "\/" only
+    if _NOT_SIMPLE_ESCAPE.search(seg) is None:
+        return _WHITESPACE_ESCAPE.sub(b"", seg).replace(b"\\", b"")
+    return _ESCAPE.sub(_escape, seg)
 
 
-def _unicode_escape(match: re.Match[bytes]) -> bytes:
+def _escape(match: re.Match[bytes]) -> bytes:
+    """What one escape inside a data URL stands for; MalformedResponse if not base64."""
     body = match.group(1)
+    if body == b"/":
+        return body
+    if body in (b"n", b"r", b"t"):
+        return b""
     if len(body) == 5:
         code = int(body[1:], 16)
         if code in _B64_CHARS:
@@ -324,12 +329,15 @@ class Inflater:
         self._max = max_output_bytes
         self._total = 0
         self._head = b""  # deflate: held until the first two bytes tell the wrapping
-        self._inflater: Any = None  # zlib's Decompress type is not public
+        self._inflater: zlib._Decompress | None = None
         if self._coding in ("gzip", "x-gzip"):
             self._inflater = zlib.decompressobj(_GZIP_WBITS)
 
     def feed(self, chunk: bytes) -> Iterator[bytes]:
-        """The decoded bytes that ``chunk`` completes, in bounded pieces."""
+        """The decoded bytes that ``chunk`` completes, in bounded pieces.
+
+        Iterate it to the end: the input is consumed as the pieces are taken.
+        """
         if self._coding is None:
             if chunk:
                 yield self._count(chunk)
@@ -354,19 +362,21 @@ class Inflater:
             raise MalformedResponse(f"{self._coding} body is truncated")
 
     def _inflate(self, data: bytes) -> Iterator[bytes]:
+        inflater = self._inflater
+        assert inflater is not None
         while True:
-            if self._inflater.eof:
+            if inflater.eof:
                 if not data:
                     return
                 if self._coding == "deflate":
                     raise MalformedResponse("bytes after the end of the deflate body")
-                self._inflater = zlib.decompressobj(_GZIP_WBITS)  # a further gzip member
+                inflater = self._inflater = zlib.decompressobj(_GZIP_WBITS)  # next gzip member
             try:
-                out = self._inflater.decompress(data, INFLATE_PIECE_BYTES)
+                out = inflater.decompress(data, INFLATE_PIECE_BYTES)
             except zlib.error as exc:
                 raise MalformedResponse(f"corrupt {self._coding} body: {exc}") from None
-            eof = self._inflater.eof
-            data = self._inflater.unused_data if eof else self._inflater.unconsumed_tail
+            eof = inflater.eof
+            data = inflater.unused_data if eof else inflater.unconsumed_tail
             if out:
                 yield self._count(out)
             # A full piece may leave output inside zlib even when the input is used up.

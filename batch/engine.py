@@ -28,6 +28,7 @@ from tenacity import AsyncRetrying, RetryCallState, stop_never
 
 from batch.checkpoint import Checkpoint, JobState, fingerprint
 from batch.client import Generation, Provider
+from batch.cost import Budget, PriceTable
 from batch.errors import (
     FatalApiError,
     JobError,
@@ -50,6 +51,7 @@ class StopReason(enum.StrEnum):
     SIGNAL = "signal"
     RUNTIME = "max_runtime"
     RATE_LIMIT = "rate_limit_wait_exceeded"
+    BUDGET = "max_cost"
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class EngineConfig:
     adaptive: bool = True
     force: bool = False
     max_runtime_s: float | None = None
+    max_cost_usd: float | None = None
+    prices: PriceTable = field(default_factory=lambda: PriceTable.with_overrides({}))
     seed: int | None = None
 
 
@@ -77,6 +81,9 @@ class RunStats:
     bytes_written: int = 0
     images_written: int = 0
     peak_in_flight: int = 0
+    cost_usd: float = 0.0
+    unpriced_images: int = 0
+    tokens: Counter[str] = field(default_factory=Counter)
     stop: StopReason = StopReason.NONE
     stop_message: str = ""
 
@@ -105,6 +112,7 @@ class Engine:
             gate=PauseGate(),
             rate=RateMeter(config.rpm) if config.rpm else None,
         )
+        self.budget = Budget(config.max_cost_usd)
         self._stopping = asyncio.Event()
         self._rng = random.Random(config.seed)
         self._rate_limited_since: float | None = None
@@ -235,6 +243,16 @@ class Engine:
         async with self.limits.slot():
             if self.stopping:
                 raise _Stopped
+            price = self.config.prices.job_price(job) or 0.0
+            if not self.budget.try_reserve(price):
+                self.stop(
+                    StopReason.BUDGET,
+                    f"--max-cost ${self.config.max_cost_usd:g} reached "
+                    f"(${self.budget.spent_usd:.2f} spent, ${self.budget.reserved_usd:.2f} "
+                    "in flight); the rest stays pending",
+                )
+                raise _Stopped
+            spent = 0.0
             self.store.mark_attempt(job, fp)
             self.stats.requests += 1
             self.observer.on_attempt(job)
@@ -243,11 +261,13 @@ class Engine:
             self._in_flight.add(task)
             try:
                 generation = await self.provider.generate(job, self.store.root)
+                spent = price * len(generation.images)
             except RateLimited as exc:
                 self._on_rate_limited(exc)
                 raise
             finally:
                 self._in_flight.discard(task)
+                self.budget.settle(price, spent)
         self._rate_limited_since = None
         await self.limits.concurrency.on_success()
         return generation
@@ -319,6 +339,14 @@ class Engine:
         self.stats.succeeded += 1
         self.stats.images_written += len(generation.images)
         self.stats.bytes_written += sum(s.bytes for s in generation.images)
+        price = self.config.prices.job_price(job)
+        if price is None:
+            self.stats.unpriced_images += len(generation.images)
+        else:
+            self.stats.cost_usd += price * len(generation.images)
+        for key, value in (generation.usage or {}).items():
+            if isinstance(value, int) and key.endswith("tokens"):
+                self.stats.tokens[key] += value
         self.observer.on_success(job, state)
 
     def _record_end(self, job: Job, fp: str, status: Status, error: JobError) -> None:

@@ -66,12 +66,17 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Run the real ``imgbatch`` command and capture what it prints."""
     return subprocess.run(
-        imgbatch_argv(*args), cwd=cwd, env=env if env is not None else cli_env(),
-        capture_output=True, text=True, timeout=timeout,
+        imgbatch_argv(*args),
+        cwd=cwd,
+        env=env if env is not None else cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

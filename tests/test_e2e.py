@@ -20,12 +20,16 @@ RATIOS = ["1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9
 def catalog(n: int, path: Path, prefix: str = "job") -> Path:
     lines = []
     for i in range(n):
-        lines.append(json.dumps({
-            "id": f"{prefix}-{i:03d}",
-            "prompt": f"picture number {i} of {prefix}",
-            "aspect_ratio": RATIOS[i % len(RATIOS)],
-            "image_size": ["1K", "2K"][i % 2],
-        }))
+        lines.append(
+            json.dumps(
+                {
+                    "id": f"{prefix}-{i:03d}",
+                    "prompt": f"picture number {i} of {prefix}",
+                    "aspect_ratio": RATIOS[i % len(RATIOS)],
+                    "image_size": ["1K", "2K"][i % 2],
+                }
+            )
+        )
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -34,9 +38,9 @@ def png_text(data: bytes) -> dict[str, Any]:
     """The simulator's tEXt record: which prompt this image was made for."""
     pos = 8
     while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind = data[pos + 4:pos + 8]
-        body = data[pos + 8:pos + 8 + length]
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + length]
         if kind == b"tEXt" and body.startswith(b"imgbatch-request\0"):
             return json.loads(body.split(b"\0", 1)[1])  # type: ignore[no-any-return]
         pos += 12 + length
@@ -66,8 +70,9 @@ def test_clean_run(tmp_path: Path) -> None:
     manifest = catalog(24, tmp_path / "cat.jsonl")
     out = tmp_path / "out"
     with simulator("--scale", SCALE, "--latency", "0.2") as sim:
-        done = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url,
-                       "--concurrency", "6")
+        done = run_cli(
+            "run", str(manifest), "--output", str(out), "--base-url", sim.url, "--concurrency", "6"
+        )
         stats = sim.stats()
     assert done.returncode == 0, done.stderr
     rows = read_results(out)
@@ -83,10 +88,21 @@ def test_clean_run(tmp_path: Path) -> None:
 def test_heavy_faults_still_finish_every_job(tmp_path: Path) -> None:
     manifest = catalog(80, tmp_path / "faults.jsonl")
     out = tmp_path / "out"
-    with simulator("--scale", SCALE, "--fault-mix", "0.4", "--retry-after", "0.05",
-                   "--seed", "3") as sim:
-        done = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url,
-                       "--concurrency", "16", "--max-attempts", "6")
+    with simulator(
+        "--scale", SCALE, "--fault-mix", "0.4", "--retry-after", "0.05", "--seed", "3"
+    ) as sim:
+        done = run_cli(
+            "run",
+            str(manifest),
+            "--output",
+            str(out),
+            "--base-url",
+            sim.url,
+            "--concurrency",
+            "16",
+            "--max-attempts",
+            "6",
+        )
         stats = sim.stats()
     assert done.returncode == 0, done.stderr
     rows = read_results(out)
@@ -120,8 +136,9 @@ def test_invalid_manifest_exits_2_naming_the_place_and_sends_nothing(tmp_path: P
         '{"id": "three", "promt": "typo"}\n'
     )
     with simulator("--scale", SCALE) as sim:
-        done = run_cli("run", str(manifest), "--output", str(tmp_path / "out"),
-                       "--base-url", sim.url)
+        done = run_cli(
+            "run", str(manifest), "--output", str(tmp_path / "out"), "--base-url", sim.url
+        )
         stats = sim.stats()
     assert done.returncode == 2
     assert f"{manifest}:2" in done.stderr and "aspect_ratio" in done.stderr
@@ -143,15 +160,23 @@ def test_bad_key_stops_the_run_and_leaves_jobs_pending(tmp_path: Path) -> None:
     manifest = catalog(30, tmp_path / "auth.jsonl")
     out = tmp_path / "out"
     with simulator("--scale", SCALE, "--api-key", "the-right-key") as sim:
-        done = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url,
-                       "--concurrency", "2")
+        done = run_cli(
+            "run", str(manifest), "--output", str(out), "--base-url", sim.url, "--concurrency", "2"
+        )
         assert done.returncode == 3, done.stderr
         rows = read_results(out)
         assert {r["status"] for r in rows} == {"pending"}
         assert sim.stats()["requests"] <= 4  # stopped quickly: no request after the first 401s
         assert "401" in done.stderr and "invalid api key" in done.stderr
-        fixed = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url,
-                        env=cli_env(QINIU_API_KEY="the-right-key"))
+        fixed = run_cli(
+            "run",
+            str(manifest),
+            "--output",
+            str(out),
+            "--base-url",
+            sim.url,
+            env=cli_env(QINIU_API_KEY="the-right-key"),
+        )
     assert fixed.returncode == 0, fixed.stderr
     check_outputs(out, read_results(out))
     assert KEY not in done.stderr + done.stdout
@@ -174,8 +199,9 @@ def test_rejected_and_no_image_jobs_fail_with_the_servers_words(tmp_path: Path) 
     assert bad["status"] == "failed" and bad["attempts"] == 1
     assert bad["error"]["http_status"] == 404 and "model" in bad["error"]["message"]
     with simulator("--scale", SCALE, "--fault-no-image", "1", "--fault-attempts", "0") as sim:
-        done = run_cli("run", str(manifest), "--output", str(tmp_path / "out2"),
-                       "--base-url", sim.url)
+        done = run_cli(
+            "run", str(manifest), "--output", str(tmp_path / "out2"), "--base-url", sim.url
+        )
     rows = {r["id"]: r for r in read_results(tmp_path / "out2")}
     assert rows["good"]["status"] == "failed"
     assert rows["good"]["error"]["type"] == "no_image"

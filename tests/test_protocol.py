@@ -23,7 +23,11 @@ PNG = b"\x89PNG\r\n\x1a\n" + b"rest"
 
 def _job(**fields: Any) -> Job:
     base: dict[str, Any] = {
-        "id": "cat", "prompt": "a cat", "model": "m", "aspect_ratio": "16:9", "image_size": "4K",
+        "id": "cat",
+        "prompt": "a cat",
+        "model": "m",
+        "aspect_ratio": "16:9",
+        "image_size": "4K",
     }
     base.update(fields)
     return Job(**base)
@@ -48,22 +52,29 @@ def test_edit_body_sends_files_as_data_urls_and_urls_untouched() -> None:
     body = build_body(_job(images=images), lambda path: PNG if path == "/abs/a.png" else b"")
     content = body["messages"][0]["content"]
     assert content[0] == {"type": "text", "text": "a cat"}
-    assert content[1] == {"type": "image_url",
-                          "image_url": {"url": "data:image/png;base64,iVBORw0KGgpyZXN0"}}
+    assert content[1] == {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64,iVBORw0KGgpyZXN0"},
+    }
     assert content[2] == {"type": "image_url", "image_url": {"url": "https://x/y.jpg"}}
 
 
 @pytest.mark.parametrize(
     ("body", "ctype", "expected"),
     [
-        (b'{"error":{"message":"invalid api key","type":"x"}}', "application/json",
-         "invalid api key"),
+        (
+            b'{"error":{"message":"invalid api key","type":"x"}}',
+            "application/json",
+            "invalid api key",
+        ),
         (b'{"error":"quota"}', "application/json", "quota"),
         (b'{"detail":"nope"}', "application/json", "nope"),
-        (b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>",
-         "text/html", "502 Bad Gateway"),
-        (b"<html><body><h1>Service &amp; down</h1></body></html>", "text/html",
-         "Service & down"),
+        (
+            b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>",
+            "text/html",
+            "502 Bad Gateway",
+        ),
+        (b"<html><body><h1>Service &amp; down</h1></body></html>", "text/html", "Service & down"),
         (b"SSL Handshake Failed", "text/plain", "SSL Handshake Failed"),
         (b"error code: 1010", "text/plain", "error code: 1010"),
         (b"", "text/plain", "(empty body)"),
@@ -94,10 +105,15 @@ def test_interpret_qiniu_and_openrouter_shapes() -> None:
     answer = interpret(qiniu, STREAMED, job_id="j")
     assert answer.image_indexes == (0,)
     assert answer.usage == {"total_tokens": 3}
-    openrouter = _answer({"content": "here", "images": [
-        {"type": "image_url", "image_url": {"url": P1}},
-        {"type": "image_url", "image_url": {"url": P0}},
-    ]})
+    openrouter = _answer(
+        {
+            "content": "here",
+            "images": [
+                {"type": "image_url", "image_url": {"url": P1}},
+                {"type": "image_url", "image_url": {"url": P0}},
+            ],
+        }
+    )
     assert interpret(openrouter, STREAMED, job_id="j").image_indexes == (1, 0)
 
 
@@ -109,17 +125,26 @@ def test_interpret_qiniu_and_openrouter_shapes() -> None:
         ({"choices": [{"message": "x"}]}, MalformedResponse, 200),
         (_answer({"content": "I can't draw that"}), NoImage, 200),
         (_answer({"content": "", "images": []}), NoImage, 200),
-        (_answer({"content": "", "images": [{"image_url": {"url": "not streamed"}}]}),
-         NoImage, 200),
-        ({"choices": [{"finish_reason": "error", "message": {"content": "boom"}}]},
-         ServerError, 200),
+        (
+            _answer({"content": "", "images": [{"image_url": {"url": "not streamed"}}]}),
+            NoImage,
+            200,
+        ),
+        (
+            {"choices": [{"finish_reason": "error", "message": {"content": "boom"}}]},
+            ServerError,
+            200,
+        ),
         ({"error": {"message": "upstream error", "code": 502}}, ServerError, 502),
         ({"error": {"message": "slow down", "code": 429}}, RateLimited, 429),
         ({"error": {"message": "no credits", "code": 402}}, FatalApiError, 402),
         ({"error": {"message": "bad", "code": 400}}, RejectedError, 400),
         ({"error": "weird"}, ServerError, 502),
-        (_answer({"images": [{"image_url": {"url": "https://cdn/x.png"}}]}),
-         MalformedResponse, 200),
+        (
+            _answer({"images": [{"image_url": {"url": "https://cdn/x.png"}}]}),
+            MalformedResponse,
+            200,
+        ),
     ],
 )
 def test_interpret_errors(document: Any, kind: type[JobError], status: int) -> None:

@@ -78,8 +78,15 @@ def test_parse_retry_after(headers: dict[str, str], expected: float | None) -> N
 
 @pytest.mark.parametrize(
     ("n", "jitter", "expected"),
-    [(1, 0.0, 0.5), (2, 0.0, 1.0), (3, 0.0, 2.0), (1, 0.999, 0.5 * (1 - 0.25 * 0.999)),
-     (7, 0.0, 30.0), (100, 0.0, 30.0), (2, 1.0, 0.75)],
+    [
+        (1, 0.0, 0.5),
+        (2, 0.0, 1.0),
+        (3, 0.0, 2.0),
+        (1, 0.999, 0.5 * (1 - 0.25 * 0.999)),
+        (7, 0.0, 30.0),
+        (100, 0.0, 30.0),
+        (2, 1.0, 0.75),
+    ],
 )
 def test_backoff(n: int, jitter: float, expected: float) -> None:
     assert backoff_s(n, POLICY, jitter) == pytest.approx(expected)

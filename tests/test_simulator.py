@@ -78,9 +78,9 @@ def chunks(png: bytes) -> list[tuple[bytes, bytes]]:
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     out, pos = [], 8
     while pos < len(png):
-        (length,) = struct.unpack(">I", png[pos:pos + 4])
-        kind, data = png[pos + 4:pos + 8], png[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", png[pos + 8 + length:pos + 12 + length])
+        (length,) = struct.unpack(">I", png[pos : pos + 4])
+        kind, data = png[pos + 4 : pos + 8], png[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", png[pos + 8 + length : pos + 12 + length])
         assert crc == zlib.crc32(kind + data), kind
         out.append((kind, data))
         pos += 12 + length
@@ -105,7 +105,7 @@ def image_bytes(payload: dict[str, Any], index: int = 0) -> bytes:
     url = payload["choices"][0]["message"]["images"][index]["image_url"]["url"]
     prefix = "data:image/png;base64,"
     assert url.startswith(prefix)
-    return base64.b64decode(url[len(prefix):], validate=True)
+    return base64.b64decode(url[len(prefix) :], validate=True)
 
 
 async def post(session: aiohttp.ClientSession, base: str, body: Any) -> tuple[int, Any]:
@@ -125,8 +125,12 @@ def test_valid_requests_get_real_pngs_of_the_documented_size() -> None:
     async def scenario(base: str, s: aiohttp.ClientSession) -> None:
         for n, (ratio, size) in enumerate(cases, start=1):
             prompt = f"a lighthouse {ratio} {size}"
-            body = request_body(prompt, image_config={"aspect_ratio": ratio, "image_size": size},
-                                seed=7, temperature=0.3)  # pass-through extras are fine
+            body = request_body(
+                prompt,
+                image_config={"aspect_ratio": ratio, "image_size": size},
+                seed=7,
+                temperature=0.3,
+            )  # pass-through extras are fine
             status, payload = await post(s, base, body)
             assert status == 200
             assert payload["object"] == "chat.completion" and payload["id"] == f"chatcmpl-{n}"
@@ -162,11 +166,17 @@ def test_input_images_count_toward_prompt_tokens_and_string_content_works() -> N
     parts += [{"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}}]
 
     async def scenario(base: str, s: aiohttp.ClientSession) -> None:
-        status, payload = await post(s, base, request_body(messages=[
-            {"role": "user", "content": parts}]))
+        status, payload = await post(
+            s, base, request_body(messages=[{"role": "user", "content": parts}])
+        )
         assert status == 200 and payload["usage"]["prompt_tokens"] == 10 + 2 * 560
-        body = request_body(model="gemini-2.5-flash-image", messages=[
-            {"role": "system", "content": "be nice"}, {"role": "user", "content": "a cat"}])
+        body = request_body(
+            model="gemini-2.5-flash-image",
+            messages=[
+                {"role": "system", "content": "be nice"},
+                {"role": "user", "content": "a cat"},
+            ],
+        )
         del body["image_config"]
         status, payload = await post(s, base, body)
         assert status == 200 and payload["model"] == "gemini-2.5-flash-image"
@@ -184,9 +194,13 @@ def test_api_key_required() -> None:
             async with aiohttp.ClientSession(headers=headers) as other:
                 status, payload = await post(other, base, request_body())
             assert status == 401
-            assert payload == {"error": {"message": "invalid api key",
-                                         "type": "invalid_request_error",
-                                         "code": "invalid_api_key"}}
+            assert payload == {
+                "error": {
+                    "message": "invalid api key",
+                    "type": "invalid_request_error",
+                    "code": "invalid_api_key",
+                }
+            }
         status, _ = await post(s, base, request_body())
         assert status == 200
 
@@ -216,14 +230,48 @@ BAD_BODIES: list[tuple[Any, int]] = [
     (request_body(messages=[{"content": "hi"}]), 400),
     (request_body(messages=[{"role": "system", "content": "hi"}]), 400),
     (request_body(messages=[{"role": "user", "content": [{"type": "audio"}]}]), 400),
-    (request_body(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {}}]}]), 400),
-    (request_body(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "ftp://x/y.png"}}]}]), 400),
-    (request_body(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,ab*d"}}]}]), 400),
-    (request_body(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "https://e.com/i.png"}}] * 15}]), 400),
+    (
+        request_body(
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]
+        ),
+        400,
+    ),
+    (
+        request_body(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "ftp://x/y.png"}}],
+                }
+            ]
+        ),
+        400,
+    ),
+    (
+        request_body(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,ab*d"}}
+                    ],
+                }
+            ]
+        ),
+        400,
+    ),
+    (
+        request_body(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "https://e.com/i.png"}}]
+                    * 15,
+                }
+            ]
+        ),
+        400,
+    ),
     (request_body(image_config=[]), 400),
     (request_body(image_config={"aspect_ratio": "7:3"}), 400),
     (request_body(image_config={"image_size": "1k"}), 400),
@@ -407,10 +455,25 @@ def test_stats_count_outcomes_concurrency_and_reset() -> None:
 def test_command_line_options() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    config = config_from_args(parser.parse_args([
-        "--fault-mix", "0.5", "--fault-reset", "0.2", "--rpm-limit", "10", "--retry-after",
-        "0.5", "--scale", "0.25", "--escape-slashes", "--images-per-response", "2",
-    ]))
+    config = config_from_args(
+        parser.parse_args(
+            [
+                "--fault-mix",
+                "0.5",
+                "--fault-reset",
+                "0.2",
+                "--rpm-limit",
+                "10",
+                "--retry-after",
+                "0.5",
+                "--scale",
+                "0.25",
+                "--escape-slashes",
+                "--images-per-response",
+                "2",
+            ]
+        )
+    )
     assert config.port == 8765 and config.host == "127.0.0.1"
     assert config.faults.reset == 0.2 and config.faults.truncate == pytest.approx(0.05)
     assert config.rpm_limit == 10 and config.retry_after_s == 0.5 and config.scale == 0.25
@@ -430,14 +493,19 @@ def test_serve_prints_its_address_and_stops_on_sigint() -> None:
     )
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root)}
-    proc = subprocess.Popen([sys.executable, "-c", code, "--port", "0"], cwd=root, env=env,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "--port", "0"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         prefix = "imgbatch simulator listening on http://127.0.0.1:"
         assert line.startswith(prefix) and line.endswith("/v1\n")
-        port = int(line[len(prefix):-4])
+        port = int(line[len(prefix) : -4])
         request = urllib.request.Request(f"http://127.0.0.1:{port}/_stats", headers=HEADERS)
         with urllib.request.urlopen(request, timeout=5) as resp:
             assert json.load(resp)["requests"] == 0

@@ -1,0 +1,111 @@
+"""What a run did, for the operator: ``DIR/summary.json`` and the lines printed at the end.
+
+summary.json keeps the last ``KEEP_RUNS`` runs, newest last, each with start,
+end, wall time, jobs by status, requests, retries by cause, 429s, bytes
+written, tokens, estimated cost and exit code. It is rewritten atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from batch.engine import RunStats, StopReason
+from batch.jobs import Status
+
+SUMMARY = "summary.json"
+KEEP_RUNS = 50
+
+
+def run_record(
+    *,
+    started_at: float,
+    ended_at: float,
+    counts: Mapping[str, int],
+    stats: RunStats,
+    exit_code: int,
+    manifest: str,
+) -> dict[str, Any]:
+    """One run's entry in summary.json."""
+    return {
+        "manifest": manifest,
+        "start": _iso(started_at),
+        "end": _iso(ended_at),
+        "wall_s": round(ended_at - started_at, 3),
+        "jobs": {status.value: counts.get(status.value, 0) for status in Status},
+        "skipped_already_done": stats.skipped,
+        "requests": stats.requests,
+        "retries": dict(sorted(stats.retries.items())),
+        "rate_limited": stats.rate_limited,
+        "images_written": stats.images_written,
+        "bytes_written": stats.bytes_written,
+        "tokens": dict(sorted(stats.tokens.items())),
+        "estimated_cost_usd": round(stats.cost_usd, 4),
+        "unpriced_images": stats.unpriced_images,
+        "peak_in_flight": stats.peak_in_flight,
+        "stopped": None if stats.stop is StopReason.NONE else stats.stop.value,
+        "stop_message": stats.stop_message or None,
+        "exit_code": exit_code,
+    }
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
+
+
+def read_runs(root: Path) -> list[dict[str, Any]]:
+    """The runs summary.json holds, oldest first; empty if there is none or it is unreadable."""
+    try:
+        document = json.loads((root / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    runs = document.get("runs") if isinstance(document, dict) else None
+    return [run for run in runs if isinstance(run, dict)] if isinstance(runs, list) else []
+
+
+def append_run(root: Path, record: Mapping[str, Any]) -> None:
+    """Add ``record`` to summary.json (atomically)."""
+    runs = [*read_runs(root), dict(record)][-KEEP_RUNS:]
+    path = root / SUMMARY
+    tmp = path.with_name(f".{SUMMARY}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        json.dump({"runs": runs}, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def one_line(record: Mapping[str, Any], results_path: Path) -> str:
+    """The summary line printed on stderr at the end of a run."""
+    jobs = record["jobs"]
+    total = sum(jobs.values())
+    parts = ", ".join(f"{jobs[s.value]} {s.value}" for s in Status)
+    retries = sum(record["retries"].values())
+    cost = f"${record['estimated_cost_usd']:.2f}"
+    if record["unpriced_images"]:
+        cost += f" (+{record['unpriced_images']} image(s) of unknown price)"
+    text = (
+        f"{total} job(s): {parts}; {record['requests']} request(s) this run "
+        f"({retries} retries, {record['rate_limited']} rate-limited); "
+        f"{record['images_written']} image(s), {record['bytes_written'] / 1e6:.1f} MB, "
+        f"~{cost}; {record['wall_s']:.1f}s; results in {results_path}"
+    )
+    if record["stop_message"]:
+        text += f"; stopped: {record['stop_message']}"
+    return text
+
+
+def details(record: Mapping[str, Any]) -> list[str]:
+    """A few more lines for a person at a terminal: what retried and why."""
+    lines = []
+    if record["retries"]:
+        causes = ", ".join(f"{n} {cause}" for cause, n in record["retries"].items())
+        lines.append(f"retries by cause: {causes}")
+    if record["skipped_already_done"]:
+        lines.append(f"{record['skipped_already_done']} job(s) already done, not sent again")
+    return lines

@@ -1,0 +1,80 @@
+"""What the operator sees and spends: cost cap, summary.json, validate's estimate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from batch.cost import Budget, PriceTable
+from tests.conftest import read_results, run_cli, simulator
+
+
+@pytest.mark.parametrize(
+    ("cap", "prices", "started"),
+    [
+        (1.0, [0.24] * 10, 4),
+        (0.24, [0.24] * 3, 1),
+        (0.2, [0.24] * 3, 0),
+        (1.0, [0.134] * 10, 7),
+        (None, [0.24] * 10, 10),
+    ],
+)
+def test_budget_never_lets_a_request_start_past_the_cap(
+    cap: float | None, prices: list[float], started: int
+) -> None:
+    budget = Budget(cap)
+    reserved = [p for p in prices if budget.try_reserve(p)]
+    assert len(reserved) == started
+    for price in reserved:
+        budget.settle(price, price)
+    assert budget.reserved_usd == pytest.approx(0.0)
+    if cap is not None:
+        assert budget.spent_usd <= cap
+
+
+def test_price_table_overrides() -> None:
+    table = PriceTable.with_overrides({"gemini-3.0-pro-image-preview": {"4K": 0.3},
+                                       "my-model": {"1K": 0.01}})
+    assert table.price("gemini-3.0-pro-image-preview", "4K") == 0.3
+    assert table.price("gemini-3.0-pro-image-preview", "1K") == 0.134
+    assert table.price("my-model", "1K") == 0.01
+    assert table.price("my-model", "2K") is None
+
+
+def test_max_cost_stops_after_four_4k_images(tmp_path: Path) -> None:
+    manifest = tmp_path / "fourk.yaml"
+    manifest.write_text(
+        "defaults: {image_size: 4K}\njobs:\n"
+        + "".join(f"  - {{id: p{i}, prompt: poster {i}}}\n" for i in range(10))
+    )
+    out = tmp_path / "out"
+    with simulator("--scale", "0.01") as sim:
+        done = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url,
+                       "--max-cost", "1", "--concurrency", "3")
+        assert sim.stats()["requests"] == 4
+    assert done.returncode == 1, done.stderr
+    rows = read_results(out)
+    assert [r["status"] for r in rows].count("succeeded") == 4
+    assert [r["status"] for r in rows].count("pending") == 6
+    assert "max-cost" in done.stderr
+    summary = json.loads((out / "summary.json").read_text())["runs"][-1]
+    assert summary["estimated_cost_usd"] == pytest.approx(0.96)
+    assert summary["jobs"] == {"succeeded": 4, "failed": 0, "pending": 6}
+    assert summary["stopped"] == "max_cost" and summary["exit_code"] == 1
+    assert summary["requests"] == 4
+
+
+def test_max_cost_refuses_unpriced_models(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text("- {prompt: x, model: mystery-model}\n")
+    done = run_cli("run", str(manifest), "--output", str(tmp_path / "out"), "--max-cost", "5")
+    assert done.returncode == 2
+    assert "mystery-model" in done.stderr and "pricing" in done.stderr
+
+
+def test_validate_estimates_cost() -> None:
+    done = run_cli("validate", "jobs/example.yaml")
+    assert done.returncode == 0, done.stderr
+    assert "estimated cost: $0.94" in done.stdout  # 7 images at $0.134

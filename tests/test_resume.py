@@ -1,0 +1,233 @@
+"""Resume: re-running the same command finishes the batch and pays for nothing twice."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.conftest import ROOT, cli_env, imgbatch_argv, read_results, run_cli, simulator
+from tests.test_e2e import catalog, check_outputs
+
+SCALE = "0.0625"
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def wait_for(predicate: object, timeout_s: float = 30.0) -> None:
+    """Poll until ``predicate()`` is true: the test waits on a fact, not a duration."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def succeeded_in_journal(out: Path) -> int:
+    journal = out / ".imgbatch" / "journal.jsonl"
+    if not journal.exists():
+        return 0
+    return journal.read_text(errors="replace").count('"status":"succeeded"')
+
+
+def test_failed_quarter_is_finished_by_the_same_command(tmp_path: Path) -> None:
+    manifest = catalog(40, tmp_path / "q.jsonl")
+    out = tmp_path / "out"
+    command = ["run", str(manifest), "--output", str(out), "--max-attempts", "1"]
+    with simulator("--scale", SCALE, "--fault-server-error-json", "0.25", "--seed", "11") as sim:
+        first = run_cli(*command, "--base-url", sim.url)
+        failed = [r for r in read_results(out) if r["status"] == "failed"]
+        assert first.returncode == 1
+        assert 4 <= len(failed) <= 20
+        before = sim.stats()["requests"]
+        second = run_cli(*command, "--base-url", sim.url)
+        after = sim.stats()
+    assert second.returncode == 0, second.stderr
+    assert after["requests"] - before == len(failed)  # only the failed ones were sent
+    rows = read_results(out)
+    check_outputs(out, rows)
+    by_id = {r["id"]: r for r in rows}
+    for row in failed:
+        assert by_id[row["id"]]["attempts"] == 2  # attempts keep counting across runs
+
+
+def test_edited_prompt_and_deleted_image_rerun_only_those_jobs(tmp_path: Path) -> None:
+    manifest = catalog(8, tmp_path / "e.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE) as sim:
+        assert (
+            run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url).returncode
+            == 0
+        )
+        rows = read_results(out)
+        lines = manifest.read_text().splitlines()
+        edited = json.loads(lines[2])
+        edited["prompt"] = "an entirely new picture"
+        lines[2] = json.dumps(edited)
+        manifest.write_text("\n".join(lines) + "\n")
+        (out / rows[5]["images"][0]["path"]).unlink()
+        altered = out / rows[6]["images"][0]["path"]
+        altered.write_bytes(altered.read_bytes()[:-20] + b"\0" * 20)
+        again = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url)
+        stats = sim.stats()
+    assert again.returncode == 0, again.stderr
+    assert stats["requests"] == 8 + 3
+    assert stats["by_prompt"][sha("an entirely new picture")] == 1
+    assert stats["by_prompt"][sha(rows[5]["prompt"])] == 2
+    assert stats["by_prompt"][sha(rows[6]["prompt"])] == 2
+    check_outputs(out, read_results(out))
+
+
+def test_force_redoes_everything(tmp_path: Path) -> None:
+    manifest = catalog(3, tmp_path / "f.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE) as sim:
+        run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url)
+        forced = run_cli(
+            "run", str(manifest), "--output", str(out), "--base-url", sim.url, "--force"
+        )
+        assert sim.stats()["requests"] == 6
+    assert forced.returncode == 0
+    rows = read_results(out)
+    check_outputs(out, rows)
+    assert all(r["attempts"] == 2 for r in rows)
+
+
+def test_torn_journal_record_is_tolerated(tmp_path: Path) -> None:
+    manifest = catalog(5, tmp_path / "t.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE) as sim:
+        run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url)
+        journal = out / ".imgbatch" / "journal.jsonl"
+        with journal.open("ab") as handle:
+            handle.write(b'{"id":"job-000","fp":"abc","status":"succ')  # a crash mid-append
+        again = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url)
+        assert sim.stats()["requests"] == 5
+    assert again.returncode == 0, again.stderr
+    assert "torn" in again.stderr
+    assert journal.read_bytes().endswith(b"\n")
+    check_outputs(out, read_results(out))
+
+
+def test_second_run_on_the_same_folder_exits_4_naming_the_holder(tmp_path: Path) -> None:
+    manifest = catalog(6, tmp_path / "l.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE, "--latency", "0.5") as sim:
+        first = subprocess.Popen(
+            imgbatch_argv(
+                "run",
+                str(manifest),
+                "--output",
+                str(out),
+                "--base-url",
+                sim.url,
+                "--concurrency",
+                "1",
+            ),
+            cwd=ROOT,
+            env=cli_env(),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        lock = out / ".imgbatch" / "lock"
+        wait_for(lambda: lock.exists() and lock.read_text().strip() == str(first.pid))
+        second = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url)
+        assert second.returncode == 4
+        assert str(first.pid) in second.stderr
+        _, err = first.communicate(timeout=60)
+        assert first.returncode == 0, err
+        assert sim.stats()["requests"] == 6
+
+
+def test_stale_lock_from_a_dead_process_does_not_block(tmp_path: Path) -> None:
+    manifest = catalog(2, tmp_path / "s.jsonl")
+    out = tmp_path / "out"
+    (out / ".imgbatch").mkdir(parents=True)
+    (out / ".imgbatch" / "lock").write_text("999999\n")
+    with simulator("--scale", SCALE) as sim:
+        done = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url)
+    assert done.returncode == 0, done.stderr
+
+
+def test_sigterm_stops_cleanly_and_the_rerun_finishes(tmp_path: Path) -> None:
+    manifest = catalog(30, tmp_path / "s.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE, "--latency", "0.3") as sim:
+        run = subprocess.Popen(
+            imgbatch_argv(
+                "run",
+                str(manifest),
+                "--output",
+                str(out),
+                "--base-url",
+                sim.url,
+                "--concurrency",
+                "3",
+                "--grace",
+                "10",
+            ),
+            cwd=ROOT,
+            env=cli_env(),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for(lambda: succeeded_in_journal(out) >= 3)
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=60)
+        assert run.returncode == 143, err
+        assert "SIGTERM" in err
+        rows = read_results(out)
+        done = [r for r in rows if r["status"] == "succeeded"]
+        assert 3 <= len(done) < 30
+        assert {r["status"] for r in rows} == {"succeeded", "pending"}
+        sent_first = sim.stats()["requests"]
+        assert sent_first == len(done)  # in-flight requests were let finish and recorded
+        again = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url)
+        assert again.returncode == 0, again.stderr
+        assert sim.stats()["requests"] == 30
+    check_outputs(out, read_results(out))
+
+
+def test_max_runtime_leaves_the_rest_pending(tmp_path: Path) -> None:
+    manifest = catalog(40, tmp_path / "m.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE, "--latency", "0.25") as sim:
+        started = time.monotonic()
+        done = run_cli(
+            "run",
+            str(manifest),
+            "--output",
+            str(out),
+            "--base-url",
+            sim.url,
+            "--concurrency",
+            "2",
+            "--max-runtime",
+            "1",
+        )
+        wall = time.monotonic() - started
+        sent = sim.stats()["requests"]
+    assert done.returncode == 1, done.stderr
+    rows = read_results(out)
+    finished = sum(r["status"] == "succeeded" for r in rows)
+    assert finished == sent  # requests in flight at the deadline were let finish
+    assert 2 <= finished < 40
+    assert {r["status"] for r in rows} == {"succeeded", "pending"}
+    assert wall < 10
+    assert "max-runtime" in done.stderr
+
+
+def test_status_reports_counts_without_network(tmp_path: Path) -> None:
+    manifest = catalog(4, tmp_path / "st.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE) as sim:
+        run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url)
+    status = run_cli("status", str(out), env={k: v for k, v in os.environ.items()})
+    assert status.returncode == 0, status.stderr
+    assert "4 succeeded" in status.stdout
+    assert "last run ended" in status.stdout
