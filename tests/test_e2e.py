@@ -244,3 +244,35 @@ def test_validate_prints_the_plan_without_network(tmp_path: Path) -> None:
     done = run_cli("validate", "jobs/example.yaml")
     assert done.returncode == 0, done.stderr
     assert "7 job(s)" in done.stdout
+
+
+def test_a_stalled_answer_is_ended_by_the_timeout(tmp_path: Path) -> None:
+    manifest = catalog(2, tmp_path / "slow.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE, "--latency", "30") as sim:
+        done = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url,
+                       "--timeout", "0.5", "--max-attempts", "2", timeout=30)
+        assert sim.stats()["requests"] == 4
+    assert done.returncode == 1
+    for row in read_results(out):
+        assert row["status"] == "failed" and row["attempts"] == 2
+        assert row["error"]["type"] == "timeout"
+
+
+def test_the_key_appears_nowhere(tmp_path: Path) -> None:
+    """A canary key through faults, a 401 and a refused connection: no trace of it."""
+    manifest = catalog(20, tmp_path / "canary.jsonl")
+    out = tmp_path / "out"
+    outputs = []
+    with simulator("--scale", SCALE, "--fault-mix", "0.6", "--retry-after", "0.05") as sim:
+        outputs.append(run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url))
+    with simulator("--scale", SCALE, "--api-key", "another") as sim:
+        outputs.append(run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url,
+                               "--force"))
+    outputs.append(run_cli("run", str(manifest), "--output", str(out), "--force",
+                           "--base-url", "http://127.0.0.1:9/v1", "--max-attempts", "1"))
+    for done in outputs:
+        assert KEY not in done.stdout + done.stderr
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path

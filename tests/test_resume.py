@@ -231,3 +231,30 @@ def test_status_reports_counts_without_network(tmp_path: Path) -> None:
     assert status.returncode == 0, status.stderr
     assert "4 succeeded" in status.stdout
     assert "last run ended" in status.stdout
+
+
+def test_a_second_sigint_cuts_the_grace_period_short(tmp_path: Path) -> None:
+    manifest = catalog(6, tmp_path / "i.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE, "--latency", "60") as sim:
+        run = subprocess.Popen(
+            imgbatch_argv("run", str(manifest), "--output", str(out), "--base-url", sim.url,
+                          "--concurrency", "3", "--grace", "120"),
+            cwd=ROOT, env=cli_env(), stderr=subprocess.PIPE, text=True,
+        )
+        wait_for(lambda: sim.stats()["in_flight"] == 3)
+        started = time.monotonic()
+        run.send_signal(signal.SIGINT)
+        assert run.stderr is not None
+        seen = ""
+        while "SIGINT received" not in seen:  # two signals at once may merge into one
+            line = run.stderr.readline()
+            assert line, seen
+            seen += line
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=30)
+        assert time.monotonic() - started < 10
+    assert run.returncode == 130, err
+    rows = read_results(out)
+    assert {r["status"] for r in rows} == {"pending"}
+    assert sum(r["attempts"] for r in rows) == 3
