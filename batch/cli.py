@@ -21,6 +21,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from tqdm import tqdm
+
 from batch import __version__, report, simulator
 from batch.checkpoint import Checkpoint
 from batch.client import DEFAULT_BASE_URL, ChatCompletionsClient, ClientConfig, Secret
@@ -71,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="start no request that could push the estimated spend past USD")
     run.add_argument("--force", action="store_true", help="redo every job")
     run.add_argument("--ca-bundle", type=Path, default=None)
+    run.add_argument("--progress-interval", type=_positive_float, default=30.0, metavar="S",
+                     help="seconds between progress lines when stderr is not a terminal")
     _add_logging(run)
 
     validate = commands.add_parser("validate", help="check a manifest and print the plan")
@@ -127,8 +131,18 @@ class _JsonFormatter(logging.Formatter):
         )
 
 
+class _BarAwareHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes through tqdm, so log lines land above a progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging(quiet: bool, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _BarAwareHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
@@ -260,7 +274,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     store = Checkpoint.open(root)
     try:
-        return asyncio.run(_run(manifest, root, store, client_config, engine_config, args.grace))
+        return asyncio.run(
+            _run(manifest, root, store, client_config, engine_config, args.grace,
+                 args.quiet, args.progress_interval)
+        )
     finally:
         store.close()
 
@@ -284,8 +301,12 @@ async def _run(
     client_config: ClientConfig,
     engine_config: EngineConfig,
     grace_s: float,
+    quiet: bool = False,
+    progress_interval_s: float = 30.0,
 ) -> int:
-    progress = ConsoleProgress(sys.stderr, bar=sys.stderr.isatty())
+    progress = ConsoleProgress(
+        sys.stderr, bar=sys.stderr.isatty() and not quiet, interval_s=progress_interval_s
+    )
     client = ChatCompletionsClient(client_config)
     engine = Engine(client, store, engine_config, progress)
     received: list[signal.Signals] = []
@@ -311,7 +332,7 @@ async def _run(
         todo = engine.plan(manifest.jobs)
         stats = await engine.run(todo)
     finally:
-        progress.close()
+        await progress.close()
         await client.close()
         for signum in EXIT_SIGNAL:
             loop.remove_signal_handler(signum)
@@ -331,7 +352,8 @@ async def _run(
         store.record_run("end", summary=line, exit_code=code)
         for extra in report.details(record):
             log.info("%s", extra)
-        print(f"imgbatch: {line}", file=sys.stderr)
+        if not quiet or code != EXIT_OK:
+            print(f"imgbatch: {line}", file=sys.stderr)
     return code
 
 

@@ -340,14 +340,16 @@ class Engine:
         self.stats.images_written += len(generation.images)
         self.stats.bytes_written += sum(s.bytes for s in generation.images)
         price = self.config.prices.job_price(job)
+        cost = 0.0
         if price is None:
             self.stats.unpriced_images += len(generation.images)
         else:
-            self.stats.cost_usd += price * len(generation.images)
+            cost = price * len(generation.images)
+            self.stats.cost_usd += cost
         for key, value in (generation.usage or {}).items():
             if isinstance(value, int) and key.endswith("tokens"):
                 self.stats.tokens[key] += value
-        self.observer.on_success(job, state)
+        self.observer.on_success(job, state, cost)
 
     def _record_end(self, job: Job, fp: str, status: Status, error: JobError) -> None:
         state = JobState(

@@ -32,7 +32,7 @@ class InputKind(enum.StrEnum):
     DATA = "data"  # a data: URL written in the manifest, passed through
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InputImage:
     """One input image of a job.
 
@@ -50,7 +50,7 @@ class InputImage:
     size_bytes: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Job:
     """One request to make: everything that shapes it, already validated."""
 
@@ -65,7 +65,7 @@ class Job:
     location: str = ""  # where it was written, for messages: "jobs/a.yaml: job 3"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageRecord:
     """One image on disk, verified: what results.jsonl lists under ``images``."""
 

@@ -2,12 +2,15 @@
 
 The engine reports to an :class:`Observer`; :class:`ConsoleProgress` is the
 one the CLI uses. On a terminal it draws a tqdm bar on stderr; when stderr
-is not a terminal (cron), it logs one plain line every ``interval_s`` and
-one at the end, with the same figures.
+is not a terminal (cron), it logs one plain line every ``interval_s`` and one
+at the end, with the same figures: succeeded, failed, retrying, in flight,
+images per minute, spend so far and ETA.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from typing import IO, TYPE_CHECKING, Any
@@ -32,13 +35,11 @@ class Observer:
 
     def on_retry(self, job: Job, error: JobError, wait_s: float) -> None: ...
 
-    def on_success(self, job: Job, state: JobState) -> None: ...
+    def on_success(self, job: Job, state: JobState, cost_usd: float) -> None: ...
 
     def on_failure(self, job: Job, error: JobError) -> None: ...
 
     def on_stop(self, message: str) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class ConsoleProgress(Observer):
@@ -49,78 +50,94 @@ class ConsoleProgress(Observer):
         self._use_bar = bar
         self._interval_s = interval_s
         self._bar: tqdm[Any] | None = None
+        self._ticker: asyncio.Task[None] | None = None
         self._started = time.monotonic()
-        self._last_line = self._started
         self.total = 0
         self.succeeded = 0
         self.failed = 0
+        self.spent_usd = 0.0
         self.retrying: set[str] = set()
         self.in_flight = 0
 
     def on_plan(self, todo: int, skipped: int) -> None:
         self.total = todo
-        if skipped:
-            log.info("%d job(s) already done, %d to run", skipped, todo)
+        self._started = time.monotonic()
+        log.info("%d job(s) to run, %d already done", todo, skipped)
         if self._use_bar and todo:
             self._bar = tqdm(total=todo, file=self._stream, unit="img", dynamic_ncols=True)
+        if todo:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s if self._bar is None else 1.0)
+            if self._bar is not None:
+                self._bar.refresh()
+            else:
+                log.info("progress: %s", self.figures())
 
     def on_attempt(self, job: Job) -> None:
         self.in_flight += 1
-        self._refresh()
+        self.retrying.discard(job.id)
+        self._show()
 
     def on_retry(self, job: Job, error: JobError, wait_s: float) -> None:
-        self.in_flight -= 1
+        self.in_flight = max(0, self.in_flight - 1)
         self.retrying.add(job.id)
         log.info("retrying %s in %.1fs: %s", job.id, wait_s, error)
-        self._refresh()
+        self._show()
 
-    def on_success(self, job: Job, state: JobState) -> None:
+    def on_success(self, job: Job, state: JobState, cost_usd: float) -> None:
         self._done(job)
         self.succeeded += 1
-        self._refresh(advance=1)
+        self.spent_usd += cost_usd
+        self._show(advance=1)
 
     def on_failure(self, job: Job, error: JobError) -> None:
         self._done(job)
         self.failed += 1
         log.warning("failed %s: %s", job.id, error)
-        self._refresh(advance=1)
+        self._show(advance=1)
 
     def on_stop(self, message: str) -> None:
-        self._refresh()
+        self._show()
 
     def _done(self, job: Job) -> None:
         self.in_flight = max(0, self.in_flight - 1)
         self.retrying.discard(job.id)
 
     def figures(self) -> str:
+        """The progress line: counts, rate, spend and ETA."""
         elapsed = max(time.monotonic() - self._started, 1e-9)
-        per_min = self.succeeded * 60.0 / elapsed
         done = self.succeeded + self.failed
-        eta = (self.total - done) / (done / elapsed) if done else None
-        eta_text = f"{eta:.0f}s" if eta is not None else "?"
+        per_min = done * 60.0 / elapsed
+        eta = f"{(self.total - done) / (done / elapsed):.0f}s" if done else "?"
         return (
             f"{self.succeeded} succeeded, {self.failed} failed, {len(self.retrying)} retrying, "
-            f"{self.in_flight} in flight of {self.total}; {per_min:.1f} img/min; ETA {eta_text}"
+            f"{self.in_flight} in flight, {done}/{self.total} done; {per_min:.1f} img/min; "
+            f"${self.spent_usd:.2f} spent; ETA {eta}"
         )
 
-    def _refresh(self, advance: int = 0) -> None:
-        if self._bar is not None:
-            if advance:
-                self._bar.update(advance)
-            self._bar.set_postfix_str(
-                f"ok={self.succeeded} fail={self.failed} retry={len(self.retrying)} "
-                f"flight={self.in_flight}",
-                refresh=False,
-            )
+    def _show(self, advance: int = 0) -> None:
+        if self._bar is None:
             return
-        now = time.monotonic()
-        if now - self._last_line >= self._interval_s:
-            self._last_line = now
-            log.info("progress: %s", self.figures())
+        if advance:
+            self._bar.update(advance)
+        self._bar.set_postfix_str(
+            f"ok {self.succeeded} fail {self.failed} retry {len(self.retrying)} "
+            f"flight {self.in_flight} ${self.spent_usd:.2f}",
+            refresh=False,
+        )
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Stop the ticker and print the last figures."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self.total:
+        if self.total:
             log.info("progress: %s", self.figures())

@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import struct
@@ -82,9 +83,13 @@ class Ctx:
     hot: dict[str, float] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    deadline: float = float("inf")  # time.monotonic() after which every child gets 10 s
 
     def n(self, jobs: int) -> int:
         return max(8, jobs // 10) if self.quick else jobs
+
+    def timeout(self, wanted: float) -> float:
+        return max(10.0, min(wanted, self.deadline - time.monotonic()))
 
 
 @dataclass
@@ -162,7 +167,7 @@ def write_manifest(path: Path, prefix: str, jobs: int) -> list[str]:
 
 def run_client(ctx: Ctx, workload: str, label: str, manifest: Path, ids: list[str],
                sim_args: Sequence[str], concurrency: int, extra: Sequence[str] = (),
-               timeout: float = 300) -> ClientRun:
+               timeout: float = 120) -> ClientRun:
     """One measured client run against a fresh simulator; images checked, then removed."""
     out = ctx.out / workload / label
     shutil.rmtree(out, ignore_errors=True)
@@ -176,7 +181,7 @@ def run_client(ctx: Ctx, workload: str, label: str, manifest: Path, ids: list[st
             argv = [PY, str(BENCH / "peer_naive.py"), str(manifest), "--out", str(out),
                     "--base-url", sim.url, "--concurrency", str(concurrency), *extra]
             images = out
-        m = measure(name, argv, logs=ctx.logs, timeout=timeout)
+        m = measure(name, argv, logs=ctx.logs, timeout=ctx.timeout(timeout))
         stats = _stats(sim)
         sim_cpu = sim.cpu_s()
     valid = sum(valid_png(images / f"{ident}.png") for ident in ids)
@@ -238,7 +243,7 @@ def w_overhead(ctx: Ctx) -> None:
         Row(w, "simulator CPU during the run", _sim_cpu(ib), _sim_cpu(peer), "—", "", ""),
     ]
     emit(ctx, "1 overhead", runs, [
-        f"wall ratio imgbatch/peer {ratio(ib.m.wall_s, peer.m.wall_s)} "
+        f"wall ratio imgbatch/peer {ib.m.wall_s / peer.m.wall_s:.3f}x "
         f"(target ≤ {OVERHEAD_MAX_RATIO:g}x): {met(wall_ok)}"])
 
 
@@ -256,11 +261,13 @@ def w_latency(ctx: Ctx) -> None:
             for label in ("imgbatch", "peer")]
     ib, peer = runs
     ok = not ib.m.timed_out and ib.valid == jobs and ib.m.wall_s <= LATENCY_MAX_OVER * ideal
+    own = re.search(r"; (\d+(?:\.\d+)?)s; results in", ib.m.tail(3))
+    own_text = f"; {own.group(1)} s by its own clock, after start-up" if own else ""
     w = f"2. latency-bound ({jobs} jobs, {LATENCY_S:g} s latency, {LATENCY_CONC} in flight)"
     ctx.rows += [
         Row(w, "images valid", f"{ib.valid}/{jobs}", f"{peer.valid}/{jobs}", "—", "all", ""),
         Row(w, f"wall time (ideal {ideal:g} s)",
-            f"{ib.m.wall_s:.2f} s ({ib.m.wall_s / ideal:.2f}x ideal)",
+            f"{ib.m.wall_s:.2f} s ({ib.m.wall_s / ideal:.2f}x ideal{own_text})",
             f"{peer.m.wall_s:.2f} s ({peer.m.wall_s / ideal:.2f}x ideal)",
             ratio(ib.m.wall_s, peer.m.wall_s),
             f"imgbatch ≤ {LATENCY_MAX_OVER * ideal:.1f} s (ideal +10%)", met(ok)),
@@ -323,10 +330,10 @@ def w_rate(ctx: Ctx) -> None:
     manifest = ctx.out / "manifests" / "rate.jsonl"
     ids = write_manifest(manifest, "rate", jobs)
     sim_args = (*SMALL, "--rpm-limit", str(limit), "--rate-window", f"{RATE_WINDOW_S:g}")
-    ib = run_client(ctx, "rate", "imgbatch", manifest, ids, sim_args, RATE_CONC, timeout=240)
+    ib = run_client(ctx, "rate", "imgbatch", manifest, ids, sim_args, RATE_CONC)
     ib_rpm = run_client(ctx, "rate", "imgbatch-rpm", manifest, ids, sim_args, RATE_CONC,
-                        extra=("--rpm", str(RATE_RPM)), timeout=240)
-    peer = run_client(ctx, "rate", "peer", manifest, ids, sim_args, RATE_CONC, timeout=240)
+                        extra=("--rpm", str(RATE_RPM)))
+    peer = run_client(ctx, "rate", "peer", manifest, ids, sim_args, RATE_CONC)
     w = (f"4. rate limit ({jobs} jobs, {RATE_RPM}/min as {limit} per {RATE_WINDOW_S:g} s "
          f"window, {RATE_CONC} in flight)")
     verdicts = []
@@ -360,7 +367,7 @@ def w_faults(ctx: Ctx) -> None:
     ids = write_manifest(manifest, "faults", jobs)
     sim_args = (*SMALL, "--fault-mix", f"{FAULT_MIX:g}", "--fault-attempts", "1",
                 "--retry-after", "0.1", "--seed", "42")
-    runs = [run_client(ctx, "faults", label, manifest, ids, sim_args, FAULT_CONC, timeout=240)
+    runs = [run_client(ctx, "faults", label, manifest, ids, sim_args, FAULT_CONC)
             for label in ("imgbatch", "peer")]
     ib, peer = runs
     ok = ib.valid == jobs and not ib.m.timed_out
@@ -369,7 +376,8 @@ def w_faults(ctx: Ctx) -> None:
         f"{FAULT_CONC} in flight)"
     ctx.rows += [
         Row(w, "success rate (complete, valid image on disk)", pct(ib.valid, jobs),
-            pct(peer.valid, jobs) + (f"; it claimed {claimed}" if claimed is not None else ""),
+            pct(peer.valid, jobs) + (f"; it claimed {claimed}" if claimed is not None else "")
+            + (f"; failed with {_errors(peer.report)}" if peer.report else ""),
             "—", "100%", met(ok)),
         Row(w, "requests sent", str(ib.requests), str(peer.requests), "—", "", ""),
         Row(w, "wall time", f"{ib.m.wall_s:.2f} s", f"{peer.m.wall_s:.2f} s",
@@ -381,6 +389,11 @@ def w_faults(ctx: Ctx) -> None:
                                  f"{peer.valid}/{jobs} valid (claimed {claimed})"])
 
 
+def _errors(report: dict[str, Any]) -> str:
+    errors = report.get("errors") or {}
+    return ", ".join(f"{n} {name}" for name, n in sorted(errors.items(), key=lambda i: -i[1]))
+
+
 def w_scale(ctx: Ctx) -> None:
     jobs = ctx.n(SCALE_JOBS)
     left = jobs // SCALE_EVERY
@@ -390,21 +403,22 @@ def w_scale(ctx: Ctx) -> None:
     common = ["--catalog", str(catalog), "--output", str(output)]
     setup = measure("scale.setup", [PY, str(BENCH / "scale.py"), "setup", *common,
                                     "--jobs", str(jobs), "--every", str(SCALE_EVERY)],
-                    logs=ctx.logs, timeout=300)
+                    logs=ctx.logs, timeout=ctx.timeout(180))
     made = setup.last_json()
     if setup.rc != 0 or not made:
         raise RuntimeError(f"scale setup failed (rc {setup.rc}): {setup.tail()}")
     print(f"[6 scale] built {made['jobs']} jobs, {made['done']} done, in {setup.wall_s:.1f}s "
           "(journal + tiny PNGs, no API calls)", flush=True)
     probe = measure("scale.probe", [PY, str(BENCH / "scale.py"), "probe", *common],
-                    logs=ctx.logs, timeout=120)
+                    logs=ctx.logs, timeout=ctx.timeout(60))
     plan = probe.last_json()
     if probe.rc != 0 or not plan:
         raise RuntimeError(f"scale probe failed (rc {probe.rc}): {probe.tail()}")
     with simulator(*SMALL, logs=ctx.logs, name="scale.imgbatch") as sim:
         run = measure("scale.imgbatch", [PY, "-m", "batch", "run", str(catalog), "--output",
                                          str(output), "--base-url", sim.url, "--concurrency",
-                                         str(SCALE_CONC)], logs=ctx.logs, timeout=300)
+                                         str(SCALE_CONC)], logs=ctx.logs,
+                      timeout=ctx.timeout(180))
         stats = _stats(sim)
     ctx.raw["scale"] = {"setup": made, "probe": plan, "probe_process": {
         "wall_s": probe.wall_s, "maxrss_mb": probe.maxrss_mb}, "run": {
@@ -440,7 +454,7 @@ def w_scale(ctx: Ctx) -> None:
 def w_hotpath(ctx: Ctx) -> None:
     probe = measure("hotpath", [PY, str(BENCH / "hotpath.py"), "--tmp", str(ctx.out / "hot"),
                                 "--seconds", "1" if ctx.quick else "2"],
-                    logs=ctx.logs, timeout=180)
+                    logs=ctx.logs, timeout=ctx.timeout(120))
     figures = probe.last_json()
     shutil.rmtree(ctx.out / "hot", ignore_errors=True)
     if probe.rc != 0 or not figures:
@@ -529,6 +543,10 @@ def render(ctx: Ctx, info: dict[str, Any], wall: float) -> str:
         "includes interpreter start-up and imports. An image counts only if it is on disk as a",
         "complete PNG (every chunk CRC checked). Ratio = imgbatch / peer.",
         "",
+        "Run it with `make bench` (installs the `bench` extras once: openai, psutil; takes a",
+        "few minutes). `python bench/run.py --only 1,4` runs some workloads, `--quick` a 10x",
+        "smaller smoke test; both write to `bench/out/benchmarks.md` instead of this file.",
+        "",
         "## Machine",
         "",
         f"- CPU: {info.get('cpu')}, {info.get('cores')} logical cores"
@@ -600,6 +618,8 @@ def render(ctx: Ctx, info: dict[str, Any], wall: float) -> str:
         "mtime_ns), no API call. Plan time is measured in a child process "
         "(`bench/scale.py probe`: `load_manifest` + `Checkpoint.open` + `Engine.plan`); the "
         "`imgbatch run` row is the real command from start to exit, 1,000 requests included.",
+        f"- Workload 3: \"flat\" is read as: peak RSS grows by at most "
+        f"{MEMORY_MAX_GROWTH - 1:.0%} when the payloads double.",
         "- Raw figures: `bench/out/results.json`; every child's output: `bench/out/logs/`.",
     ]
     return "\n".join(out) + "\n"
@@ -611,6 +631,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="~10x smaller workloads")
     parser.add_argument("--keep", action="store_true", help="keep the images under bench/out/")
     parser.add_argument("--doc", type=Path, help="where to write the report")
+    parser.add_argument("--budget", type=float, default=900, metavar="S",
+                        help="after S seconds every remaining child gets 10 s (default 900)")
     args = parser.parse_args()
     selected = [w.strip() for w in args.only.split(",") if w.strip()] or list(WORKLOADS)
     unknown = [w for w in selected if w not in WORKLOADS]
@@ -625,7 +647,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
     out = BENCH / "out"
-    ctx = Ctx(out=out, logs=out / "logs", quick=args.quick, keep=args.keep)
+    ctx = Ctx(out=out, logs=out / "logs", quick=args.quick, keep=args.keep,
+              deadline=time.monotonic() + args.budget)
     shutil.rmtree(ctx.logs, ignore_errors=True)
     started = time.monotonic()
     try:
