@@ -33,7 +33,7 @@ from batch.errors import (
     TransportError,
 )
 from batch.imageinfo import DEFAULT_MAX_PIXELS
-from batch.images import ImageWriter, StagedImage, remove_quietly
+from batch.images import ImageWriter, StagedImage, discard
 from batch.jobs import InputKind, Job
 from batch.protocol import build_body, error_for_status, interpret
 
@@ -203,7 +203,7 @@ class ChatCompletionsClient:
             streamed: dict[str, int] = {}
             current: list[int] = []
 
-            async def handle(pieces: Any) -> None:
+            def handle(pieces: Any) -> None:
                 for piece in pieces:
                     for event in decoder.feed(piece):
                         if type(event) is ImageBytes:
@@ -216,12 +216,12 @@ class ChatCompletionsClient:
                             )
                             streamed[placeholder(event.index)] = event.index
                         elif type(event) is ImageEnd:
-                            staged[event.index] = await writers[event.index].finish()
+                            staged[event.index] = writers[event.index].finish()
                             del writers[event.index]
 
             async for chunk in response.content.iter_chunked(CHUNK_BYTES):
-                await handle(inflater.feed(chunk))
-            await handle(inflater.finish())
+                handle(inflater.feed(chunk))
+            handle(inflater.finish())
             document = decoder.finish()
             if writers:
                 raise MalformedResponse("answer ended inside an image", job_id=job.id)
@@ -235,7 +235,7 @@ class ChatCompletionsClient:
             writer.abort()
         writers.clear()
         for image in (staged or {}).values():
-            remove_quietly(root / image.tmp_rel)
+            discard(root, image)
 
 
 def _describe(exc: BaseException) -> str:

@@ -256,6 +256,9 @@ def _data_url_header(raw: bytes) -> tuple[str, int] | None:
     ``raw`` is the escaped start of a string, without its closing quote. Invalid
     escapes make it "not a data URL": the skeleton's JSON parse then reports them.
     """
+    # Almost every string (keys, text) fails on its first byte: answer at once.
+    if raw[:1] not in (b"d", b"D", b"\\"):
+        return None
     text: list[str] = []
     i, size = 0, len(raw)
     while i < size and len(text) < _HEADER_CHARS:

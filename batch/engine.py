@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import logging
 import random
 import time
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 from tenacity import AsyncRetrying, RetryCallState, stop_never
 
-from batch.checkpoint import Checkpoint, JobState, fingerprint
+from batch.checkpoint import Checkpoint, FileMeta, GroupCommitter, JobState, fingerprint
 from batch.client import Generation, Provider
 from batch.cost import Budget, PriceTable
 from batch.errors import (
@@ -35,13 +36,17 @@ from batch.errors import (
     RateLimited,
     StorageError,
 )
-from batch.images import IMAGES_DIR, fsync_dir, publish, remove_quietly
+from batch.images import discard, remove_quietly
 from batch.jobs import ImageRecord, Job, Status
-from batch.limits import ConcurrencyMeter, Limits, PauseGate, RateMeter
+from batch.limits import ConcurrencyMeter, Limits, PauseGate, RateEstimator, RateMeter
 from batch.progress import Observer
 from batch.retry import Decision, RetryPolicy, decide
 
 log = logging.getLogger(__name__)
+
+
+# Pace at a little under the rate the server was seen to accept.
+RATE_SAFETY = 0.95
 
 
 class StopReason(enum.StrEnum):
@@ -113,9 +118,12 @@ class Engine:
             rate=RateMeter(config.rpm) if config.rpm else None,
         )
         self.budget = Budget(config.max_cost_usd)
+        self.committer = GroupCommitter(store)
         self._stopping = asyncio.Event()
+        self._settled = asyncio.Event()  # a request's cost became known
         self._rng = random.Random(config.seed)
         self._rate_limited_since: float | None = None
+        self.estimator = RateEstimator()
         self._in_flight: set[asyncio.Task[None]] = set()
 
     # -- control ---------------------------------------------------------------
@@ -173,6 +181,7 @@ class Engine:
         finally:
             if timer is not None:
                 timer.cancel()
+            await self.committer.close()
             self.stats.peak_in_flight = self.limits.concurrency.peak
         return self.stats
 
@@ -217,22 +226,22 @@ class Engine:
             generation: Generation = await retrying(self._attempt, job, fp)
         except _Stopped:
             if history:
-                self._record_end(job, fp, Status.PENDING, history[-1])
+                await self._record_end(job, fp, Status.PENDING, history[-1])
             return
         except StorageError as exc:
             self.stop(StopReason.STORAGE, f"{exc}; jobs left pending, re-run to resume")
             return
         except FatalApiError as exc:
             self.stop(StopReason.FATAL, str(exc))
-            self._record_end(job, fp, Status.PENDING, exc)
+            await self._record_end(job, fp, Status.PENDING, exc)
             return
         except JobError as exc:
             if decisions and decisions[-1].retry:
                 # Worth another request, but the run is stopping: finish it next run.
-                self._record_end(job, fp, Status.PENDING, exc)
+                await self._record_end(job, fp, Status.PENDING, exc)
                 return
             self.stats.failed += 1
-            self._record_end(job, fp, Status.FAILED, exc)
+            await self._record_end(job, fp, Status.FAILED, exc)
             self.observer.on_failure(job, exc)
             return
         await self._commit(job, fp, generation, old_paths)
@@ -244,14 +253,19 @@ class Engine:
             if self.stopping:
                 raise _Stopped
             price = self.config.prices.job_price(job) or 0.0
-            if not self.budget.try_reserve(price):
-                self.stop(
-                    StopReason.BUDGET,
-                    f"--max-cost ${self.config.max_cost_usd:g} reached "
-                    f"(${self.budget.spent_usd:.2f} spent, ${self.budget.reserved_usd:.2f} "
-                    "in flight); the rest stays pending",
-                )
-                raise _Stopped
+            while not self.budget.try_reserve(price):
+                if self.budget.reserved_usd <= 0:
+                    self.stop(
+                        StopReason.BUDGET,
+                        f"--max-cost ${self.config.max_cost_usd:g} reached "
+                        f"(${self.budget.spent_usd:.2f} spent); the rest stays pending",
+                    )
+                    raise _Stopped
+                # Requests in flight may yet fail and free their reservation.
+                self._settled.clear()
+                await self._settled.wait()
+                if self.stopping:
+                    raise _Stopped
             spent = 0.0
             self.store.mark_attempt(job, fp)
             self.stats.requests += 1
@@ -259,15 +273,19 @@ class Engine:
             task = asyncio.current_task()
             assert task is not None
             self._in_flight.add(task)
+            started_at = time.monotonic()
+            self.estimator.started(started_at)
             try:
                 generation = await self.provider.generate(job, self.store.root)
                 spent = price * len(generation.images)
             except RateLimited as exc:
+                self.estimator.refused(started_at)
                 self._on_rate_limited(exc)
                 raise
             finally:
                 self._in_flight.discard(task)
                 self.budget.settle(price, spent)
+                self._settled.set()
         self._rate_limited_since = None
         await self.limits.concurrency.on_success()
         return generation
@@ -293,6 +311,21 @@ class Engine:
         if self.limits.gate.pause(pause):
             self.limits.concurrency.on_rate_limited()
             log.info("rate limited (HTTP 429): pausing all requests for %.1fs", pause)
+        if not self.config.adaptive:
+            return
+        # Pace the pool at what the server accepted, so the pause is not
+        # followed by another burst into the same limit.
+        estimate = self.estimator.estimate_rpm(pause)
+        if estimate is None:
+            return
+        target = max(1.0, estimate * RATE_SAFETY)
+        if self.limits.rate is None:
+            self.limits.rate = RateMeter(target)
+        elif target < self.limits.rate.rpm:
+            self.limits.rate.set_rpm(target)
+        else:
+            return
+        log.info("rate limited: pacing requests at %.0f/min, learnt from the 429s", target)
 
     async def _commit(
         self, job: Job, fp: str, generation: Generation, old_paths: set[str]
@@ -308,7 +341,7 @@ class Engine:
                     width=s.info.width,
                     height=s.info.height,
                 ),
-                {"tmp": s.tmp_rel, "mtime_ns": s.mtime_ns},
+                FileMeta(s.tmp_rel, s.mtime_ns),
             )
             for s in generation.images
         ]
@@ -319,19 +352,16 @@ class Engine:
             attempts=self.store.attempts(job.id),
             images=tuple(image for image, _ in pairs),
             image_meta=tuple(meta for _, meta in pairs),
-            usage=generation.usage,
+            usage_json=json.dumps(generation.usage) if generation.usage else None,
             latency_s=round(generation.latency_s, 3),
             text=generation.text or None,
         )
         try:
             # Recorded before the rename: a crash in between is finished by the next open.
-            await asyncio.to_thread(self.store.record, state, durable=True)
-            for staged in generation.images:
-                publish(root, staged)
-            await asyncio.to_thread(fsync_dir, root / IMAGES_DIR)
+            await self.committer.commit(state, generation.images)
         except StorageError as exc:
             for staged in generation.images:
-                remove_quietly(root / staged.tmp_rel)
+                discard(root, staged)
             self.stop(StopReason.STORAGE, f"{exc}; jobs left pending, re-run to resume")
             return
         for path in old_paths - set(state_paths(state)):
@@ -351,17 +381,16 @@ class Engine:
                 self.stats.tokens[key] += value
         self.observer.on_success(job, state, cost)
 
-    def _record_end(self, job: Job, fp: str, status: Status, error: JobError) -> None:
+    async def _record_end(self, job: Job, fp: str, status: Status, error: JobError) -> None:
         state = JobState(
             id=job.id,
             fingerprint=fp,
             status=status,
             attempts=self.store.attempts(job.id),
             error=error.as_record(),
-            text=None,
         )
         try:
-            self.store.record(state, durable=True)
+            await self.committer.commit(state)
         except StorageError as exc:
             self.stop(StopReason.STORAGE, str(exc))
 

@@ -10,12 +10,10 @@ collide with another job's name.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import os
-import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from batch.errors import StorageError
@@ -27,9 +25,29 @@ IMAGES_DIR = "images"
 TMP_SUFFIX = ".tmp"
 
 
+class OpenFile:
+    """A file descriptor that is closed exactly once (a reused number is never closed twice)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+
+    def fsync(self) -> None:
+        if self.fd is not None:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
+
 @dataclass(frozen=True)
 class StagedImage:
-    """A verified image, fsynced under its temporary name, not yet published."""
+    """A verified image under its temporary name, still open: the commit fsyncs and closes it.
+
+    Deferring the fsync to the commit lets one worker thread sync a whole
+    batch, instead of one thread hand-off per image while a request slot waits.
+    """
 
     tmp_rel: str  # relative to the output folder
     final_rel: str
@@ -37,6 +55,13 @@ class StagedImage:
     bytes: int
     info: ImageInfo
     mtime_ns: int
+    file: OpenFile = field(compare=False, repr=False)
+
+
+def discard(root: Path, staged: StagedImage) -> None:
+    """Close and delete a staged image that will not be published."""
+    staged.file.close()
+    remove_quietly(root / staged.tmp_rel)
 
 
 def final_name(job_id: str, index: int, ext: str) -> str:
@@ -52,7 +77,8 @@ class ImageWriter:
         self._root = root
         self._job_id = job_id
         self._index = index
-        unique = f"{os.getpid()}.{secrets.token_hex(4)}"
+        # Unique among live writers; O_EXCL below refuses any leftover of the same name.
+        unique = f"{os.getpid()}.{id(self):x}"
         self.tmp_rel = f"{IMAGES_DIR}/.{job_id}~{index}.{unique}{TMP_SUFFIX}"
         self._path = root / self.tmp_rel
         self._sha = hashlib.sha256()
@@ -82,23 +108,19 @@ class ImageWriter:
         except OSError as exc:
             raise StorageError(f"writing {self._path} failed: {exc.strerror}") from None
 
-    async def finish(self) -> StagedImage:
-        """Verify the image is complete and make it durable under its temporary name."""
+    def finish(self) -> StagedImage:
+        """Verify the image is complete; hand its still-open file to the commit."""
         try:
             info = self._verifier.finish()
+            assert self._fd is not None
+            mtime_ns = os.fstat(self._fd).st_mtime_ns
+        except OSError as exc:
+            self.abort()
+            raise StorageError(f"stat of {self._path} failed: {exc.strerror}") from None
         except BaseException:
             self.abort()
             raise
-        fd = self._fd
-        assert fd is not None
-        try:
-            await asyncio.to_thread(os.fsync, fd)
-            mtime_ns = os.fstat(fd).st_mtime_ns
-        except OSError as exc:
-            self.abort()
-            raise StorageError(f"fsync of {self._path} failed: {exc.strerror}") from None
-        finally:
-            self._close()
+        fd, self._fd = self._fd, None
         return StagedImage(
             tmp_rel=self.tmp_rel,
             final_rel=final_name(self._job_id, self._index, info.ext),
@@ -106,6 +128,7 @@ class ImageWriter:
             bytes=self._size,
             info=info,
             mtime_ns=mtime_ns,
+            file=OpenFile(fd),
         )
 
     def abort(self) -> None:

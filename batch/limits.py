@@ -9,7 +9,8 @@ engine stacks them in :class:`Limits`:
 - :class:`PauseGate`: one shared pause after a 429, so the whole pool waits
   for the server's ``Retry-After`` instead of each worker finding the limit
   on its own;
-- :class:`RateMeter`: a GCRA spacing request starts to ``rpm`` per minute.
+- :class:`RateMeter`: a GCRA spacing request starts to ``rpm`` per minute,
+  set by ``--rpm`` or learnt from the server's 429s by :class:`RateEstimator`.
 
 The clock is a parameter so tests drive time by hand.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -106,13 +108,21 @@ class RateMeter:
     No burst, so no sliding 60 s window ever sees more than ``rpm`` starts.
     """
 
+    # Starts leave the client exactly 60/rpm apart but reach the server with
+    # network jitter; a 1% margin keeps two of them from landing in one slot.
+    MARGIN = 1.01
+
     def __init__(self, rpm: float, clock: Clock = time.monotonic) -> None:
         if rpm <= 0:
             raise ValueError("rpm must be positive")
-        self.interval_s = 60.0 / rpm
+        self.rpm = rpm
+        self.interval_s = 60.0 / rpm * self.MARGIN
         self._clock = clock
         self._tat = 0.0  # theoretical arrival time of the next allowed start
-        self._lock = asyncio.Lock()
+
+    def set_rpm(self, rpm: float) -> None:
+        self.rpm = rpm
+        self.interval_s = 60.0 / rpm * self.MARGIN
 
     def reserve(self) -> float:
         """Take the next start slot; return how long to wait for it."""
@@ -128,6 +138,55 @@ class RateMeter:
 
     async def release(self) -> None:
         return None
+
+
+class RateEstimator:
+    """Learns a server's rate limit from when it started saying 429.
+
+    A sliding-window or token-bucket limiter that answers 429 with a
+    ``Retry-After`` of R seconds after accepting A requests over the last
+    ``span`` seconds allows about ``A / (span + R)`` requests per second: the
+    oldest accepted request leaves the window R seconds from now. Counting
+    starts since the beginning of the run (up to ``horizon_s``) keeps the
+    estimate right for a burst at start-up too.
+    """
+
+    def __init__(self, horizon_s: float = 60.0, clock: Clock = time.monotonic) -> None:
+        self.horizon_s = horizon_s
+        self._clock = clock
+        self._starts: deque[float] = deque()
+        self._refused: deque[float] = deque()
+        self._first: float | None = None
+
+    def started(self, at: float) -> None:
+        """A request started at ``at`` (counted as accepted unless refused later)."""
+        if self._first is None:
+            self._first = at
+        self._starts.append(at)
+        self._trim()
+
+    def refused(self, started_at: float) -> None:
+        """The request that started at ``started_at`` was answered 429."""
+        self._refused.append(started_at)
+        self._trim()
+
+    def _trim(self) -> None:
+        cutoff = self._clock() - self.horizon_s
+        for times in (self._starts, self._refused):
+            while times and times[0] < cutoff:
+                times.popleft()
+
+    def estimate_rpm(self, retry_after_s: float) -> float | None:
+        """Requests per minute the server seems to allow, or None without evidence."""
+        self._trim()
+        accepted = len(self._starts) - len(self._refused)
+        if accepted <= 0 or self._first is None:
+            return None
+        span = self._clock() - max(self._starts[0], self._first)
+        window = span + max(retry_after_s, 0.0)
+        if window <= 0:
+            return None
+        return 60.0 * accepted / window
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 It speaks the wire format imgbatch targets, answers with real PNGs and injects faults,
 latency and rate limits on demand, so the client can be tested and shown offline.
+Requests are checked and bodies written by :mod:`batch.simwire`; the images are
+made by :mod:`batch.simimages`.
 """
 
 from __future__ import annotations
@@ -9,56 +11,36 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import binascii
 import collections
 import gzip
 import hashlib
 import hmac
 import json
-import math
-import os
 import random
-import re
 import signal
-import struct
 import time
-import zlib
 from dataclasses import dataclass, field, fields, replace
-from types import MappingProxyType
-from typing import Any
 
 from aiohttp import web
 
-from batch.jobs import ASPECT_RATIOS, DEFAULT_MODEL, IMAGE_SIZES, MAX_INPUT_IMAGES
+from batch.simimages import BASE_DIMS as BASE_DIMS
+from batch.simimages import SIZE_FACTOR as SIZE_FACTOR
+from batch.simimages import TEXT_KEYWORD as TEXT_KEYWORD
+from batch.simimages import PngMaker, colour, image_dims, jpeg, request_text
+from batch.simwire import FLASH_MODEL as FLASH_MODEL
+from batch.simwire import KNOWN_MODELS as KNOWN_MODELS
+from batch.simwire import (
+    Parsed,
+    Reject,
+    completion_body,
+    error_body,
+    parse_request,
+    retry_headers,
+    server_error,
+)
 
-FLASH_MODEL = "gemini-2.5-flash-image"
-KNOWN_MODELS = (DEFAULT_MODEL, FLASH_MODEL, "google/gemini-3-pro-image-preview")
-# Documented 1K output sizes of gemini-3-pro-image; 2K and 4K multiply both sides.
-BASE_DIMS = MappingProxyType({
-    "1:1": (1024, 1024), "2:3": (848, 1264), "3:2": (1264, 848), "3:4": (896, 1200),
-    "4:3": (1200, 896), "4:5": (928, 1152), "5:4": (1152, 928), "9:16": (768, 1376),
-    "16:9": (1376, 768), "21:9": (1584, 672),
-})
-SIZE_FACTOR = MappingProxyType({"1K": 1, "2K": 2, "4K": 4})
-TEXT_KEYWORD = b"imgbatch-request"
 CHUNK = 64 * 1024
 _BLOCKED_AGENTS = ("python-urllib", "python-requests", "python/")
-_HTTP_URL = re.compile(r"https?://[^/\s]")
-_DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,")
-_IMAGE_MARK = "@@IMAGE_{}@@"
-_NGINX_502 = (
-    "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
-    "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
-    "</body>\r\n</html>\r\n"
-)
-# A 16x16 baseline JPEG (made with Pillow), served when the gateway mislabels its output.
-_JPEG = base64.b64decode(
-    "/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDABALDA4MChAODQ4SERATGCgaGBYWGDEjJR0oOjM9PDkzODdASFxOQERX"
-    "RTc4UG1RV19iZ2hnPk1xeXBkeFxlZ2P/2wBDARESEhgVGC8aGi9jQjhCY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2Nj"
-    "Y2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2P/wAARCAAQABADASIAAhEBAxEB/8QAFQABAQAAAAAAAAAAAAAAAAAA"
-    "BQb/xAAXEAEAAwAAAAAAAAAAAAAAAAAEACEx/8QAFQEBAQAAAAAAAAAAAAAAAAAAAAL/xAAZEQACAwEAAAAAAAAA"
-    "AAAAAAAABAMFITH/2gAMAwEAAhEDEQA/AJ84cqJnDlRM4cqJnDlSpWxXvc0//9k="
-)
 
 
 @dataclass(frozen=True)
@@ -140,116 +122,6 @@ class SimConfig:
             raise ValueError("jpeg_lie must be within 0..1")
 
 
-@dataclass(frozen=True)
-class _Parsed:
-    model: str
-    prompt: str
-    input_images: int
-    aspect_ratio: str
-    image_size: str
-
-
-class _Reject(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
-
-
-def image_dims(aspect_ratio: str, image_size: str, scale: float = 1.0) -> tuple[int, int]:
-    """Output size: table size times size factor times scale, rounded half up, at least 1."""
-    w, h = BASE_DIMS[aspect_ratio]
-    k = SIZE_FACTOR[image_size] * scale
-    return max(1, math.floor(w * k + 0.5)), max(1, math.floor(h * k + 0.5))
-
-
-def _check_url(url: Any, where: str) -> None:
-    if not isinstance(url, str) or not url:
-        raise _Reject(400, f"{where}.image_url.url is required")
-    if _HTTP_URL.match(url):
-        return
-    match = _DATA_URL.match(url)
-    if match is None:
-        raise _Reject(400, f"{where}: url must be http(s) or data:image/...;base64,")
-    try:
-        if not base64.b64decode(url[match.end():], validate=True):
-            raise _Reject(400, f"{where}: empty image data")
-    except binascii.Error as exc:
-        raise _Reject(400, f"{where}: invalid base64 in data URL") from exc
-
-
-def _parse(body: Any) -> _Parsed:
-    if not isinstance(body, dict):
-        raise _Reject(400, "request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise _Reject(400, "model is required")
-    if model not in KNOWN_MODELS:
-        raise _Reject(404, "model not found", "model_not_found")
-    if "stream" in body and body["stream"] is not False:
-        raise _Reject(400, "stream must be false")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _Reject(400, "messages must be a non-empty list")
-    texts: list[str] = []
-    images = 0
-    for i, msg in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
-            raise _Reject(400, f"{where} must be an object with role user, system or assistant")
-        content = msg.get("content")
-        if isinstance(content, str) and content:
-            content = [{"type": "text", "text": content}]
-        if not isinstance(content, list) or not content:
-            raise _Reject(400, f"{where}.content must be a non-empty string or list")
-        for j, part in enumerate(content):
-            pwhere = f"{where}.content[{j}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                if msg["role"] == "user":
-                    texts.append(part["text"])
-            elif kind == "image_url":
-                image_url = part.get("image_url")
-                _check_url(image_url.get("url") if isinstance(image_url, dict) else None, pwhere)
-                images += 1
-            else:
-                raise _Reject(400, f"{pwhere}: unknown content part type {kind!r}")
-    if not any(m["role"] == "user" for m in messages):
-        raise _Reject(400, "messages must include a user message")
-    if images > MAX_INPUT_IMAGES:
-        raise _Reject(400, f"too many input images: {images} > {MAX_INPUT_IMAGES}")
-    config = body.get("image_config", {})
-    if not isinstance(config, dict):
-        raise _Reject(400, "image_config must be an object")
-    ratio, size = config.get("aspect_ratio", "1:1"), config.get("image_size", "1K")
-    if ratio not in ASPECT_RATIOS:
-        raise _Reject(400, f"unsupported aspect_ratio {ratio!r}")
-    if size not in IMAGE_SIZES:
-        raise _Reject(400, f"unsupported image_size {size!r}")
-    if model == FLASH_MODEL and size != "1K":
-        raise _Reject(400, f"image_size {size} is not supported by {FLASH_MODEL}")
-    return _Parsed(model, "\n".join(texts), images, ratio, size)
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    crc = zlib.crc32(data, zlib.crc32(kind))
-    return b"".join((struct.pack(">I", len(data)), kind, data, struct.pack(">I", crc)))
-
-
-def _retry_headers(seconds: float) -> dict[str, str]:
-    # Retry-After only carries whole seconds; the precise value rides in retry-after-ms.
-    headers = {"Retry-After": str(max(1, math.ceil(seconds)))}
-    if seconds != int(seconds):
-        headers["retry-after-ms"] = str(max(1, math.ceil(seconds * 1000)))
-    return headers
-
-
-def _error_body(message: str, kind: str, code: str | int | None = None) -> bytes:
-    err: dict[str, Any] = {"message": message, "type": kind}
-    if code is not None:
-        err["code"] = code
-    return json.dumps({"error": err}).encode()
-
-
 class _Simulator:
     """All per-server state: counters, fault bookkeeping, caches."""
 
@@ -258,10 +130,7 @@ class _Simulator:
         self.rng = random.Random(config.seed)
         self.serial = 0
         self.in_flight = 0
-        self._idat: collections.OrderedDict[tuple[int, int, bytes], bytes]
-        self._idat = collections.OrderedDict()
-        # Incompressible padding, made once: benchmarks want size, not variety.
-        self._pad = os.urandom(config.payload_bytes)
+        self.pngs = PngMaker(config.payload_bytes)
         self.reset()
 
     def reset(self) -> None:
@@ -312,10 +181,10 @@ class _Simulator:
         if request.content_type != "application/json":
             return await self._error(request, 400, "Content-Type must be application/json")
         try:
-            parsed = _parse(json.loads(await request.read()))
+            parsed = parse_request(json.loads(await request.read()))
         except ValueError:
             return await self._error(request, 400, "invalid JSON body")
-        except _Reject as exc:
+        except Reject as exc:
             return await self._error(request, exc.status, exc.message, exc.code)
         sha = hashlib.sha256(parsed.prompt.encode()).hexdigest()
         self.by_prompt[sha] += 1
@@ -339,16 +208,10 @@ class _Simulator:
             if request.transport is not None:
                 request.transport.abort()
             return web.Response()  # aiohttp fails to write it and drops the connection
-        if fault == "server_error_json":
-            status = 500 if where < 0.5 else 503
-            message = "internal server error" if status == 500 else "model overloaded, try later"
-            body = _error_body(message, "server_error", status)
-            return await self._send(request, status, [body], "application/json")
-        if fault == "server_error_html":
-            return await self._send(request, 502, [_NGINX_502.encode()], "text/html")
-        if fault == "server_error_text":
-            return await self._send(request, 525, [b"SSL Handshake Failed"], "text/plain",
-                                    reason="SSL Handshake Failed")
+        canned = server_error(fault, where)
+        if canned is not None:
+            status, body, content_type, reason = canned
+            return await self._send(request, status, [body], content_type, reason=reason)
         pieces = self._completion(parsed, sha, n, fault, where)
         cut = where if fault == "truncate" else None
         return await self._send(request, 200, pieces, "application/json", cut=cut)
@@ -373,13 +236,13 @@ class _Simulator:
         return None
 
     async def _rate_limited(self, request: web.Request, seconds: float) -> web.StreamResponse:
-        body = _error_body("Rate limit exceeded", "rate_limit_error", 429)
+        body = error_body("Rate limit exceeded", "rate_limit_error", 429)
         return await self._send(request, 429, [body], "application/json",
-                                headers=_retry_headers(seconds))
+                                headers=retry_headers(seconds))
 
     async def _error(self, request: web.Request, status: int, message: str,
                      code: str | None = None) -> web.StreamResponse:
-        body = _error_body(message, "invalid_request_error", code)
+        body = error_body(message, "invalid_request_error", code)
         return await self._send(request, status, [body], "application/json")
 
     async def _send(self, request: web.Request, status: int, pieces: list[bytes],
@@ -417,68 +280,26 @@ class _Simulator:
             pass  # the client left; aiohttp notices on write_eof and drops the connection
         return resp
 
-    def _completion(self, parsed: _Parsed, sha: str, n: int, fault: str,
+    def _completion(self, parsed: Parsed, sha: str, n: int, fault: str,
                     where: float) -> list[bytes]:
         if fault == "error_200":
             return [json.dumps({"error": {"message": "upstream error", "code": 502}}).encode()]
-        reasoning_tokens = 150 + int(sha[:4], 16) % 350
-        message: dict[str, Any] = {
-            "role": "assistant", "content": "",
-            "reasoning_content": (
-                f"**Composing the scene**\n\nLaying out a {parsed.aspect_ratio} frame at "
-                f"{parsed.image_size}, settling light and palette before rendering."
-            ),
-        }
-        urls: list[bytes] = []
-        if fault == "no_image":
-            message["content"] = "I can't generate that image."
-            image_tokens = 0
-        else:
-            urls = [self._data_url(parsed, sha, n, i, fault, where)
-                    for i in range(self.config.images_per_response)]
-            message["images"] = [
-                {"type": "image_url", "image_url": {"url": _IMAGE_MARK.format(i)}, "index": i}
-                for i in range(len(urls))
-            ]
-            image_tokens = (2000 if parsed.image_size == "4K" else 1120) * len(urls)
-        prompt_tokens = len(parsed.prompt) // 4 + 560 * parsed.input_images
-        completion_tokens = image_tokens + reasoning_tokens
-        text = json.dumps({
-            "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),
-            "model": parsed.model,
-            "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
-            "usage": {
-                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-                "completion_tokens_details": {
-                    "reasoning_tokens": reasoning_tokens, "image_tokens": image_tokens,
-                },
-            },
-        })
-        # The image data is spliced in rather than passed through json.dumps: no copy of it.
-        pieces: list[bytes] = []
-        for i, url in enumerate(urls):
-            before, text = text.split(_IMAGE_MARK.format(i), 1)
-            pieces += [before.encode(), url]
-        pieces.append(text.encode())
-        if self.config.escape_slashes:  # "/" only occurs inside JSON strings, so this is safe
-            pieces = [p.replace(b"/", b"\\/") for p in pieces]
-        return pieces
+        urls = [] if fault == "no_image" else [
+            self._data_url(parsed, sha, n, i, fault, where)
+            for i in range(self.config.images_per_response)
+        ]
+        return completion_body(parsed, sha, n, urls, self.config.escape_slashes)
 
-    def _data_url(self, parsed: _Parsed, sha: str, n: int, index: int, fault: str,
+    def _data_url(self, parsed: Parsed, sha: str, n: int, index: int, fault: str,
                   where: float) -> bytes:
-        meta = TEXT_KEYWORD + b"\0" + json.dumps({"prompt_sha256": sha, "n": n}).encode()
+        meta = request_text(sha, n)
         cfg = self.config
         if cfg.jpeg_lie and self.rng.random() < cfg.jpeg_lie:
             self.faults["jpeg_lie"] += 1
-            end = 4 + struct.unpack(">H", _JPEG[4:6])[0]  # after the APP0 (JFIF) segment
-            comment = b"\xff\xfe" + struct.pack(">H", len(meta) + 2) + meta
-            data = _JPEG[:end] + comment + _JPEG[end:]
+            data = jpeg(meta)
         else:
-            # Further images of one answer get their own colour, hence their own bytes.
-            seed = sha if index == 0 else hashlib.sha256(f"{sha}:{index}".encode()).hexdigest()
             dims = image_dims(parsed.aspect_ratio, parsed.image_size, cfg.scale)
-            data = self._png(*dims, bytes.fromhex(seed[:6]), meta)
+            data = self.pngs.png(*dims, colour(sha, index), meta)
         if fault == "incomplete_image":  # somewhere after the header, always before the end
             data = data[:33 + int(where * (len(data) - 45))]
         b64 = base64.b64encode(data)
@@ -486,41 +307,6 @@ class _Simulator:
             middle = len(b64) // 2
             b64 = b64[:middle] + b"***" + b64[middle:]
         return b"data:image/png;base64," + b64
-
-    def _png(self, width: int, height: int, rgb: bytes, meta: bytes) -> bytes:
-        head = [
-            b"\x89PNG\r\n\x1a\n",
-            _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)),
-            _chunk(b"tEXt", meta),
-        ]
-        tail = [_chunk(b"IDAT", self._idat_for(width, height, rgb)), _chunk(b"IEND", b"")]
-        pad = self.config.payload_bytes - sum(len(c) for c in head + tail) - 12
-        if pad > 0:  # npAd: ancillary, private, safe-to-copy; decoders must skip it
-            head.append(_chunk(b"npAd", self._pad[:pad]))
-        return b"".join(head + tail)
-
-    def _idat_for(self, width: int, height: int, rgb: bytes) -> bytes:
-        key = (width, height, rgb)
-        if key in self._idat:
-            self._idat.move_to_end(key)
-            return self._idat[key]
-        # A horizontal gradient: row 0 unfiltered, every later row filter "Up" (all zeros),
-        # so even a 4K image compresses in a blink.
-        r, g, b = rgb
-        row0 = bytearray([0])
-        for x in range(width):
-            row0 += bytes((r, g, (b + 255 * x // max(1, width - 1)) & 0xFF))
-        up_row = b"\x02" + bytes(3 * width)
-        per_block = max(1, (1 << 20) // len(up_row))
-        comp = zlib.compressobj(6)
-        out = [comp.compress(bytes(row0))]
-        for done in range(1, height, per_block):
-            out.append(comp.compress(up_row * min(per_block, height - done)))
-        out.append(comp.flush())
-        self._idat[key] = data = b"".join(out)
-        if len(self._idat) > 64:
-            self._idat.popitem(last=False)
-        return data
 
 
 def build_app(config: SimConfig) -> web.Application:

@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from batch.checkpoint import Checkpoint, JobState
 from batch.decoder import BodyDecoder, ImageBytes
-from batch.jobs import ImageRecord, Status
 
 CHUNK = 64 * 1024  # what batch.client reads per chunk
 
@@ -94,8 +93,8 @@ def decoder_figures(payload_bytes: int, repeat: int) -> dict[str, float]:
 
 def checkpoint_figures(seconds: float, folder: Path) -> dict[str, float]:
     out: dict[str, float] = {}
-    image = ImageRecord(path="images/x.png", sha256="0" * 64, bytes=123456, mime="image/png",
-                        width=1024, height=1024)
+    image = {"path": "images/x.png", "sha256": "0" * 64, "bytes": 123456, "mime": "image/png",
+             "width": 1024, "height": 1024, "tmp": "images/.x.tmp", "mtime_ns": 1}
     for durable in (True, False):
         root = Path(tempfile.mkdtemp(prefix="ckpt-", dir=folder))
         store = Checkpoint.open(root)
@@ -105,13 +104,13 @@ def checkpoint_figures(seconds: float, folder: Path) -> dict[str, float]:
             deadline = t0 + seconds
             while time.perf_counter() < deadline:
                 for _ in range(20):
-                    store.record(JobState(
-                        id=f"job-{n:07d}", fingerprint="f" * 64, status=Status.SUCCEEDED,
-                        attempts=1, images=(image,),
-                        image_meta=({"tmp": "images/.x.tmp", "mtime_ns": 1},),
-                        usage={"prompt_tokens": 10, "completion_tokens": 1290},
-                        latency_s=12.345,
-                    ), durable=durable)
+                    # From the on-disk record format, which outlives JobState refactors.
+                    store.record(JobState.from_record({
+                        "id": f"job-{n:07d}", "fp": "f" * 64, "status": "succeeded",
+                        "attempts": 1, "images": [image],
+                        "usage": {"prompt_tokens": 10, "completion_tokens": 1290},
+                        "latency_s": 12.345,
+                    }), durable=durable)
                     n += 1
             elapsed = time.perf_counter() - t0
         finally:

@@ -83,6 +83,7 @@ class Ctx:
     hot: dict[str, float] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    incidents: list[str] = field(default_factory=list)  # recovered by running again
     deadline: float = float("inf")  # time.monotonic() after which every child gets 10 s
 
     def n(self, jobs: int) -> int:
@@ -168,27 +169,39 @@ def write_manifest(path: Path, prefix: str, jobs: int) -> list[str]:
 def run_client(ctx: Ctx, workload: str, label: str, manifest: Path, ids: list[str],
                sim_args: Sequence[str], concurrency: int, extra: Sequence[str] = (),
                timeout: float = 120) -> ClientRun:
-    """One measured client run against a fresh simulator; images checked, then removed."""
-    out = ctx.out / workload / label
-    shutil.rmtree(out, ignore_errors=True)
+    """One measured client run against a fresh simulator; images checked, then removed.
+
+    If the simulator is gone when the client ends (something else on the machine
+    killed it), the run says nothing about the client: it is noted and run once more.
+    """
     name = f"{workload}.{label}"
-    with simulator(*sim_args, logs=ctx.logs, name=name) as sim:
-        if label.startswith("imgbatch"):
-            argv = [PY, "-m", "batch", "run", str(manifest), "--output", str(out),
-                    "--base-url", sim.url, "--concurrency", str(concurrency), *extra]
-            images = out / "images"
-        else:
-            argv = [PY, str(BENCH / "peer_naive.py"), str(manifest), "--out", str(out),
-                    "--base-url", sim.url, "--concurrency", str(concurrency), *extra]
-            images = out
-        m = measure(name, argv, logs=ctx.logs, timeout=ctx.timeout(timeout))
-        stats = _stats(sim)
-        sim_cpu = sim.cpu_s()
-    valid = sum(valid_png(images / f"{ident}.png") for ident in ids)
-    run = ClientRun(label, m, len(ids), valid, stats, sim_cpu,
-                    m.last_json() if label == "peer" else None)
-    if not ctx.keep:
+    for attempt in (1, 2):
+        out = ctx.out / workload / label
         shutil.rmtree(out, ignore_errors=True)
+        with simulator(*sim_args, logs=ctx.logs, name=name) as sim:
+            if label.startswith("imgbatch"):
+                argv = [PY, "-m", "batch", "run", str(manifest), "--output", str(out),
+                        "--base-url", sim.url, "--concurrency", str(concurrency), *extra]
+                images = out / "images"
+            else:
+                argv = [PY, str(BENCH / "peer_naive.py"), str(manifest), "--out", str(out),
+                        "--base-url", sim.url, "--concurrency", str(concurrency), *extra]
+                images = out
+            m = measure(name, argv, logs=ctx.logs, timeout=ctx.timeout(timeout))
+            died = sim.process.poll()
+            stats = _stats(sim)
+            sim_cpu = sim.cpu_s()
+        valid = sum(valid_png(images / f"{ident}.png") for ident in ids)
+        run = ClientRun(label, m, len(ids), valid, stats, sim_cpu,
+                        m.last_json() if label == "peer" else None)
+        if not ctx.keep:
+            shutil.rmtree(out, ignore_errors=True)
+        if died is None:
+            break
+        note = f"{name}: the simulator exited (status {died}) during run {attempt}"
+        print(f"[{workload}] {note}" + ("; running it again" if attempt == 1 else ""),
+              flush=True)
+        (ctx.incidents if attempt == 1 else ctx.failures).append(note)
     ctx.raw.setdefault(workload, {})[label] = run.as_raw()
     if m.timed_out:
         ctx.failures.append(f"{name} timed out")
@@ -281,7 +294,8 @@ def w_memory(ctx: Ctx) -> None:
     manifest = ctx.out / "manifests" / "memory.jsonl"
     ids = write_manifest(manifest, "memory", jobs)
     w = f"3. memory ({jobs} jobs of 4K-class payloads, {MEMORY_CONC} in flight)"
-    ctx.rows.append(Row(w, "images valid", "", "", "—", "all", ""))
+    sizes = " · ".join(f"{p / 1e6:.1f} MB" for p in MEMORY_PAYLOADS)
+    ctx.rows.append(Row(w, f"images valid ({sizes})", "", "", "—", "all", ""))
     valid_row = ctx.rows[-1]
     peaks: list[float] = []
     for payload in MEMORY_PAYLOADS:
@@ -293,8 +307,9 @@ def w_memory(ctx: Ctx) -> None:
         b64_mb = payload * 4 / 3 / 1e6
         ok = not ib.m.timed_out and ib.valid == jobs and ib.m.maxrss_mb < MEMORY_MAX_MB
         peaks.append(ib.m.maxrss_mb)
-        valid_row.imgbatch += f"{ib.valid}/{jobs} "
-        valid_row.peer += f"{peer.valid}/{jobs} "
+        sep = "" if payload == MEMORY_PAYLOADS[0] else " · "
+        valid_row.imgbatch += f"{sep}{ib.valid}/{jobs}"
+        valid_row.peer += f"{sep}{peer.valid}/{jobs}"
         ctx.rows += [
             Row(w, f"peak RSS, {payload / 1e6:.1f} MB images (~{b64_mb:.0f} MB base64)",
                 f"{ib.m.maxrss_mb:.0f} MB", f"{peer.m.maxrss_mb:.0f} MB",
@@ -350,7 +365,7 @@ def w_rate(ctx: Ctx) -> None:
             Row(w, f"wall vs ideal {ideal:g} s, imgbatch {flag}",
                 f"{run.m.wall_s:.1f} s ({run.m.wall_s / ideal:.2f}x)",
                 peer_cell(f"{peer.m.wall_s:.1f} s ({peer.m.wall_s / ideal:.2f}x)"),
-                ratio(run.m.wall_s, peer.m.wall_s),
+                ratio(run.m.wall_s, peer.m.wall_s) if flag == "no --rpm" else "—",
                 f"≤ {RATE_MAX_OVER:g}x ideal", met(wall_ok)),
             Row(w, f"requests answered 429, imgbatch {flag}", pct(run.r429, run.requests),
                 peer_cell(pct(peer.r429, peer.requests)), "—", f"< {cap:.0%}", met(share_ok)),
@@ -578,6 +593,9 @@ def render(ctx: Ctx, info: dict[str, Any], wall: float) -> str:
             name, row.metric, row.imgbatch, row.peer, row.ratio, row.target, row.met)) + " |")
     if ctx.failures:
         out += ["", "Failures while benchmarking:", ""] + [f"- {f}" for f in ctx.failures]
+    if ctx.incidents:
+        out += ["", "Runs repeated (the figures above are from the repeat):", ""]
+        out += [f"- {f}" for f in ctx.incidents]
     if ctx.hot:
         h = ctx.hot
         out += [

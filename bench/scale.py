@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from batch.checkpoint import JOURNAL, STATE_DIR, Checkpoint, JobState, fingerprint
 from batch.engine import Engine, EngineConfig
 from batch.images import IMAGES_DIR
-from batch.jobs import ImageRecord, Status
+from batch.jobs import Status
 from batch.manifest import load_manifest
 from batch.progress import Observer
 
@@ -79,13 +79,17 @@ def setup(catalog: Path, root: Path, jobs: int, every: int) -> dict[str, float]:
                 mtime_ns = os.fstat(fd).st_mtime_ns
             finally:
                 os.close(fd)
-            record = ImageRecord(path=rel, sha256=digest, bytes=len(png), mime="image/png",
-                                 width=1, height=1)
-            journal.write(JobState(
-                id=job.id, fingerprint=fingerprint(job), status=Status.SUCCEEDED, attempts=1,
-                images=(record,), image_meta=({"tmp": None, "mtime_ns": mtime_ns},),
-                usage={"prompt_tokens": 30, "completion_tokens": 1400}, latency_s=21.5,
-            ).to_line())
+            # Built from the journal's on-disk record format, which outlives refactors of
+            # the in-memory JobState; to_line() then writes exactly what imgbatch writes.
+            journal.write(JobState.from_record({
+                "id": job.id, "fp": fingerprint(job), "status": Status.SUCCEEDED.value,
+                "attempts": 1, "error": None,
+                "images": [{"path": rel, "sha256": digest, "bytes": len(png),
+                            "mime": "image/png", "width": 1, "height": 1, "tmp": None,
+                            "mtime_ns": mtime_ns}],
+                "usage": {"prompt_tokens": 30, "completion_tokens": 1400},
+                "latency_s": 21.5, "text": None,
+            }).to_line())
             done += 1
     return {"jobs": len(manifest.jobs), "done": done, "setup_s": time.perf_counter() - t0}
 

@@ -43,7 +43,7 @@ def check_after_kill(out: Path) -> None:
         if state.status is not Status.SUCCEEDED:
             continue
         for image, meta in zip(state.images, state.image_meta, strict=True):
-            candidates = [out / image.path, out / str(meta.get("tmp"))]
+            candidates = [out / image.path, out / str(meta.tmp)]
             hashes = {hashlib.sha256(p.read_bytes()).hexdigest() for p in candidates if p.exists()}
             assert image.sha256 in hashes, f"{state.id}: recorded image lost"
 

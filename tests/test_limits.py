@@ -7,7 +7,7 @@ import bisect
 
 import pytest
 
-from batch.limits import ConcurrencyMeter, Limits, PauseGate, RateMeter
+from batch.limits import ConcurrencyMeter, Limits, PauseGate, RateEstimator, RateMeter
 
 
 class FakeClock:
@@ -22,10 +22,11 @@ def test_rate_meter_spaces_starts_evenly() -> None:
     clock = FakeClock()
     meter = RateMeter(600, clock=clock)
     waits = [meter.reserve() for _ in range(5)]
-    assert waits == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    step = 0.1 * RateMeter.MARGIN
+    assert waits == pytest.approx([0.0, step, 2 * step, 3 * step, 4 * step])
     clock.now += 10  # idle time does not build up a burst
     assert meter.reserve() == 0.0
-    assert meter.reserve() == pytest.approx(0.1)
+    assert meter.reserve() == pytest.approx(step)
 
 
 @pytest.mark.parametrize("rpm", [1, 7, 60, 600, 6000])
@@ -103,3 +104,46 @@ def test_slot_caps_requests_in_flight() -> None:
         return peak
 
     assert asyncio.run(scenario()) == 3
+
+
+@pytest.mark.parametrize(
+    ("starts", "refused", "now", "retry_after", "expected_rpm"),
+    [
+        # 60 accepted in a burst at t=0, then 429 with "wait 6 s": 60 per 6 s.
+        ([0.0] * 64, [0.0] * 4, 0.05, 5.95, 600.0),
+        # Steady 20/s for 30 s into a 600/min sliding window: the oldest frees in 30 s.
+        ([i / 20 for i in range(600)], [], 30.0, 30.0, 600.0),
+        # A token bucket of 2/s with a burst of 10, refusing after 20 s.
+        ([0.0] * 10 + [0.5 * i for i in range(1, 41)], [], 20.0, 0.5, 146.3),
+        # Nothing accepted yet: no evidence.
+        ([0.0] * 5, [0.0] * 5, 0.1, 1.0, None),
+    ],
+)
+def test_rate_estimator(
+    starts: list[float], refused: list[float], now: float, retry_after: float,
+    expected_rpm: float | None,
+) -> None:
+    clock = FakeClock()
+    clock.now = 0.0
+    estimator = RateEstimator(clock=clock)
+    for at in starts:
+        estimator.started(at)
+    for at in refused:
+        estimator.refused(at)
+    clock.now = now
+    got = estimator.estimate_rpm(retry_after)
+    if expected_rpm is None:
+        assert got is None
+    else:
+        assert got == pytest.approx(expected_rpm, rel=0.01)
+
+
+def test_rate_estimator_forgets_beyond_its_horizon() -> None:
+    clock = FakeClock()
+    clock.now = 0.0
+    estimator = RateEstimator(horizon_s=10.0, clock=clock)
+    for i in range(100):
+        estimator.started(i * 0.1)  # 10/s for 10 s
+    clock.now = 100.0
+    estimator.started(99.0)
+    assert estimator.estimate_rpm(1.0) == pytest.approx(60.0 * 1 / 2.0)

@@ -1,0 +1,219 @@
+"""Read a manifest file into raw entries: size and encoding checks, YAML, JSON and JSONL.
+
+Every failure is added to a :class:`Problems` collector instead of raised, so
+:func:`batch.manifest.load_manifest` can report them all at once. The YAML
+loader keeps `16:9` a string and rejects duplicate keys (JSON too), and alias
+bombs are caught before anything walks the document.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import stat
+from collections import Counter
+from collections.abc import Hashable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yaml.nodes import MappingNode, ScalarNode
+
+from batch import expand as ex
+from batch.errors import Problem
+
+try:  # the libyaml parser is several times faster; the pure one gives the same values
+    from yaml import CSafeLoader as _SafeBase
+except ImportError:  # pragma: no cover
+    from yaml import SafeLoader as _SafeBase  # type: ignore[assignment]
+
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+MAX_JSONL_LINE_BYTES = 1024 * 1024
+FORMATS = {".yaml": "yaml", ".yml": "yaml", ".json": "json", ".jsonl": "jsonl",
+           ".ndjson": "jsonl"}
+_BOM = b"\xef\xbb\xbf"
+# YAML 1.1 reads an unquoted 16:9 as the base-60 integer 969 (and 1:1 as 61).
+_SEXAGESIMAL_RE = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
+
+
+class _Loader(_SafeBase):
+    """yaml.safe_load's loader, except that `16:9` stays a string and duplicate keys fail."""
+
+    # A class-level table is how PyYAML configures resolvers; this copy is never mutated.
+    yaml_implicit_resolvers = {  # noqa: RUF012
+        ch: ([("tag:yaml.org,2002:str", _SEXAGESIMAL_RE)] if ch in "+-0123456789" else [])
+        + list(resolvers)
+        for ch, resolvers in _SafeBase.yaml_implicit_resolvers.items()
+    }
+
+    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        # PyYAML silently keeps the last of two equal keys: a pasted second `prompt:` would win.
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, ScalarNode) and key_node.tag.endswith(":str"):
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key_node.value!r} appears twice", key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _pairs_to_dict(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        dup = next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+        raise _DuplicateKey(f"key {ex.show(dup)} appears twice in one object")
+    return out
+
+
+def json_decoder() -> json.JSONDecoder:
+    """A JSON decoder that rejects duplicate keys within one object."""
+    return json.JSONDecoder(object_pairs_hook=_pairs_to_dict)
+
+
+class Problems:
+    """Collects problems up to a cap and counts the rest."""
+
+    def __init__(self, cap: int) -> None:
+        self.items: list[Problem] = []
+        self.cap = max(1, cap)
+        self.more = 0
+
+    def add(self, location: str, field: str | None, message: str) -> None:
+        if len(self.items) < self.cap:
+            self.items.append(Problem(location, field, message))
+        else:
+            self.more += 1
+
+    def __len__(self) -> int:
+        return len(self.items) + self.more
+
+
+def read_text(path: Path, where: str, probs: Problems) -> str | None:
+    """The file's text (UTF-8, an optional BOM dropped), or None once the problem is added."""
+    try:
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            probs.add(where, None, "is a directory, not a manifest file")
+        elif not stat.S_ISREG(info.st_mode):
+            probs.add(where, None, "is not a regular file")
+        elif info.st_size > MAX_MANIFEST_BYTES:
+            probs.add(where, None, f"is {info.st_size} bytes; the limit is {MAX_MANIFEST_BYTES}")
+        else:
+            data = path.read_bytes()
+            return _decode(data, where, probs)
+    except FileNotFoundError:
+        probs.add(where, None, "file not found")
+    except (OSError, ValueError) as exc:  # permissions, I/O, a NUL byte in the path
+        probs.add(where, None, f"cannot read the manifest: {getattr(exc, 'strerror', None) or exc}")
+    return None
+
+
+def _decode(data: bytes, where: str, probs: Problems) -> str | None:
+    skipped = len(_BOM) if data.startswith(_BOM) else 0  # editors on Windows add one
+    try:
+        return data[skipped:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = exc.start + skipped
+        line = data.count(b"\n", 0, offset) + 1
+        column = offset - data.rfind(b"\n", 0, offset)
+        probs.add(f"{where}:{line}", None,
+                  f"not valid UTF-8: byte 0x{data[offset]:02x} at byte offset {offset} "
+                  f"(line {line}, column {column}); save the file as UTF-8")
+        return None
+
+
+FAILED = object()  # stands in for a document or JSONL line that could not be parsed
+
+
+def parse_document(
+    text: str, fmt: str, where: str, decoder: json.JSONDecoder, probs: Problems
+) -> Any:
+    """A whole YAML or JSON document's value, or FAILED once the problem is added."""
+    try:
+        if fmt == "json":
+            return decoder.decode(text)
+        doc = yaml.load(text, Loader=_Loader)
+        if _exceeds(doc, 10 * len(text) + 10_000):
+            probs.add(where, None, "YAML aliases expand to too much data (or refer to themselves)")
+            return FAILED
+        return doc
+    except json.JSONDecodeError as exc:
+        probs.add(f"{where}:{exc.lineno}", None,
+                  f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        message = f"invalid YAML{at}: {exc.problem or exc.context}"
+        if exc.problem and "constructor for the tag" in exc.problem:
+            message += " (tags that build objects are not allowed)"
+        probs.add(f"{where}:{mark.line + 1}" if mark else where, None, message)
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        probs.add(f"{where}:{line}", None, f"invalid YAML at line {line}: character "
+                  f"U+{exc.character:04X} is not allowed ({exc.reason})")
+    except RecursionError:
+        probs.add(where, None, "nested too deeply to read")
+    except Exception as exc:  # constructor ValueErrors (!!int abc), giant ints, duplicates...
+        probs.add(where, None, f"cannot be parsed as {fmt.upper()}: {_reason(exc)}")
+    return FAILED
+
+
+def _lines(text: str) -> Iterator[str]:
+    # Lazily, so a big catalog is not held twice; only "\n" ends a line, since JSON
+    # strings may hold a raw U+2028 that str.splitlines() would split on.
+    start = 0
+    while start <= len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        yield text[start:end]
+        start = end + 1
+
+
+def _reason(exc: BaseException) -> str:
+    # Giant ints fail with advice about sys.set_int_max_str_digits(), not for our users.
+    return str(exc).split("; use sys.")[0]
+
+
+def _exceeds(doc: Any, budget: int) -> bool:
+    # Without aliases a YAML text cannot hold more values than characters; with them
+    # ("billion laughs", or a list that contains itself) later checks would never end.
+    stack = [doc]
+    while stack:
+        budget -= 1
+        if budget < 0:
+            return True
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
+
+
+def jsonl_entries(
+    text: str, where: str, decoder: json.JSONDecoder, probs: Problems
+) -> Iterator[tuple[Any, str]]:
+    """(value or FAILED, "file:line") for every non-blank JSONL line."""
+    for number, line in enumerate(_lines(text), 1):
+        if not line or line.isspace():
+            continue
+        location = f"{where}:{number}"
+        # chars <= bytes <= 4 * chars, so only long lines pay for the exact count
+        if len(line) * 4 > MAX_JSONL_LINE_BYTES and len(line.encode()) > MAX_JSONL_LINE_BYTES:
+            probs.add(location, None, f"line is longer than {MAX_JSONL_LINE_BYTES} bytes")
+            yield FAILED, location
+            continue
+        try:
+            yield decoder.decode(line), location
+        except json.JSONDecodeError as exc:
+            probs.add(location, None, f"invalid JSON at column {exc.colno}: {exc.msg}")
+            yield FAILED, location
+        except (ValueError, RecursionError) as exc:
+            probs.add(location, None, f"invalid JSON: {_reason(exc)}")
+            yield FAILED, location
+
