@@ -157,6 +157,7 @@ class Checkpoint:
         self._lock_fd: int | None = None
         self._fd: int | None = None
         self._lines = 0
+        self._intact: set[str] = set()  # succeeded ids whose files were found as recorded
 
     # -- opening -------------------------------------------------------------
 
@@ -186,7 +187,10 @@ class Checkpoint:
         return store
 
     def _lock(self, path: Path) -> None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise OutputError(f"cannot open the lock {path}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -194,45 +198,58 @@ class Checkpoint:
             os.close(fd)
             raise LockHeld(str(self.root), int(holder) if holder.isdigit() else None) from None
         # The kernel drops a flock when its holder dies, so a stale lock never blocks.
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise OutputError(f"cannot write the lock {path}: {exc.strerror}") from None
         self._lock_fd = fd
 
     def _load(self, path: Path, *, writable: bool = True) -> None:
+        # Line by line: a journal of 100,000 jobs is never held whole in memory.
+        end = 0  # bytes up to the end of the last complete line
+        torn = 0
+        count = 0
         try:
-            data = path.read_bytes()
+            with path.open("rb") as handle:
+                for count, line in enumerate(handle, 1):
+                    if not line.endswith(b"\n"):
+                        torn = len(line)  # only the last line can lack its newline
+                        break
+                    end += len(line)
+                    self._load_line(line, path, count)
         except FileNotFoundError:
-            data = b""
+            pass
         except OSError as exc:
             raise OutputError(f"cannot read {path}: {exc.strerror}") from None
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            log.warning("%s: dropping a torn last record (%d bytes)", path, len(data) - end)
-        lines = data[:end].splitlines()
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if "run" in record:
-                    self.runs.append(record)
-                else:
-                    state = JobState.from_record(record)
-                    self.states[state.id] = state
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("%s:%d: skipping an unreadable record (%s)", path, number, exc)
-        self._lines = len(lines)
+        if torn:
+            log.warning("%s: dropping a torn last record (%d bytes)", path, torn)
+        self._lines = count - (1 if torn else 0)
         if not writable:
             return
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             self._fd = os.open(path, flags, 0o644)
-            if end < len(data):
+            if torn:
                 os.truncate(path, end)
         except OSError as exc:
             raise OutputError(f"cannot open {path}: {exc.strerror}") from None
         if self._lines > 1000 and self._lines > 2 * (len(self.states) + len(self.runs)):
             self._compact(path)
+
+    def _load_line(self, line: bytes, path: Path, number: int) -> None:
+        if not line.strip():
+            return
+        try:
+            record = json.loads(line)
+            if "run" in record:
+                self.runs.append(record)
+            else:
+                state = JobState.from_record(record)
+                self.states[state.id] = state
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("%s:%d: skipping an unreadable record (%s)", path, number, exc)
 
     def _compact(self, path: Path) -> None:
         tmp = path.with_suffix(".compact.tmp")
@@ -253,13 +270,16 @@ class Checkpoint:
     def _recover(self) -> None:
         """Finish renames cut short by a crash, then drop temporaries nobody needs."""
         wanted: set[str] = set()
+        base = f"{self.root}{os.sep}"
         for state in self.states.values():
             if state.status is not Status.SUCCEEDED:
                 continue
+            intact = True
             for image, meta in zip(state.images, state.image_meta, strict=True):
-                final = self.root / image.path
+                final = base + image.path
                 if file_matches(final, image.bytes, meta.mtime_ns or -1):
                     continue
+                intact = False
                 tmp_rel = meta.tmp
                 if not tmp_rel:
                     continue
@@ -268,6 +288,9 @@ class Checkpoint:
                     os.replace(tmp, final)
                     wanted.add(tmp.name)
                     log.info("recovered %s from an interrupted run", image.path)
+            if intact:
+                # Checked here once; the plan need not stat these files again.
+                self._intact.add(state.id)
         for stray in stray_temporaries(self.root):
             if stray.name not in wanted:
                 remove_quietly(stray)
@@ -286,6 +309,8 @@ class Checkpoint:
 
     def intact(self, state: JobState, *, verify: bool = False) -> bool:
         """True if every image of ``state`` is on disk with its recorded content."""
+        if not verify and state.id in self._intact:
+            return True
         for image, meta in zip(state.images, state.image_meta, strict=True):
             path = self.root / image.path
             if not verify and file_matches(path, image.bytes, meta.mtime_ns or -1):
@@ -303,6 +328,7 @@ class Checkpoint:
 
     def record(self, state: JobState, *, durable: bool) -> None:
         """Append ``state``; ``durable`` fsyncs it before returning."""
+        self._intact.discard(state.id)
         self.states[state.id] = state
         self._append(state.to_line(), durable=durable)
 
@@ -325,6 +351,7 @@ class Checkpoint:
             for image in staged:
                 image.file.close()
         for state in states:
+            self._intact.discard(state.id)
             self.states[state.id] = state
         self._append(b"".join(state.to_line() for state in states), durable=True,
                      lines=len(states))
@@ -340,10 +367,19 @@ class Checkpoint:
         if self._fd is None:
             raise StorageError("the checkpoint is closed")
         try:
-            os.write(self._fd, line)
+            size = os.fstat(self._fd).st_size
+        except OSError as exc:
+            raise StorageError(f"writing the checkpoint failed: {exc.strerror}") from None
+        try:
+            view = memoryview(line)
+            while view:  # a nearly full disk writes short before it fails
+                view = view[os.write(self._fd, view) :]
             if durable:
                 os.fsync(self._fd)
         except OSError as exc:
+            # Cut a partial record off, so the next append does not merge into it.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, size)
             raise StorageError(f"writing the checkpoint failed: {exc.strerror}") from None
         self._lines += lines
 

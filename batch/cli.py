@@ -4,19 +4,22 @@ Thin on purpose: parse arguments into config objects, call the pipeline,
 map outcomes onto exit codes. Exit codes: 0 every job succeeded; 1 some
 failed or pending; 2 invalid manifest or usage, nothing sent; 3 run aborted
 on a fatal API answer; 4 the output folder is in use by another run;
-130 / 143 stopped by SIGINT / SIGTERM.
+130 / 143 stopped by SIGINT / SIGTERM; 70 an internal error (a bug).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
+import traceback
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from batch import __version__, report, simulator
-from batch.checkpoint import Checkpoint
+from batch.checkpoint import STATE_DIR, Checkpoint
 from batch.client import DEFAULT_BASE_URL, ChatCompletionsClient, ClientConfig, Secret
 from batch.cost import PriceTable, estimate
 from batch.engine import Engine, EngineConfig, StopReason
@@ -36,6 +39,8 @@ from batch.errors import (
     StorageError,
     UsageError,
 )
+from batch.gallery import build_gallery
+from batch.images import IMAGES_DIR
 from batch.jobs import DEFAULT_MODEL, Status
 from batch.manifest import Manifest, load_manifest, summarize
 from batch.progress import ConsoleProgress
@@ -45,6 +50,7 @@ from batch.retry import RetryPolicy
 log = logging.getLogger("batch")
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE, EXIT_FATAL, EXIT_LOCKED = 0, 1, 2, 3, 4
+EXIT_INTERNAL = 70  # EX_SOFTWARE
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -85,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="what an output folder holds (no network)")
     status.add_argument("output", type=Path)
     _add_logging(status)
+
+    report_cmd = commands.add_parser("report", help="rebuild DIR/index.html, the gallery")
+    report_cmd.add_argument("output", type=Path)
+    _add_logging(report_cmd)
 
     simulate = commands.add_parser("simulate", help="run the local gateway simulator")
     simulator.add_arguments(simulate)
@@ -162,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_validate(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "report":
+            return cmd_report(args)
         if args.command == "simulate":
             try:
                 config = simulator.config_from_args(args)
@@ -233,6 +245,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    stats = build_gallery(args.output)
+    print(f"{stats.path}: {stats.images} image(s), {stats.failed_jobs} failed and "
+          f"{stats.pending_jobs} pending job(s); {stats.thumbs_made} thumbnail(s) made, "
+          f"{stats.thumbs_reused} reused")
+    return EXIT_OK
+
+
 def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
@@ -253,6 +273,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 + ", ".join(f"{m} {s}" for m, s in unpriced)
                 + " (add them under pricing: in the manifest)"
             )
+    check_ca_bundle(args.ca_bundle)
     prepare_output(root)
     client_config = ClientConfig(
         base_url=args.base_url,
@@ -273,6 +294,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         prices=prices,
     )
     store = Checkpoint.open(root)
+    # The manifest and checkpoint are live for the whole run; keep the cyclic
+    # GC from walking 100,000 jobs over and over (it showed in profiles).
+    gc.freeze()
     try:
         return asyncio.run(
             _run(manifest, root, store, client_config, engine_config, args.grace,
@@ -283,15 +307,43 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def prepare_output(root: Path) -> None:
-    """Create the output folder, or say why it cannot be used, before anything is sent."""
+    """Create the output folder, or say why it cannot be used, before anything is sent.
+
+    The folder itself may be a symbolic link (to a bigger disk, say); the
+    folders imgbatch writes inside it may not, so nothing is ever written
+    outside it through a link someone planted there.
+    """
     if root.exists() and not root.is_dir():
         raise OutputError(f"output folder {root} exists and is not a folder")
     try:
-        (root / "images").mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create output folder {root}: {exc.strerror}") from None
-    if not os.access(root, os.W_OK):
-        raise OutputError(f"output folder {root} is not writable")
+    for name in (IMAGES_DIR, STATE_DIR):
+        folder = root / name
+        if folder.is_symlink():
+            raise OutputError(f"{folder} is a symbolic link; refusing to write through it")
+        try:
+            folder.mkdir(exist_ok=True)
+            # os.access says yes to root even on a read-only or immutable
+            # folder: only creating a file tells.
+            probe = folder / f".probe.{os.getpid()}.tmp"
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW))
+            probe.unlink()
+        except FileExistsError:
+            raise OutputError(f"{folder} exists and is not a folder") from None
+        except OSError as exc:
+            raise OutputError(f"output folder {folder} is not writable: {exc.strerror}") from None
+
+
+def check_ca_bundle(path: Path | None) -> None:
+    """Read --ca-bundle now, so a bad one is a usage error and not a failure mid-run."""
+    if path is None:
+        return
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--ca-bundle {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 async def _run(
@@ -336,29 +388,46 @@ async def _run(
         await client.close()
         for signum in EXIT_SIGNAL:
             loop.remove_signal_handler(signum)
-        counts = write_results(manifest.jobs, store)
+        failures: list[str] = []
+        try:
+            counts = write_results(manifest.jobs, store)
+        except StorageError as exc:
+            failures.append(str(exc))
         if received:
             code = EXIT_SIGNAL[received[0]]
         elif stats.stop is StopReason.FATAL:
             code = EXIT_FATAL
-        elif counts.get(Status.SUCCEEDED.value, 0) == len(manifest.jobs):
+        elif counts.get(Status.SUCCEEDED.value, 0) == len(manifest.jobs) and not failures:
             code = EXIT_OK
         record = report.run_record(
             started_at=started_at, ended_at=time.time(), counts=counts, stats=stats,
             exit_code=code, manifest=str(manifest.path),
         )
-        report.append_run(root, record)
+        try:
+            report.append_run(root, record)
+        except StorageError as exc:
+            failures.append(str(exc))
         line = report.one_line(record, root / RESULTS)
-        store.record_run("end", summary=line, exit_code=code)
+        try:
+            store.record_run("end", summary=line, exit_code=code)
+        except StorageError as exc:
+            failures.append(str(exc))
+        try:
+            gallery = await asyncio.to_thread(build_gallery, root)
+            log.info("gallery: %s", gallery.path)
+        except ImgbatchError as exc:
+            failures.append(f"the gallery could not be built: {exc}")
         for extra in report.details(record):
             log.info("%s", extra)
+        for failure in failures:
+            log.error("%s; the checkpoint holds every finished job, re-run to resume", failure)
         if not quiet or code != EXIT_OK:
             print(f"imgbatch: {line}", file=sys.stderr)
     return code
 
 
 def entry() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: every failure becomes a message and an exit code."""
     try:
         code = main()
     except ImgbatchError as exc:
@@ -366,4 +435,17 @@ def entry() -> None:
         code = EXIT_USAGE
     except KeyboardInterrupt:
         code = 130
+    except Exception as exc:  # a bug: say so plainly; results.jsonl was written on the way out
+        inner: BaseException = exc
+        while isinstance(inner, BaseExceptionGroup) and inner.exceptions:
+            inner = inner.exceptions[0]
+        print(
+            f"imgbatch: internal error: {type(inner).__name__}: {inner}\n"
+            "imgbatch: this is a bug; the checkpoint is consistent and re-running the same "
+            "command resumes (set IMGBATCH_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
+        if os.environ.get("IMGBATCH_DEBUG"):
+            traceback.print_exception(exc)
+        code = EXIT_INTERNAL
     sys.exit(code)

@@ -124,6 +124,8 @@ class Engine:
         self._rng = random.Random(config.seed)
         self._rate_limited_since: float | None = None
         self.estimator = RateEstimator()
+        self._pending_estimate: tuple[float, float] | None = None  # (when, Retry-After)
+        self.limits.on_open = self._learn_rate
         self._in_flight: set[asyncio.Task[None]] = set()
 
     # -- control ---------------------------------------------------------------
@@ -308,14 +310,23 @@ class Engine:
         if pause is None:
             pause = min(self.config.policy.cap_s, 1.0 + self._rng.random())
         pause = min(pause, self.config.policy.max_server_wait_s)
-        if self.limits.gate.pause(pause):
+        # The other 429s of the same burst extend the pause but do not shrink
+        # the pool again: one decrease per episode, as in AIMD.
+        first_of_burst = self.limits.gate.remaining_s() <= 0
+        self.limits.gate.pause(pause)
+        if first_of_burst:
             self.limits.concurrency.on_rate_limited()
             log.info("rate limited (HTTP 429): pausing all requests for %.1fs", pause)
-        if not self.config.adaptive:
+        if self.config.adaptive and self._pending_estimate is None:
+            self._pending_estimate = (now, pause)
+
+    def _learn_rate(self) -> None:
+        """Once a 429 pause is over, pace the pool at what the server accepted before it."""
+        if self._pending_estimate is None or self.limits.gate.remaining_s() > 0:
             return
-        # Pace the pool at what the server accepted, so the pause is not
-        # followed by another burst into the same limit.
-        estimate = self.estimator.estimate_rpm(pause)
+        at, pause = self._pending_estimate
+        self._pending_estimate = None
+        estimate = self.estimator.estimate_rpm(pause, at)
         if estimate is None:
             return
         target = max(1.0, estimate * RATE_SAFETY)

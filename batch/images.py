@@ -159,6 +159,30 @@ def publish(root: Path, staged: StagedImage) -> None:
         raise StorageError(f"renaming {staged.tmp_rel} failed: {exc.strerror}") from None
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so a reader sees the old or the new file, never half.
+
+    The temporary file is created with O_EXCL | O_NOFOLLOW, so a link planted
+    under its name cannot redirect the write outside the output folder.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        remove_quietly(tmp)
+        fd = os.open(tmp, flags, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        remove_quietly(tmp)
+        raise StorageError(f"writing {path} failed: {exc.strerror or exc}") from None
+
+
 def fsync_dir(path: Path) -> None:
     """Make renames and creations in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -176,10 +200,10 @@ def stray_temporaries(root: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)]
 
 
-def file_matches(path: Path, size: int, mtime_ns: int) -> bool:
+def file_matches(path: Path | str, size: int, mtime_ns: int) -> bool:
     """Cheap check that a published file is the one recorded (size and mtime)."""
     try:
-        st = path.stat()
+        st = os.stat(path)
     except OSError:
         return False
     return st.st_size == size and st.st_mtime_ns == mtime_ns

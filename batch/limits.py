@@ -18,6 +18,7 @@ The clock is a parameter so tests drive time by hand.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections import deque
@@ -167,7 +168,7 @@ class RateEstimator:
 
     def refused(self, started_at: float) -> None:
         """The request that started at ``started_at`` was answered 429."""
-        self._refused.append(started_at)
+        bisect.insort(self._refused, started_at)  # answers come back out of order
         self._trim()
 
     def _trim(self) -> None:
@@ -176,13 +177,19 @@ class RateEstimator:
             while times and times[0] < cutoff:
                 times.popleft()
 
-    def estimate_rpm(self, retry_after_s: float) -> float | None:
-        """Requests per minute the server seems to allow, or None without evidence."""
+    def estimate_rpm(self, retry_after_s: float, at: float) -> float | None:
+        """Requests per minute the server seemed to allow when it said 429 at ``at``.
+
+        Call it once the pause is over: by then the other 429s of the same
+        burst are back, so requests still counted as accepted really were.
+        """
         self._trim()
-        accepted = len(self._starts) - len(self._refused)
-        if accepted <= 0 or self._first is None:
+        if self._first is None:
             return None
-        span = self._clock() - max(self._starts[0], self._first)
+        accepted = bisect.bisect_right(self._starts, at) - bisect.bisect_right(self._refused, at)
+        if accepted <= 0 or not self._starts:
+            return None
+        span = at - max(self._starts[0], self._first)
         window = span + max(retry_after_s, 0.0)
         if window <= 0:
             return None
@@ -196,12 +203,15 @@ class Limits:
     concurrency: ConcurrencyMeter
     gate: PauseGate
     rate: RateMeter | None = None
+    on_open: Callable[[], None] | None = None  # called when a pause is over, before pacing
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         await self.concurrency.acquire()
         try:
             await self.gate.acquire()
+            if self.on_open is not None:
+                self.on_open()
             if self.rate is not None:
                 await self.rate.acquire()
                 # A 429 seen while we waited for our turn pauses us too.

@@ -8,13 +8,13 @@ written, tokens, estimated cost and exit code. It is rewritten atomically.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from batch.engine import RunStats, StopReason
+from batch.images import write_atomic
 from batch.jobs import Status
 
 SUMMARY = "summary.json"
@@ -68,16 +68,10 @@ def read_runs(root: Path) -> list[dict[str, Any]]:
 
 
 def append_run(root: Path, record: Mapping[str, Any]) -> None:
-    """Add ``record`` to summary.json (atomically)."""
+    """Add ``record`` to summary.json (atomically); StorageError if it cannot be written."""
     runs = [*read_runs(root), dict(record)][-KEEP_RUNS:]
-    path = root / SUMMARY
-    tmp = path.with_name(f".{SUMMARY}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        json.dump({"runs": runs}, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    text = json.dumps({"runs": runs}, indent=2, ensure_ascii=False) + "\n"
+    write_atomic(root / SUMMARY, text.encode("utf-8"))
 
 
 def one_line(record: Mapping[str, Any], results_path: Path) -> str:

@@ -7,13 +7,12 @@ run, interrupted runs included, so a reader never sees half a file.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from batch.checkpoint import Checkpoint, JobState, fingerprint
-from batch.errors import StorageError
+from batch.images import write_atomic
 from batch.jobs import Job, Status
 
 RESULTS = "results.jsonl"
@@ -50,17 +49,10 @@ def rows(jobs: Sequence[Job], store: Checkpoint) -> Iterator[dict[str, Any]]:
 def write_results(jobs: Sequence[Job], store: Checkpoint) -> Counter[str]:
     """Write ``DIR/results.jsonl`` atomically; return the counts by status."""
     counts: Counter[str] = Counter()
-    path = store.root / RESULTS
-    tmp = path.with_name(f".{RESULTS}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as handle:
-            for line in rows(jobs, store):
-                counts[line["status"]] += 1
-                handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise StorageError(f"writing {path} failed: {exc.strerror}") from None
+    lines = []
+    for line in rows(jobs, store):
+        counts[line["status"]] += 1
+        lines.append(json.dumps(line, ensure_ascii=False))
+    lines.append("")
+    write_atomic(store.root / RESULTS, "\n".join(lines).encode("utf-8"))
     return counts

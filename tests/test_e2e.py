@@ -243,7 +243,7 @@ def test_answer_variants(tmp_path: Path, flags: list[str]) -> None:
 def test_validate_prints_the_plan_without_network(tmp_path: Path) -> None:
     done = run_cli("validate", "jobs/example.yaml")
     assert done.returncode == 0, done.stderr
-    assert "7 job(s)" in done.stdout
+    assert "8 job(s)" in done.stdout
 
 
 def test_a_stalled_answer_is_ended_by_the_timeout(tmp_path: Path) -> None:

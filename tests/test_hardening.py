@@ -8,9 +8,7 @@ loop of a background thread, so a CLI subprocess and in-process clients reach th
 Faults that cannot be produced from outside (an internal bug, a failed fsync) are injected
 by running the CLI under ``python -c`` with one function or one module's ``os`` replaced.
 
-docs/robustness.md is the table of what these tests pin. Tests marked
-``xfail(strict=True, reason="BUG: ...")`` are open bugs: they pass once the bug is fixed
-(and then fail as XPASS until the mark is removed).
+docs/robustness.md is the table of what these tests pin.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ import textwrap
 import threading
 import urllib.request
 import zlib
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +63,7 @@ class LoopThread:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._cleanups: list[Callable[[], Awaitable[None]]] = []
+        self._cleanups: list[Callable[[], Coroutine[Any, Any, Any]]] = []
 
     def __enter__(self) -> LoopThread:
         self._thread.start()
@@ -83,7 +81,7 @@ class LoopThread:
     def call(self, coro: Coroutine[Any, Any, Any], timeout: float = 30.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def on_close(self, cleanup: Callable[[], Awaitable[None]]) -> None:
+    def on_close(self, cleanup: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         self._cleanups.append(cleanup)
 
     def serve(self, app: web.Application, ssl_context: ssl.SSLContext | None = None) -> int:
@@ -95,7 +93,7 @@ class LoopThread:
 
         runner, port = self.call(up())
         self.on_close(runner.cleanup)
-        return port  # type: ignore[no-any-return]
+        return int(port)
 
     def simulator(self, ssl_context: ssl.SSLContext | None = None, **config: Any) -> Sim:
         config.setdefault("scale", SCALE)
@@ -183,17 +181,26 @@ def run_patched(
     )
 
 
-# Replaces one module's ``os`` with a copy whose listed calls fail like a full disk.
-OS_WITH = """
-import errno, os, types
-def os_with(**overrides):
-    proxy = types.ModuleType("os")
-    proxy.__dict__.update(os.__dict__)
-    proxy.__dict__.update(overrides)
-    return proxy
-def enospc(*args, **kwargs):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+# Makes os.write / os.fsync fail like a full disk (ENOSPC) for the files whose path matches
+# a pattern, after ``after`` successful calls: wherever in batch/ the call is made from.
+FAIL_DISK = """
+import errno, os, re
+def fail_disk(call, pattern, after=0):
+    real = getattr(os, call)
+    seen = []
+    def failing(fd, *args):
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            path = ""
+        if re.search(pattern, path):
+            seen.append(path)
+            if len(seen) > after:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, *args)
+    setattr(os, call, failing)
 """
+IMAGE_TEMPORARY = r"/images/\.[^/]*\.tmp$"
 
 
 def run_measured(*args: str, env: dict[str, str]) -> tuple[int, str, int]:
@@ -498,12 +505,8 @@ def unwritable(kind: str, tmp_path: Path) -> Iterator[Path]:
         "read-only-mount",
         "read-only-mount-prepared",
         "immutable",
-        pytest.param("immutable-images", marks=pytest.mark.xfail(strict=True, reason=(
-            "BUG: prepare_output checks only that DIR is writable; an unwritable DIR/images is "
-            "found after --concurrency paid requests whose images are thrown away"))),
-        pytest.param("immutable-state", marks=pytest.mark.xfail(strict=True, reason=(
-            "BUG: Checkpoint._lock does not map OSError: an unwritable DIR/.imgbatch ends in "
-            "a PermissionError traceback"))),
+        "immutable-images",
+        "immutable-state",
     ],
 )
 def test_unusable_output_folder_is_reported_before_anything_is_sent(
@@ -535,23 +538,13 @@ def test_symlinked_output_folder_is_followed(tmp_path: Path, servers: LoopThread
     assert again.returncode == 0 and sim.stats()["requests"] == 3
 
 
-PLANTED_BUG = (
-    "BUG: a symlink planted inside DIR is followed and the tool writes outside DIR "
-    "(images/ and .imgbatch/ are used through links; lock and journal are opened with "
-    "O_CREAT and no O_NOFOLLOW)"
-)
-
-
 @pytest.mark.parametrize(
     ("planted", "target"),
     [
-        pytest.param("images", "dir", marks=pytest.mark.xfail(strict=True, reason=PLANTED_BUG)),
-        pytest.param(".imgbatch", "dir",
-                     marks=pytest.mark.xfail(strict=True, reason=PLANTED_BUG)),
-        pytest.param(".imgbatch/lock", "file",
-                     marks=pytest.mark.xfail(strict=True, reason=PLANTED_BUG)),
-        pytest.param(".imgbatch/journal.jsonl", "file",
-                     marks=pytest.mark.xfail(strict=True, reason=PLANTED_BUG)),
+        ("images", "dir"),
+        (".imgbatch", "dir"),
+        (".imgbatch/lock", "file"),
+        (".imgbatch/journal.jsonl", "file"),
         ("images/job-000.png", "file"),
         ("results.jsonl", "file"),
         ("summary.json", "file"),
@@ -852,9 +845,6 @@ def test_internal_error_keeps_results_and_checkpoint_and_no_key(
     assert not [n for n in image_files(out) if n.endswith(".tmp")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: an unexpected exception escapes cli.main/entry as a raw ExceptionGroup traceback; "
-    "no 'internal error' message"))
 def test_internal_error_prints_a_clear_message_not_a_traceback(
     tmp_path: Path, servers: LoopThread
 ) -> None:
@@ -922,22 +912,13 @@ def test_full_disk_stops_new_jobs_and_resumes(tmp_path: Path, servers: LoopThrea
 def test_injected_write_failure_stops_new_jobs_and_resumes(
     tmp_path: Path, servers: LoopThread
 ) -> None:
-    """The same without a mount: os.write in batch.images fails from its 4th call on."""
+    """The same without a mount: writes to image temporaries fail from the 4th on."""
     sim = servers.simulator()
     manifest = catalog(12, tmp_path / "m.jsonl")
     out = tmp_path / "out"
     args = ("run", str(manifest), "--output", str(out), "--base-url", sim.url,
             "--concurrency", "2")
-    patch = OS_WITH + """
-import batch.images
-calls = []
-def write(fd, data):
-    calls.append(1)
-    if len(calls) > 3:
-        enospc()
-    return os.write(fd, data)
-batch.images.os = os_with(write=write)
-"""
+    patch = FAIL_DISK + f"fail_disk('write', {IMAGE_TEMPORARY!r}, after=3)\n"
     done = run_patched(patch, *args)
     assert done.returncode == 1, done.stderr
     assert "No space left on device" in done.stderr
@@ -964,7 +945,7 @@ def test_results_file_write_failure_keeps_the_old_one_and_resumes(
     old = (out / "results.jsonl").read_bytes()
     manifest = catalog(3, tmp_path / "m.jsonl")  # one more job
     args = ("run", str(manifest), "--output", str(out), "--base-url", sim.url)
-    patch = OS_WITH + "import batch.results\nbatch.results.os = os_with(fsync=enospc)\n"
+    patch = FAIL_DISK + "fail_disk('fsync', r'/\\.results\\.jsonl\\.[^/]*\\.tmp$')\n"
     done = run_patched(patch, *args)
     assert done.returncode == 1, done.stderr
     assert "results.jsonl" in done.stderr and "No space left on device" in done.stderr
@@ -980,14 +961,11 @@ def test_results_file_write_failure_keeps_the_old_one_and_resumes(
     assert sim.stats()["requests"] == 3  # nothing paid twice
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: report.append_run does not map OSError: a failed summary.json write is a raw "
-    "traceback, leaves .summary.json.<pid>.tmp and skips the run's end record"))
 def test_summary_write_failure_is_reported_cleanly(tmp_path: Path, servers: LoopThread) -> None:
     sim = servers.simulator()
     manifest = catalog(2, tmp_path / "m.jsonl")
     out = tmp_path / "out"
-    patch = OS_WITH + "import batch.report\nbatch.report.os = os_with(fsync=enospc)\n"
+    patch = FAIL_DISK + "fail_disk('fsync', r'/\\.summary\\.json\\.[^/]*\\.tmp$')\n"
     done = run_patched(patch, "run", str(manifest), "--output", str(out), "--base-url", sim.url)
     no_traceback(done)
     assert "summary.json" in done.stderr and "No space left on device" in done.stderr
@@ -995,9 +973,6 @@ def test_summary_write_failure_is_reported_cleanly(tmp_path: Path, servers: Loop
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Checkpoint._lock does not map OSError: starting on a full disk ends in an "
-    "OSError(ENOSPC) traceback from os.pwrite of the lock file"))
 def test_starting_on_a_full_disk_is_a_clear_error(tmp_path: Path, servers: LoopThread) -> None:
     sim = servers.simulator()
     manifest = catalog(2, tmp_path / "m.jsonl")
@@ -1010,9 +985,6 @@ def test_starting_on_a_full_disk_is_a_clear_error(tmp_path: Path, servers: LoopT
         assert "No space left on device" in done.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Checkpoint._append ignores a short os.write (what a nearly full disk returns): "
-    "record() reports success, the line is torn, and the next append merges into it"))
 def test_journal_append_on_a_filling_disk_never_loses_an_acknowledged_record(
     tmp_path: Path,
 ) -> None:
@@ -1097,14 +1069,12 @@ def test_cli_ca_bundle(tmp_path: Path, servers: LoopThread, cert: Cert) -> None:
     for row in read_results(tmp_path / "untrusted"):
         assert row["status"] == "failed" and row["error"]["type"] == "connection"
         assert "certificate" in row["error"]["message"].lower()
+    assert_no_key(tmp_path / "untrusted", refused)
     trusted = cli(*args, "--output", str(tmp_path / "trusted"), "--ca-bundle", str(cert.cert))
     assert trusted.returncode == 0, trusted.stderr
     assert sim.stats(cert.cert)["requests"] == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a missing or non-PEM --ca-bundle is only read when the first request starts: "
-    "FileNotFoundError/ssl.SSLError escape as an ExceptionGroup traceback"))
 @pytest.mark.parametrize("bundle", ["missing", "garbage"])
 def test_unusable_ca_bundle_is_a_usage_error(
     tmp_path: Path, servers: LoopThread, bundle: str
@@ -1158,6 +1128,7 @@ def test_http_proxy_from_the_environment_is_used(tmp_path: Path, servers: LoopTh
                  "--max-attempts", "1", env={**env, "NO_PROXY": "127.0.0.1"})
     assert bypass.returncode == 1 and len(seen) == 1  # NO_PROXY honoured too
     assert read_results(tmp_path / "bypass")[0]["error"]["type"] == "connection"
+    assert_no_key(tmp_path / "bypass", bypass)
 
 
 class ConnectProxy:

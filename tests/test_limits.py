@@ -130,8 +130,8 @@ def test_rate_estimator(
         estimator.started(at)
     for at in refused:
         estimator.refused(at)
-    clock.now = now
-    got = estimator.estimate_rpm(retry_after)
+    clock.now = now + retry_after  # asked once the pause is over
+    got = estimator.estimate_rpm(retry_after, at=now)
     if expected_rpm is None:
         assert got is None
     else:
@@ -146,4 +146,18 @@ def test_rate_estimator_forgets_beyond_its_horizon() -> None:
         estimator.started(i * 0.1)  # 10/s for 10 s
     clock.now = 100.0
     estimator.started(99.0)
-    assert estimator.estimate_rpm(1.0) == pytest.approx(60.0 * 1 / 2.0)
+    assert estimator.estimate_rpm(1.0, at=100.0) == pytest.approx(60.0 * 1 / 2.0)
+
+
+def test_rate_estimator_ignores_what_started_after_the_429() -> None:
+    clock = FakeClock()
+    clock.now = 0.0
+    estimator = RateEstimator(clock=clock)
+    for i in range(10):
+        estimator.started(float(i))
+    estimator.refused(9.0)
+    estimator.refused(8.0)  # answers arrive out of order
+    clock.now = 12.0
+    estimator.started(11.0)  # after the 429 at t=9.5: not evidence about it
+    # 8 accepted in [0, 9.5], oldest frees 2 s after the 429: 8 per 11.5 s.
+    assert estimator.estimate_rpm(2.0, at=9.5) == pytest.approx(60.0 * 8 / 11.5)

@@ -77,4 +77,5 @@ def test_max_cost_refuses_unpriced_models(tmp_path: Path) -> None:
 def test_validate_estimates_cost() -> None:
     done = run_cli("validate", "jobs/example.yaml")
     assert done.returncode == 0, done.stderr
-    assert "estimated cost: $0.94" in done.stdout  # 7 images at $0.134
+    # 7 images at $0.134; the flash model at 4K has no price
+    assert "estimated cost: $0.94 for one image per job (+1 job(s) of unknown price)" in done.stdout
