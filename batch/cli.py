@@ -39,7 +39,6 @@ from batch.errors import (
     StorageError,
     UsageError,
 )
-from batch.gallery import build_gallery
 from batch.images import IMAGES_DIR
 from batch.jobs import DEFAULT_MODEL, Status
 from batch.manifest import Manifest, load_manifest, summarize
@@ -78,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-cost", type=_positive_float, default=None, metavar="USD",
                      help="start no request that could push the estimated spend past USD")
     run.add_argument("--force", action="store_true", help="redo every job")
+    run.add_argument("--no-gallery", action="store_true",
+                     help="do not rebuild DIR/index.html at the end (imgbatch report does)")
     run.add_argument("--ca-bundle", type=Path, default=None)
     run.add_argument("--progress-interval", type=_positive_float, default=30.0, metavar="S",
                      help="seconds between progress lines when stderr is not a terminal")
@@ -246,11 +247,26 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from batch.gallery import build_gallery  # Pillow: only the report needs it
+
     stats = build_gallery(args.output)
     print(f"{stats.path}: {stats.images} image(s), {stats.failed_jobs} failed and "
           f"{stats.pending_jobs} pending job(s); {stats.thumbs_made} thumbnail(s) made, "
           f"{stats.thumbs_reused} reused")
     return EXIT_OK
+
+
+async def _build_gallery_apart(root: Path, quiet: bool) -> bool:
+    """Rebuild the gallery in a child process: decoding 4K images for thumbnails takes
+    tens of MB each, which must not count against the run's own flat memory."""
+    argv = [sys.executable, "-m", "batch", "report", str(root)]
+    if quiet:
+        argv.append("--quiet")
+    # Its one line goes with the run's other messages, on stderr.
+    child = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.DEVNULL if quiet else sys.stderr.fileno()
+    )
+    return await child.wait() == 0
 
 
 def _when(t: float) -> str:
@@ -300,7 +316,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(
             _run(manifest, root, store, client_config, engine_config, args.grace,
-                 args.quiet, args.progress_interval)
+                 args.quiet, args.progress_interval, not args.no_gallery)
         )
     finally:
         store.close()
@@ -355,6 +371,7 @@ async def _run(
     grace_s: float,
     quiet: bool = False,
     progress_interval_s: float = 30.0,
+    gallery: bool = True,
 ) -> int:
     progress = ConsoleProgress(
         sys.stderr, bar=sys.stderr.isatty() and not quiet, interval_s=progress_interval_s
@@ -412,11 +429,8 @@ async def _run(
             store.record_run("end", summary=line, exit_code=code)
         except StorageError as exc:
             failures.append(str(exc))
-        try:
-            gallery = await asyncio.to_thread(build_gallery, root)
-            log.info("gallery: %s", gallery.path)
-        except ImgbatchError as exc:
-            failures.append(f"the gallery could not be built: {exc}")
+        if gallery and not await _build_gallery_apart(root, quiet):
+            failures.append(f"the gallery could not be built; try: imgbatch report {root}")
         for extra in report.details(record):
             log.info("%s", extra)
         for failure in failures:

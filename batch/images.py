@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,11 +160,13 @@ def publish(root: Path, staged: StagedImage) -> None:
         raise StorageError(f"renaming {staged.tmp_rel} failed: {exc.strerror}") from None
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so a reader sees the old or the new file, never half.
+def write_atomic(path: Path, chunks: Iterable[bytes]) -> None:
+    """Replace ``path`` with ``chunks`` so a reader sees the old or the new file, never half.
 
-    The temporary file is created with O_EXCL | O_NOFOLLOW, so a link planted
-    under its name cannot redirect the write outside the output folder.
+    The chunks are streamed, so a results file for 100,000 jobs is never
+    held whole in memory. The temporary file is created with O_EXCL |
+    O_NOFOLLOW, so a link planted under its name cannot redirect the write
+    outside the output folder.
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -171,9 +174,9 @@ def write_atomic(path: Path, data: bytes) -> None:
         remove_quietly(tmp)
         fd = os.open(tmp, flags, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            with os.fdopen(os.dup(fd), "wb", buffering=1 << 20) as handle:
+                for chunk in chunks:
+                    handle.write(chunk)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -71,7 +71,7 @@ def append_run(root: Path, record: Mapping[str, Any]) -> None:
     """Add ``record`` to summary.json (atomically); StorageError if it cannot be written."""
     runs = [*read_runs(root), dict(record)][-KEEP_RUNS:]
     text = json.dumps({"runs": runs}, indent=2, ensure_ascii=False) + "\n"
-    write_atomic(root / SUMMARY, text.encode("utf-8"))
+    write_atomic(root / SUMMARY, [text.encode("utf-8")])
 
 
 def one_line(record: Mapping[str, Any], results_path: Path) -> str:

@@ -49,10 +49,11 @@ def rows(jobs: Sequence[Job], store: Checkpoint) -> Iterator[dict[str, Any]]:
 def write_results(jobs: Sequence[Job], store: Checkpoint) -> Counter[str]:
     """Write ``DIR/results.jsonl`` atomically; return the counts by status."""
     counts: Counter[str] = Counter()
-    lines = []
-    for line in rows(jobs, store):
-        counts[line["status"]] += 1
-        lines.append(json.dumps(line, ensure_ascii=False))
-    lines.append("")
-    write_atomic(store.root / RESULTS, "\n".join(lines).encode("utf-8"))
+
+    def lines() -> Iterator[bytes]:
+        for line in rows(jobs, store):
+            counts[line["status"]] += 1
+            yield (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
+
+    write_atomic(store.root / RESULTS, lines())
     return counts
