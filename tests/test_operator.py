@@ -79,3 +79,30 @@ def test_validate_estimates_cost() -> None:
     assert done.returncode == 0, done.stderr
     # 7 images at $0.134; the flash model at 4K has no price
     assert "estimated cost: $0.94 for one image per job (+1 job(s) of unknown price)" in done.stdout
+
+
+def test_catalog_with_vars_and_count_runs_resumes_and_reports_per_job(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with simulator("--scale", "0.03", "--fault-mix", "0.3", "--retry-after", "0.05") as sim:
+        first = run_cli("run", "jobs/catalog.yaml", "--output", str(out), "--base-url", sim.url,
+                        "--max-runtime", "0.4", "--concurrency", "2")
+        partial = read_results(out)
+        again = run_cli("run", "jobs/catalog.yaml", "--output", str(out), "--base-url", sim.url)
+        stats = sim.stats()
+    assert first.returncode == 1 and again.returncode == 0, again.stderr
+    rows = read_results(out)
+    ids = [r["id"] for r in rows]
+    assert len(ids) == 13 == len(set(ids))
+    assert "poster-retro-fox" in ids and "poster-art-deco-owl" in ids
+    assert {"skyline-tokyo-1", "skyline-tokyo-2", "skyline-lisbon-2", "mascot-3"} <= set(ids)
+    prompts = {r["id"]: r["prompt"] for r in rows}
+    assert prompts["poster-minimalist-owl"] == (
+        "A minimalist travel poster of a owl in the mountains")
+    assert all(r["status"] == "succeeded" for r in rows)
+    done_first = {r["id"] for r in partial if r["status"] == "succeeded"}
+    assert 0 < len(done_first) < 13
+    # Each expanded job is its own image, tracked and resumed on its own.
+    assert len({r["images"][0]["sha256"] for r in rows}) == 13
+    assert sum(r["attempts"] for r in rows) == stats["requests"]
+    validate = run_cli("validate", "jobs/catalog.yaml")
+    assert "13 job(s)" in validate.stdout
