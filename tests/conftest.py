@@ -80,6 +80,14 @@ def run_cli(
     )
 
 
+def spawn_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start the real ``imgbatch`` command without waiting; stderr is a text pipe."""
+    return subprocess.Popen(
+        imgbatch_argv(*args), cwd=ROOT, env=env if env is not None else cli_env(),
+        stderr=subprocess.PIPE, text=True,
+    )
+
+
 def read_results(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 

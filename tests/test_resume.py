@@ -6,11 +6,10 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
-from tests.conftest import ROOT, cli_env, imgbatch_argv, read_results, run_cli, simulator
+from tests.conftest import read_results, run_cli, simulator, spawn_cli
 from tests.test_e2e import catalog, check_outputs
 
 SCALE = "0.0625"
@@ -118,21 +117,8 @@ def test_second_run_on_the_same_folder_exits_4_naming_the_holder(tmp_path: Path)
     manifest = catalog(6, tmp_path / "l.jsonl")
     out = tmp_path / "out"
     with simulator("--scale", SCALE, "--latency", "0.5") as sim:
-        first = subprocess.Popen(
-            imgbatch_argv(
-                "run",
-                str(manifest),
-                "--output",
-                str(out),
-                "--base-url",
-                sim.url,
-                "--concurrency",
-                "1",
-            ),
-            cwd=ROOT,
-            env=cli_env(),
-            stderr=subprocess.PIPE,
-            text=True,
+        first = spawn_cli(
+            "run", str(manifest), "--output", str(out), "--base-url", sim.url, "--concurrency", "1"
         )
         lock = out / ".imgbatch" / "lock"
         wait_for(lambda: lock.exists() and lock.read_text().strip() == str(first.pid))
@@ -158,23 +144,17 @@ def test_sigterm_stops_cleanly_and_the_rerun_finishes(tmp_path: Path) -> None:
     manifest = catalog(30, tmp_path / "s.jsonl")
     out = tmp_path / "out"
     with simulator("--scale", SCALE, "--latency", "0.3") as sim:
-        run = subprocess.Popen(
-            imgbatch_argv(
-                "run",
-                str(manifest),
-                "--output",
-                str(out),
-                "--base-url",
-                sim.url,
-                "--concurrency",
-                "3",
-                "--grace",
-                "10",
-            ),
-            cwd=ROOT,
-            env=cli_env(),
-            stderr=subprocess.PIPE,
-            text=True,
+        run = spawn_cli(
+            "run",
+            str(manifest),
+            "--output",
+            str(out),
+            "--base-url",
+            sim.url,
+            "--concurrency",
+            "3",
+            "--grace",
+            "10",
         )
         wait_for(lambda: succeeded_in_journal(out) >= 3)
         run.send_signal(signal.SIGTERM)
@@ -237,10 +217,17 @@ def test_a_second_sigint_cuts_the_grace_period_short(tmp_path: Path) -> None:
     manifest = catalog(6, tmp_path / "i.jsonl")
     out = tmp_path / "out"
     with simulator("--scale", SCALE, "--latency", "60") as sim:
-        run = subprocess.Popen(
-            imgbatch_argv("run", str(manifest), "--output", str(out), "--base-url", sim.url,
-                          "--concurrency", "3", "--grace", "120"),
-            cwd=ROOT, env=cli_env(), stderr=subprocess.PIPE, text=True,
+        run = spawn_cli(
+            "run",
+            str(manifest),
+            "--output",
+            str(out),
+            "--base-url",
+            sim.url,
+            "--concurrency",
+            "3",
+            "--grace",
+            "120",
         )
         wait_for(lambda: sim.stats()["in_flight"] == 3)
         started = time.monotonic()
