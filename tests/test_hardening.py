@@ -203,16 +203,29 @@ def fail_disk(call, pattern, after=0):
 IMAGE_TEMPORARY = r"/images/\.[^/]*\.tmp$"
 
 
+# Linux starts a forked child's peak RSS at its parent's, and exec keeps it: a CLI
+# forked straight from this (large) pytest process would report pytest's peak. A small
+# fresh interpreter spawns it instead and reports what wait4 says of it.
+_MEASURE = """
+import json, os, sys
+pid = os.posix_spawn(sys.executable, [sys.executable, "-m", "batch", *sys.argv[2:]], os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as handle:
+    json.dump([os.waitstatus_to_exitcode(status), usage.ru_maxrss], handle)
+"""
+
+
 def run_measured(*args: str, env: dict[str, str]) -> tuple[int, str, int]:
     """(exit code, stderr, peak RSS in KiB) of one CLI run, measured by wait4."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "batch", *args], cwd=ROOT, env=env, stdout=out, stderr=err
+    with tempfile.TemporaryDirectory() as scratch, tempfile.TemporaryFile() as err:
+        result = Path(scratch) / "measure.json"
+        subprocess.run(
+            [sys.executable, "-c", _MEASURE, str(result), *args],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, check=False,
         )
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        code, peak_kib = json.loads(result.read_text())
         err.seek(0)
-        return proc.returncode, err.read().decode(errors="replace"), usage.ru_maxrss
+        return code, err.read().decode(errors="replace"), peak_kib
 
 
 def no_traceback(done: subprocess.CompletedProcess[str]) -> None:
