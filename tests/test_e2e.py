@@ -276,3 +276,20 @@ def test_the_key_appears_nowhere(tmp_path: Path) -> None:
     for path in out.rglob("*"):
         if path.is_file():
             assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_endless_rate_limiting_gives_up_with_jobs_pending(tmp_path: Path) -> None:
+    """429s use up no attempts; only --max-rate-limit-wait of continuous 429s stops the run."""
+    manifest = catalog(5, tmp_path / "rl.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE, "--fault-rate-limit", "1", "--fault-attempts", "0",
+                   "--retry-after", "0.1") as sim:
+        done = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url,
+                       "--max-attempts", "1", "--max-rate-limit-wait", "1.5")
+        stats = sim.stats()
+    assert done.returncode == 1, done.stderr
+    assert "rate limited continuously" in done.stderr
+    rows = read_results(out)
+    assert {r["status"] for r in rows} == {"pending"}  # not failed: the next run finishes them
+    assert stats["by_status"] == {"429": stats["requests"]}
+    assert stats["requests"] > 5  # more than --max-attempts 1 per job: 429s are not attempts
