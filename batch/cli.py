@@ -24,8 +24,6 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm import tqdm
-
 from batch import __version__, report, simulator
 from batch.checkpoint import STATE_DIR, Checkpoint
 from batch.client import DEFAULT_BASE_URL, ChatCompletionsClient, ClientConfig, Secret
@@ -42,7 +40,7 @@ from batch.errors import (
 from batch.images import IMAGES_DIR
 from batch.jobs import DEFAULT_MODEL, Status
 from batch.manifest import Manifest, load_manifest, summarize
-from batch.progress import ConsoleProgress
+from batch.progress import ConsoleProgress, setup_logging
 from batch.results import RESULTS, write_results
 from batch.retry import RetryPolicy
 
@@ -129,41 +127,6 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "t": round(record.created, 3),
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "message": record.getMessage(),
-            },
-            ensure_ascii=False,
-        )
-
-
-class _BarAwareHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes through tqdm, so log lines land above a progress bar instead of through it."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            tqdm.write(self.format(record), file=self.stream)
-        except Exception:
-            self.handleError(record)
-
-
-def setup_logging(quiet: bool, fmt: str) -> None:
-    handler = _BarAwareHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("imgbatch: %(levelname)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.ERROR if quiet else logging.INFO)
-    logging.getLogger("aiohttp").setLevel(logging.WARNING)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -211,38 +174,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     root: Path = args.output
-    if not (root / ".imgbatch").is_dir():
+    if not (root / STATE_DIR).is_dir():
         raise UsageError(f"{root} holds no imgbatch checkpoint")
-    store = Checkpoint.read(root)
-    counts: dict[str, int] = {}
-    errors: dict[str, int] = {}
-    attempts = 0
-    for state in store.states.values():
-        counts[state.status.value] = counts.get(state.status.value, 0) + 1
-        attempts += state.attempts
-        if state.status is Status.FAILED and state.error:
-            kind = str(state.error.get("type"))
-            errors[kind] = errors.get(kind, 0) + 1
-    print(f"{root}: {len(store.states)} job(s): " + ", ".join(
-        f"{n} {s}" for s, n in sorted(counts.items())) + f"; {attempts} request(s) in all")
-    for kind, n in sorted(errors.items(), key=lambda item: -item[1]):
-        print(f"  failed with {kind}: {n}")
-    starts = [r for r in store.runs if r.get("run") == "start"]
-    ends = [r for r in store.runs if r.get("run") == "end"]
-    if starts:
-        print(f"  last run started {_when(starts[-1]['t'])} (pid {starts[-1].get('pid')})")
-    if ends:
-        end = ends[-1]
-        print(f"  last run ended {_when(end['t'])}: {end.get('summary', '')}")
-    runs = report.read_runs(root)
-    if runs:
-        print("  recent runs:")
-        for run in runs[-5:]:
-            jobs = run.get("jobs", {})
-            print(f"    {run.get('start')}  exit {run.get('exit_code')}  "
-                  f"{jobs.get('succeeded', 0)} ok / {jobs.get('failed', 0)} failed / "
-                  f"{jobs.get('pending', 0)} pending  {run.get('requests')} requests  "
-                  f"~${run.get('estimated_cost_usd', 0):.2f}  {run.get('wall_s')}s")
+    print("\n".join(report.status_lines(root, Checkpoint.read(root))))
     return EXIT_OK
 
 
@@ -267,10 +201,6 @@ async def _build_gallery_apart(root: Path, quiet: bool) -> bool:
         *argv, stdout=asyncio.subprocess.DEVNULL if quiet else sys.stderr.fileno()
     )
     return await child.wait() == 0
-
-
-def _when(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 
 from tenacity import AsyncRetrying, RetryCallState, stop_never
 
-from batch.checkpoint import Checkpoint, FileMeta, GroupCommitter, JobState, fingerprint
+from batch.checkpoint import Checkpoint, FileMeta, JobState, fingerprint
 from batch.client import Generation, Provider
+from batch.commit import GroupCommitter
 from batch.cost import Budget, PriceTable
 from batch.errors import (
     FatalApiError,
@@ -38,15 +39,11 @@ from batch.errors import (
 )
 from batch.images import discard, remove_quietly
 from batch.jobs import ImageRecord, Job, Status
-from batch.limits import ConcurrencyMeter, Limits, PauseGate, RateEstimator, RateMeter
+from batch.limits import ConcurrencyMeter, Limits, PauseGate, RateMeter
 from batch.progress import Observer
 from batch.retry import Decision, RetryPolicy, decide
 
 log = logging.getLogger(__name__)
-
-
-# Pace at a little under the rate the server was seen to accept.
-RATE_SAFETY = 0.95
 
 
 class StopReason(enum.StrEnum):
@@ -116,6 +113,7 @@ class Engine:
             concurrency=ConcurrencyMeter(config.concurrency, adaptive=config.adaptive),
             gate=PauseGate(),
             rate=RateMeter(config.rpm) if config.rpm else None,
+            adaptive=config.adaptive,
         )
         self.budget = Budget(config.max_cost_usd)
         self.committer = GroupCommitter(store)
@@ -123,9 +121,7 @@ class Engine:
         self._settled = asyncio.Event()  # a request's cost became known
         self._rng = random.Random(config.seed)
         self._rate_limited_since: float | None = None
-        self.estimator = RateEstimator()
-        self._pending_estimate: tuple[float, float] | None = None  # (when, Retry-After)
-        self.limits.on_open = self._learn_rate
+
         self._in_flight: set[asyncio.Task[None]] = set()
 
     # -- control ---------------------------------------------------------------
@@ -276,12 +272,12 @@ class Engine:
             assert task is not None
             self._in_flight.add(task)
             started_at = time.monotonic()
-            self.estimator.started(started_at)
+            self.limits.estimator.started(started_at)
             try:
                 generation = await self.provider.generate(job, self.store.root)
                 spent = price * len(generation.images)
             except RateLimited as exc:
-                self.estimator.refused(started_at)
+                self.limits.estimator.refused(started_at)
                 self._on_rate_limited(exc)
                 raise
             finally:
@@ -309,34 +305,7 @@ class Engine:
         pause = error.retry_after_s
         if pause is None:
             pause = min(self.config.policy.cap_s, 1.0 + self._rng.random())
-        pause = min(pause, self.config.policy.max_server_wait_s)
-        # The other 429s of the same burst extend the pause but do not shrink
-        # the pool again: one decrease per episode, as in AIMD.
-        first_of_burst = self.limits.gate.remaining_s() <= 0
-        self.limits.gate.pause(pause)
-        if first_of_burst:
-            self.limits.concurrency.on_rate_limited()
-            log.info("rate limited (HTTP 429): pausing all requests for %.1fs", pause)
-        if self.config.adaptive and self._pending_estimate is None:
-            self._pending_estimate = (now, pause)
-
-    def _learn_rate(self) -> None:
-        """Once a 429 pause is over, pace the pool at what the server accepted before it."""
-        if self._pending_estimate is None or self.limits.gate.remaining_s() > 0:
-            return
-        at, pause = self._pending_estimate
-        self._pending_estimate = None
-        estimate = self.estimator.estimate_rpm(pause, at)
-        if estimate is None:
-            return
-        target = max(1.0, estimate * RATE_SAFETY)
-        if self.limits.rate is None:
-            self.limits.rate = RateMeter(target)
-        elif target < self.limits.rate.rpm:
-            self.limits.rate.set_rpm(target)
-        else:
-            return
-        log.info("rate limited: pacing requests at %.0f/min, learnt from the 429s", target)
+        self.limits.on_rate_limited(min(pause, self.config.policy.max_server_wait_s), now)
 
     async def _commit(
         self, job: Job, fp: str, generation: Generation, old_paths: set[str]

@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
@@ -196,22 +196,32 @@ class RateEstimator:
         return 60.0 * accepted / window
 
 
+# Pace at a little under the rate the server was seen to accept.
+RATE_SAFETY = 0.95
+
+
 @dataclass
 class Limits:
-    """The meters a request passes, in order: a slot, the shared pause, the rate."""
+    """The meters a request passes, in order: a slot, the shared pause, the rate.
+
+    It also answers a 429: one shared pause, one decrease of the pool per
+    burst, and (when ``adaptive``) once the pause is over, pacing at the rate
+    the server was seen to accept.
+    """
 
     concurrency: ConcurrencyMeter
     gate: PauseGate
     rate: RateMeter | None = None
-    on_open: Callable[[], None] | None = None  # called when a pause is over, before pacing
+    adaptive: bool = True
+    estimator: RateEstimator = field(default_factory=RateEstimator)
+    _pending: tuple[float, float] | None = None  # (when the 429 came, its pause)
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         await self.concurrency.acquire()
         try:
             await self.gate.acquire()
-            if self.on_open is not None:
-                self.on_open()
+            self._learn()
             if self.rate is not None:
                 await self.rate.acquire()
                 # A 429 seen while we waited for our turn pauses us too.
@@ -219,3 +229,33 @@ class Limits:
             yield
         finally:
             await self.concurrency.release()
+
+    def on_rate_limited(self, pause_s: float, now: float) -> None:
+        """A 429 arrived at ``now``; nobody starts a request for ``pause_s``."""
+        # The other 429s of the same burst extend the pause but do not shrink
+        # the pool again: one decrease per episode, as in AIMD.
+        first_of_burst = self.gate.remaining_s() <= 0
+        self.gate.pause(pause_s)
+        if first_of_burst:
+            self.concurrency.on_rate_limited()
+            log.info("rate limited (HTTP 429): pausing all requests for %.1fs", pause_s)
+        if self.adaptive and self._pending is None:
+            self._pending = (now, pause_s)
+
+    def _learn(self) -> None:
+        """Once a 429 pause is over, pace the pool at what the server accepted before it."""
+        if self._pending is None or self.gate.remaining_s() > 0:
+            return
+        at, pause = self._pending
+        self._pending = None
+        estimate = self.estimator.estimate_rpm(pause, at)
+        if estimate is None:
+            return
+        target = max(1.0, estimate * RATE_SAFETY)
+        if self.rate is None:
+            self.rate = RateMeter(target)
+        elif target < self.rate.rpm:
+            self.rate.set_rpm(target)
+        else:
+            return
+        log.info("rate limited: pacing requests at %.0f/min, learnt from the 429s", target)

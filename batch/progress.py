@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import sys
 import time
 from typing import IO, TYPE_CHECKING, Any
 
@@ -24,6 +26,42 @@ if TYPE_CHECKING:
     from batch.checkpoint import JobState
 
 log = logging.getLogger("batch")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "t": round(record.created, 3),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "message": record.getMessage(),
+            },
+            ensure_ascii=False,
+        )
+
+
+class _BarAwareHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes through tqdm, so log lines land above a progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(quiet: bool, fmt: str) -> None:
+    """Log to stderr: text or one JSON object per line; errors only when quiet."""
+    handler = _BarAwareHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("imgbatch: %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.ERROR if quiet else logging.INFO)
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
 
 
 class Observer:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from batch.checkpoint import Checkpoint
 from batch.engine import RunStats, StopReason
 from batch.images import write_atomic
 from batch.jobs import Status
@@ -103,3 +105,41 @@ def details(record: Mapping[str, Any]) -> list[str]:
     if record["skipped_already_done"]:
         lines.append(f"{record['skipped_already_done']} job(s) already done, not sent again")
     return lines
+
+
+def status_lines(root: Path, store: Checkpoint) -> list[str]:
+    """What ``imgbatch status`` prints: counts, failures by type, the last runs."""
+    counts: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    attempts = 0
+    for state in store.states.values():
+        counts[state.status.value] += 1
+        attempts += state.attempts
+        if state.status is Status.FAILED and state.error:
+            errors[str(state.error.get("type"))] += 1
+    lines = [f"{root}: {len(store.states)} job(s): "
+             + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+             + f"; {attempts} request(s) in all"]
+    lines += [f"  failed with {kind}: {n}" for kind, n in errors.most_common()]
+    starts = [r for r in store.runs if r.get("run") == "start"]
+    ends = [r for r in store.runs if r.get("run") == "end"]
+    if starts:
+        lines.append(f"  last run started {_when(starts[-1]['t'])} (pid {starts[-1].get('pid')})")
+    if ends:
+        lines.append(f"  last run ended {_when(ends[-1]['t'])}: {ends[-1].get('summary', '')}")
+    runs = read_runs(root)
+    if runs:
+        lines.append("  recent runs:")
+        for run in runs[-5:]:
+            jobs = run.get("jobs", {})
+            lines.append(
+                f"    {run.get('start')}  exit {run.get('exit_code')}  "
+                f"{jobs.get('succeeded', 0)} ok / {jobs.get('failed', 0)} failed / "
+                f"{jobs.get('pending', 0)} pending  {run.get('requests')} requests  "
+                f"~${run.get('estimated_cost_usd', 0):.2f}  {run.get('wall_s')}s"
+            )
+    return lines
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))

@@ -161,3 +161,36 @@ def test_rate_estimator_ignores_what_started_after_the_429() -> None:
     estimator.started(11.0)  # after the 429 at t=9.5: not evidence about it
     # 8 accepted in [0, 9.5], oldest frees 2 s after the 429: 8 per 11.5 s.
     assert estimator.estimate_rpm(2.0, at=9.5) == pytest.approx(60.0 * 8 / 11.5)
+
+
+def test_a_burst_of_429s_pauses_once_and_shrinks_the_pool_once() -> None:
+    clock = FakeClock()
+    limits = Limits(ConcurrencyMeter(64), PauseGate(clock))
+    for _ in range(10):  # the rest of the burst comes back a moment later
+        limits.on_rate_limited(6.0, clock.now)
+        clock.now += 0.01
+    assert limits.concurrency.limit == 32
+    assert limits.gate.remaining_s() == pytest.approx(6.0 - 0.01, abs=0.02)
+    clock.now += 10  # a later episode halves again
+    limits.on_rate_limited(1.0, clock.now)
+    assert limits.concurrency.limit == 16
+
+
+def test_pacing_is_learnt_once_the_pause_is_over() -> None:
+    async def scenario() -> float | None:
+        clock = FakeClock()
+        clock.now = 0.0
+        limits = Limits(ConcurrencyMeter(64), PauseGate(clock),
+                        estimator=RateEstimator(clock=clock))
+        for _ in range(64):
+            limits.estimator.started(0.0)
+        for _ in range(4):
+            limits.estimator.refused(0.0)
+        limits.on_rate_limited(5.95, 0.05)
+        assert limits.rate is None  # not while the pause lasts
+        clock.now = 6.0
+        async with limits.slot():
+            pass
+        return limits.rate.rpm if limits.rate else None
+
+    assert asyncio.run(scenario()) == pytest.approx(600.0 * 0.95, rel=0.01)
