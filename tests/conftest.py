@@ -55,6 +55,11 @@ def simulator(*args: str) -> Iterator[Simulator]:
             process.stdout.close()
 
 
+def run_args(manifest: Path, out: Path, sim: Simulator, *extra: str) -> list[str]:
+    """The arguments of ``imgbatch run`` for ``manifest`` into ``out`` against ``sim``."""
+    return ["run", str(manifest), "--output", str(out), "--base-url", sim.url, *extra]
+
+
 def imgbatch_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "batch", *args]
 
@@ -83,8 +88,11 @@ def run_cli(
 def spawn_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """Start the real ``imgbatch`` command without waiting; stderr is a text pipe."""
     return subprocess.Popen(
-        imgbatch_argv(*args), cwd=ROOT, env=env if env is not None else cli_env(),
-        stderr=subprocess.PIPE, text=True,
+        imgbatch_argv(*args),
+        cwd=ROOT,
+        env=env if env is not None else cli_env(),
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

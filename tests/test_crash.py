@@ -20,7 +20,7 @@ from pathlib import Path
 from batch.checkpoint import Checkpoint
 from batch.imageinfo import probe
 from batch.jobs import Status
-from tests.conftest import ROOT, cli_env, imgbatch_argv, read_results, run_cli, simulator
+from tests.conftest import ROOT, cli_env, imgbatch_argv, read_results, run_args, run_cli, simulator
 from tests.test_e2e import catalog, check_outputs
 
 KILLS = int(os.environ.get("IMGBATCH_CRASH_KILLS", "20"))
@@ -92,12 +92,7 @@ def test_kill_9_many_times_then_resume(tmp_path: Path) -> None:
             kills += 1
             check_after_kill(out)
         final = run_cli(
-            "run",
-            str(manifest),
-            "--output",
-            str(out),
-            "--base-url",
-            sim.url,
+            *run_args(manifest, out, sim),
             "--concurrency",
             str(CONCURRENCY),
         )

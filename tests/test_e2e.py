@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from batch.simulator import image_dims
-from tests.conftest import KEY, cli_env, read_results, run_cli, simulator
+from tests.conftest import KEY, cli_env, read_results, run_args, run_cli, simulator
 
 SCALE = "0.0625"
 RATIOS = ["1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"]
@@ -70,9 +70,7 @@ def test_clean_run(tmp_path: Path) -> None:
     manifest = catalog(24, tmp_path / "cat.jsonl")
     out = tmp_path / "out"
     with simulator("--scale", SCALE, "--latency", "0.2") as sim:
-        done = run_cli(
-            "run", str(manifest), "--output", str(out), "--base-url", sim.url, "--concurrency", "6"
-        )
+        done = run_cli(*run_args(manifest, out, sim), "--concurrency", "6")
         stats = sim.stats()
     assert done.returncode == 0, done.stderr
     rows = read_results(out)
@@ -92,12 +90,7 @@ def test_heavy_faults_still_finish_every_job(tmp_path: Path) -> None:
         "--scale", SCALE, "--fault-mix", "0.4", "--retry-after", "0.05", "--seed", "3"
     ) as sim:
         done = run_cli(
-            "run",
-            str(manifest),
-            "--output",
-            str(out),
-            "--base-url",
-            sim.url,
+            *run_args(manifest, out, sim),
             "--concurrency",
             "16",
             "--max-attempts",
@@ -120,8 +113,8 @@ def test_rerun_sends_nothing_for_finished_jobs(tmp_path: Path) -> None:
     manifest = catalog(10, tmp_path / "again.jsonl")
     out = tmp_path / "out"
     with simulator("--scale", SCALE) as sim:
-        first = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url)
-        second = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url)
+        first = run_cli(*run_args(manifest, out, sim))
+        second = run_cli(*run_args(manifest, out, sim))
         stats = sim.stats()
     assert first.returncode == 0 and second.returncode == 0, second.stderr
     assert stats["requests"] == 10
@@ -160,21 +153,14 @@ def test_bad_key_stops_the_run_and_leaves_jobs_pending(tmp_path: Path) -> None:
     manifest = catalog(30, tmp_path / "auth.jsonl")
     out = tmp_path / "out"
     with simulator("--scale", SCALE, "--api-key", "the-right-key") as sim:
-        done = run_cli(
-            "run", str(manifest), "--output", str(out), "--base-url", sim.url, "--concurrency", "2"
-        )
+        done = run_cli(*run_args(manifest, out, sim), "--concurrency", "2")
         assert done.returncode == 3, done.stderr
         rows = read_results(out)
         assert {r["status"] for r in rows} == {"pending"}
         assert sim.stats()["requests"] <= 4  # stopped quickly: no request after the first 401s
         assert "401" in done.stderr and "invalid api key" in done.stderr
         fixed = run_cli(
-            "run",
-            str(manifest),
-            "--output",
-            str(out),
-            "--base-url",
-            sim.url,
+            *run_args(manifest, out, sim),
             env=cli_env(QINIU_API_KEY="the-right-key"),
         )
     assert fixed.returncode == 0, fixed.stderr
@@ -191,7 +177,7 @@ def test_rejected_and_no_image_jobs_fail_with_the_servers_words(tmp_path: Path) 
     )
     out = tmp_path / "out"
     with simulator("--scale", SCALE) as sim:
-        done = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url)
+        done = run_cli(*run_args(manifest, out, sim))
     assert done.returncode == 1
     rows = {r["id"]: r for r in read_results(out)}
     assert rows["good"]["status"] == "succeeded"
@@ -213,7 +199,7 @@ def test_lying_mime_type_is_named_by_the_real_type(tmp_path: Path) -> None:
     manifest = catalog(3, tmp_path / "lie.jsonl")
     out = tmp_path / "out"
     with simulator("--scale", SCALE, "--jpeg-lie", "1") as sim:
-        done = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url)
+        done = run_cli(*run_args(manifest, out, sim))
     assert done.returncode == 0, done.stderr
     for row in read_results(out):
         image = row["images"][0]
@@ -229,7 +215,7 @@ def test_answer_variants(tmp_path: Path, flags: list[str]) -> None:
     manifest = catalog(4, tmp_path / "v.jsonl")
     out = tmp_path / "out"
     with simulator("--scale", SCALE, *flags) as sim:
-        done = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url)
+        done = run_cli(*run_args(manifest, out, sim))
     assert done.returncode == 0, done.stderr
     rows = read_results(out)
     expected = 2 if "--images-per-response" in flags else 1
@@ -250,8 +236,9 @@ def test_a_stalled_answer_is_ended_by_the_timeout(tmp_path: Path) -> None:
     manifest = catalog(2, tmp_path / "slow.jsonl")
     out = tmp_path / "out"
     with simulator("--scale", SCALE, "--latency", "30") as sim:
-        done = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url,
-                       "--timeout", "0.5", "--max-attempts", "2", timeout=30)
+        done = run_cli(
+            *run_args(manifest, out, sim), "--timeout", "0.5", "--max-attempts", "2", timeout=30
+        )
         assert sim.stats()["requests"] == 4
     assert done.returncode == 1
     for row in read_results(out):
@@ -265,12 +252,22 @@ def test_the_key_appears_nowhere(tmp_path: Path) -> None:
     out = tmp_path / "out"
     outputs = []
     with simulator("--scale", SCALE, "--fault-mix", "0.6", "--retry-after", "0.05") as sim:
-        outputs.append(run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url))
+        outputs.append(run_cli(*run_args(manifest, out, sim)))
     with simulator("--scale", SCALE, "--api-key", "another") as sim:
-        outputs.append(run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url,
-                               "--force"))
-    outputs.append(run_cli("run", str(manifest), "--output", str(out), "--force",
-                           "--base-url", "http://127.0.0.1:9/v1", "--max-attempts", "1"))
+        outputs.append(run_cli(*run_args(manifest, out, sim), "--force"))
+    outputs.append(
+        run_cli(
+            "run",
+            str(manifest),
+            "--output",
+            str(out),
+            "--force",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--max-attempts",
+            "1",
+        )
+    )
     for done in outputs:
         assert KEY not in done.stdout + done.stderr
     for path in out.rglob("*"):
@@ -282,10 +279,12 @@ def test_endless_rate_limiting_gives_up_with_jobs_pending(tmp_path: Path) -> Non
     """429s use up no attempts; only --max-rate-limit-wait of continuous 429s stops the run."""
     manifest = catalog(5, tmp_path / "rl.jsonl")
     out = tmp_path / "out"
-    with simulator("--scale", SCALE, "--fault-rate-limit", "1", "--fault-attempts", "0",
-                   "--retry-after", "0.1") as sim:
-        done = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url,
-                       "--max-attempts", "1", "--max-rate-limit-wait", "1.5")
+    with simulator(
+        "--scale", SCALE, "--fault-rate-limit", "1", "--fault-attempts", "0", "--retry-after", "0.1"
+    ) as sim:
+        done = run_cli(
+            *run_args(manifest, out, sim), "--max-attempts", "1", "--max-rate-limit-wait", "1.5"
+        )
         stats = sim.stats()
     assert done.returncode == 1, done.stderr
     assert "rate limited continuously" in done.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from batch.cost import Budget, PriceTable
-from tests.conftest import read_results, run_cli, simulator
+from tests.conftest import read_results, run_args, run_cli, simulator
 
 
 @pytest.mark.parametrize(
@@ -35,8 +35,9 @@ def test_budget_never_lets_a_request_start_past_the_cap(
 
 
 def test_price_table_overrides() -> None:
-    table = PriceTable.with_overrides({"gemini-3.0-pro-image-preview": {"4K": 0.3},
-                                       "my-model": {"1K": 0.01}})
+    table = PriceTable.with_overrides(
+        {"gemini-3.0-pro-image-preview": {"4K": 0.3}, "my-model": {"1K": 0.01}}
+    )
     assert table.price("gemini-3.0-pro-image-preview", "4K") == 0.3
     assert table.price("gemini-3.0-pro-image-preview", "1K") == 0.134
     assert table.price("my-model", "1K") == 0.01
@@ -51,8 +52,7 @@ def test_max_cost_stops_after_four_4k_images(tmp_path: Path) -> None:
     )
     out = tmp_path / "out"
     with simulator("--scale", "0.01") as sim:
-        done = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url,
-                       "--max-cost", "1", "--concurrency", "3")
+        done = run_cli(*run_args(manifest, out, sim), "--max-cost", "1", "--concurrency", "3")
         assert sim.stats()["requests"] == 4
     assert done.returncode == 1, done.stderr
     rows = read_results(out)
@@ -86,8 +86,18 @@ def test_catalog_with_vars_and_count_runs_resumes_and_reports_per_job(tmp_path: 
     # 13 jobs, 2 at a time, 0.3 s each: the 1 s runtime cuts the first run short, and the
     # requests in flight at the deadline finish, so it leaves between 2 and 12 done.
     with simulator("--scale", "0.03", "--latency", "0.3") as sim:
-        first = run_cli("run", "jobs/catalog.yaml", "--output", str(out), "--base-url", sim.url,
-                        "--max-runtime", "1", "--concurrency", "2")
+        first = run_cli(
+            "run",
+            "jobs/catalog.yaml",
+            "--output",
+            str(out),
+            "--base-url",
+            sim.url,
+            "--max-runtime",
+            "1",
+            "--concurrency",
+            "2",
+        )
         partial = read_results(out)
         again = run_cli("run", "jobs/catalog.yaml", "--output", str(out), "--base-url", sim.url)
         stats = sim.stats()
@@ -99,7 +109,8 @@ def test_catalog_with_vars_and_count_runs_resumes_and_reports_per_job(tmp_path: 
     assert {"skyline-tokyo-1", "skyline-tokyo-2", "skyline-lisbon-2", "mascot-3"} <= set(ids)
     prompts = {r["id"]: r["prompt"] for r in rows}
     assert prompts["poster-minimalist-owl"] == (
-        "A minimalist travel poster of a owl in the mountains")
+        "A minimalist travel poster of a owl in the mountains"
+    )
     assert all(r["status"] == "succeeded" for r in rows)
     done_first = {r["id"] for r in partial if r["status"] == "succeeded"}
     assert 2 <= len(done_first) < 13

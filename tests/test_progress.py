@@ -17,24 +17,54 @@ from tests.test_e2e import catalog
 
 def test_on_a_pipe_plain_lines_at_intervals_and_at_the_end(tmp_path: Path) -> None:
     manifest = catalog(12, tmp_path / "p.jsonl")
-    with simulator("--scale", "0.0625", "--latency", "0.3", "--fault-rate-limit", "0.3",
-                   "--retry-after", "0.2", "--seed", "2") as sim:
-        done = run_cli("run", str(manifest), "--output", str(tmp_path / "out"),
-                       "--base-url", sim.url, "--concurrency", "2", "--progress-interval", "0.5")
+    with simulator(
+        "--scale",
+        "0.0625",
+        "--latency",
+        "0.3",
+        "--fault-rate-limit",
+        "0.3",
+        "--retry-after",
+        "0.2",
+        "--seed",
+        "2",
+    ) as sim:
+        done = run_cli(
+            "run",
+            str(manifest),
+            "--output",
+            str(tmp_path / "out"),
+            "--base-url",
+            sim.url,
+            "--concurrency",
+            "2",
+            "--progress-interval",
+            "0.5",
+        )
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if "progress:" in line]
     assert len(lines) >= 3  # periodic ones, plus the last
     assert "\r" not in done.stderr and "|" not in done.stderr  # no bar when not a terminal
-    assert re.search(r"12 succeeded, 0 failed, 0 retrying, 0 in flight, 12/12 done; "
-                     r"[\d.]+ img/min; \$1\.61 spent", lines[-1])
+    assert re.search(
+        r"12 succeeded, 0 failed, 0 retrying, 0 in flight, 12/12 done; "
+        r"[\d.]+ img/min; \$1\.61 spent",
+        lines[-1],
+    )
     assert re.search(r"retrying job-\d+ in [\d.]+s: .*rate_limited HTTP 429", done.stderr)
 
 
 def test_quiet_prints_nothing_on_success(tmp_path: Path) -> None:
     manifest = catalog(3, tmp_path / "q.jsonl")
     with simulator("--scale", "0.0625") as sim:
-        done = run_cli("run", str(manifest), "--output", str(tmp_path / "out"),
-                       "--base-url", sim.url, "--quiet")
+        done = run_cli(
+            "run",
+            str(manifest),
+            "--output",
+            str(tmp_path / "out"),
+            "--base-url",
+            sim.url,
+            "--quiet",
+        )
     assert done.returncode == 0
     assert done.stderr == "" and done.stdout == ""
 
@@ -44,10 +74,17 @@ def test_json_log_format(tmp_path: Path) -> None:
 
     manifest = catalog(3, tmp_path / "j.jsonl")
     with simulator("--scale", "0.0625") as sim:
-        done = run_cli("run", str(manifest), "--output", str(tmp_path / "out"),
-                       "--base-url", sim.url, "--log-format", "json")
-    records = [json.loads(line) for line in done.stderr.splitlines()
-               if line.startswith("{")]
+        done = run_cli(
+            "run",
+            str(manifest),
+            "--output",
+            str(tmp_path / "out"),
+            "--base-url",
+            sim.url,
+            "--log-format",
+            "json",
+        )
+    records = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
     assert records and all({"t", "level", "message"} <= set(r) for r in records)
 
 
@@ -58,10 +95,21 @@ def test_on_a_terminal_a_bar(tmp_path: Path) -> None:
         fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
         try:
             run = subprocess.Popen(
-                imgbatch_argv("run", str(manifest), "--output", str(tmp_path / "out"),
-                              "--base-url", sim.url, "--concurrency", "2"),
-                cwd=ROOT, env=cli_env(COLUMNS="120"), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=follower,
+                imgbatch_argv(
+                    "run",
+                    str(manifest),
+                    "--output",
+                    str(tmp_path / "out"),
+                    "--base-url",
+                    sim.url,
+                    "--concurrency",
+                    "2",
+                ),
+                cwd=ROOT,
+                env=cli_env(COLUMNS="120"),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=follower,
             )
             os.close(follower)
             screen = b""

@@ -9,7 +9,7 @@ import signal
 import time
 from pathlib import Path
 
-from tests.conftest import read_results, run_cli, simulator, spawn_cli
+from tests.conftest import read_results, run_args, run_cli, simulator, spawn_cli
 from tests.test_e2e import catalog, check_outputs
 
 SCALE = "0.0625"
@@ -59,10 +59,7 @@ def test_edited_prompt_and_deleted_image_rerun_only_those_jobs(tmp_path: Path) -
     manifest = catalog(8, tmp_path / "e.jsonl")
     out = tmp_path / "out"
     with simulator("--scale", SCALE) as sim:
-        assert (
-            run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url).returncode
-            == 0
-        )
+        assert run_cli(*run_args(manifest, out, sim)).returncode == 0
         rows = read_results(out)
         lines = manifest.read_text().splitlines()
         edited = json.loads(lines[2])
@@ -72,7 +69,7 @@ def test_edited_prompt_and_deleted_image_rerun_only_those_jobs(tmp_path: Path) -
         (out / rows[5]["images"][0]["path"]).unlink()
         altered = out / rows[6]["images"][0]["path"]
         altered.write_bytes(altered.read_bytes()[:-20] + b"\0" * 20)
-        again = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url)
+        again = run_cli(*run_args(manifest, out, sim))
         stats = sim.stats()
     assert again.returncode == 0, again.stderr
     assert stats["requests"] == 8 + 3
@@ -86,10 +83,8 @@ def test_force_redoes_everything(tmp_path: Path) -> None:
     manifest = catalog(3, tmp_path / "f.jsonl")
     out = tmp_path / "out"
     with simulator("--scale", SCALE) as sim:
-        run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url)
-        forced = run_cli(
-            "run", str(manifest), "--output", str(out), "--base-url", sim.url, "--force"
-        )
+        run_cli(*run_args(manifest, out, sim))
+        forced = run_cli(*run_args(manifest, out, sim), "--force")
         assert sim.stats()["requests"] == 6
     assert forced.returncode == 0
     rows = read_results(out)
@@ -101,11 +96,11 @@ def test_torn_journal_record_is_tolerated(tmp_path: Path) -> None:
     manifest = catalog(5, tmp_path / "t.jsonl")
     out = tmp_path / "out"
     with simulator("--scale", SCALE) as sim:
-        run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url)
+        run_cli(*run_args(manifest, out, sim))
         journal = out / ".imgbatch" / "journal.jsonl"
         with journal.open("ab") as handle:
             handle.write(b'{"id":"job-000","fp":"abc","status":"succ')  # a crash mid-append
-        again = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url)
+        again = run_cli(*run_args(manifest, out, sim))
         assert sim.stats()["requests"] == 5
     assert again.returncode == 0, again.stderr
     assert "torn" in again.stderr
@@ -117,12 +112,10 @@ def test_second_run_on_the_same_folder_exits_4_naming_the_holder(tmp_path: Path)
     manifest = catalog(6, tmp_path / "l.jsonl")
     out = tmp_path / "out"
     with simulator("--scale", SCALE, "--latency", "0.5") as sim:
-        first = spawn_cli(
-            "run", str(manifest), "--output", str(out), "--base-url", sim.url, "--concurrency", "1"
-        )
+        first = spawn_cli(*run_args(manifest, out, sim), "--concurrency", "1")
         lock = out / ".imgbatch" / "lock"
         wait_for(lambda: lock.exists() and lock.read_text().strip() == str(first.pid))
-        second = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url)
+        second = run_cli(*run_args(manifest, out, sim))
         assert second.returncode == 4
         assert str(first.pid) in second.stderr
         _, err = first.communicate(timeout=60)
@@ -136,7 +129,7 @@ def test_stale_lock_from_a_dead_process_does_not_block(tmp_path: Path) -> None:
     (out / ".imgbatch").mkdir(parents=True)
     (out / ".imgbatch" / "lock").write_text("999999\n")
     with simulator("--scale", SCALE) as sim:
-        done = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url)
+        done = run_cli(*run_args(manifest, out, sim))
     assert done.returncode == 0, done.stderr
 
 
@@ -145,12 +138,7 @@ def test_sigterm_stops_cleanly_and_the_rerun_finishes(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with simulator("--scale", SCALE, "--latency", "0.3") as sim:
         run = spawn_cli(
-            "run",
-            str(manifest),
-            "--output",
-            str(out),
-            "--base-url",
-            sim.url,
+            *run_args(manifest, out, sim),
             "--concurrency",
             "3",
             "--grace",
@@ -167,7 +155,7 @@ def test_sigterm_stops_cleanly_and_the_rerun_finishes(tmp_path: Path) -> None:
         assert {r["status"] for r in rows} == {"succeeded", "pending"}
         sent_first = sim.stats()["requests"]
         assert sent_first == len(done)  # in-flight requests were let finish and recorded
-        again = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url)
+        again = run_cli(*run_args(manifest, out, sim))
         assert again.returncode == 0, again.stderr
         assert sim.stats()["requests"] == 30
     check_outputs(out, read_results(out))
@@ -179,12 +167,7 @@ def test_max_runtime_leaves_the_rest_pending(tmp_path: Path) -> None:
     with simulator("--scale", SCALE, "--latency", "0.25") as sim:
         started = time.monotonic()
         done = run_cli(
-            "run",
-            str(manifest),
-            "--output",
-            str(out),
-            "--base-url",
-            sim.url,
+            *run_args(manifest, out, sim),
             "--concurrency",
             "2",
             "--max-runtime",
@@ -206,7 +189,7 @@ def test_status_reports_counts_without_network(tmp_path: Path) -> None:
     manifest = catalog(4, tmp_path / "st.jsonl")
     out = tmp_path / "out"
     with simulator("--scale", SCALE) as sim:
-        run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url)
+        run_cli(*run_args(manifest, out, sim))
     status = run_cli("status", str(out), env={k: v for k, v in os.environ.items()})
     assert status.returncode == 0, status.stderr
     assert "4 succeeded" in status.stdout
@@ -218,12 +201,7 @@ def test_a_second_sigint_cuts_the_grace_period_short(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with simulator("--scale", SCALE, "--latency", "60") as sim:
         run = spawn_cli(
-            "run",
-            str(manifest),
-            "--output",
-            str(out),
-            "--base-url",
-            sim.url,
+            *run_args(manifest, out, sim),
             "--concurrency",
             "3",
             "--grace",
