@@ -344,7 +344,7 @@ class Engine:
                 discard(root, staged)
             self.stop(StopReason.STORAGE, f"{exc}; jobs left pending, re-run to resume")
             return
-        for path in old_paths - set(state_paths(state)):
+        for path in old_paths - {image.path for image in state.images}:
             remove_quietly(root / path)
         self.stats.succeeded += 1
         self.stats.images_written += len(generation.images)
@@ -374,6 +374,3 @@ class Engine:
         except StorageError as exc:
             self.stop(StopReason.STORAGE, str(exc))
 
-
-def state_paths(state: JobState) -> list[str]:
-    return [image.path for image in state.images]

@@ -1,7 +1,7 @@
 """Retry policy as pure functions: what to do after a failed attempt, and how long to wait.
 
-The engine drives tenacity with these (see :func:`tenacity_kwargs`); the
-decisions themselves take plain values so they are tested with tables.
+The engine drives tenacity with :func:`decide` as its retry and wait
+callbacks; the decisions take plain values, so they are tested with tables.
 
 Rules (after openai-python's client, made patient for a nightly batch):
 - connection errors, timeouts, 408, 409, 5xx and malformed 200s are retried
