@@ -26,6 +26,7 @@ from urllib.parse import quote
 from PIL import Image, features
 
 from batch.errors import OutputError, StorageError
+from batch.images import write_atomic
 from batch.report import read_runs
 from batch.results import RESULTS
 
@@ -99,7 +100,7 @@ def build_gallery(root: Path, *, thumb_px: int = 320) -> GalleryStats:
     made = _make_thumbs(todo, thumbs, thumb_px)
     have = (present & wanted.keys()) | made
     path = root / INDEX
-    _write_atomic(path, _page(root, jobs, malformed, have, thumb_px))
+    write_atomic(path, [_page(root, jobs, malformed, have, thumb_px).encode("utf-8")])
     _remove_stale(thumbs, wanted.keys())
     return GalleryStats(
         images=len(images), thumbs_made=len(made), thumbs_reused=len(wanted) - len(todo),
@@ -209,19 +210,6 @@ def _remove_stale(folder: Path, keep: AbstractSet[str]) -> None:
                 Path(entry.path).unlink(missing_ok=True)
     except OSError as exc:  # tidying up is optional; the gallery is already written
         log.warning("could not tidy %s: %s", folder, exc)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise StorageError(f"writing {path} failed: {exc.strerror}") from None
 
 
 def _e(value: object) -> str:

@@ -11,7 +11,7 @@ import subprocess
 import termios
 from pathlib import Path
 
-from tests.conftest import ROOT, cli_env, imgbatch_argv, run_cli, simulator
+from tests.conftest import ROOT, cli_env, imgbatch_argv, run_args, run_cli, simulator
 from tests.test_e2e import catalog
 
 
@@ -30,12 +30,7 @@ def test_on_a_pipe_plain_lines_at_intervals_and_at_the_end(tmp_path: Path) -> No
         "2",
     ) as sim:
         done = run_cli(
-            "run",
-            str(manifest),
-            "--output",
-            str(tmp_path / "out"),
-            "--base-url",
-            sim.url,
+            *run_args(manifest, tmp_path / "out", sim),
             "--concurrency",
             "2",
             "--progress-interval",
@@ -57,12 +52,7 @@ def test_quiet_prints_nothing_on_success(tmp_path: Path) -> None:
     manifest = catalog(3, tmp_path / "q.jsonl")
     with simulator("--scale", "0.0625") as sim:
         done = run_cli(
-            "run",
-            str(manifest),
-            "--output",
-            str(tmp_path / "out"),
-            "--base-url",
-            sim.url,
+            *run_args(manifest, tmp_path / "out", sim),
             "--quiet",
         )
     assert done.returncode == 0
@@ -75,12 +65,7 @@ def test_json_log_format(tmp_path: Path) -> None:
     manifest = catalog(3, tmp_path / "j.jsonl")
     with simulator("--scale", "0.0625") as sim:
         done = run_cli(
-            "run",
-            str(manifest),
-            "--output",
-            str(tmp_path / "out"),
-            "--base-url",
-            sim.url,
+            *run_args(manifest, tmp_path / "out", sim),
             "--log-format",
             "json",
         )
@@ -96,12 +81,7 @@ def test_on_a_terminal_a_bar(tmp_path: Path) -> None:
         try:
             run = subprocess.Popen(
                 imgbatch_argv(
-                    "run",
-                    str(manifest),
-                    "--output",
-                    str(tmp_path / "out"),
-                    "--base-url",
-                    sim.url,
+                    *run_args(manifest, tmp_path / "out", sim),
                     "--concurrency",
                     "2",
                 ),
