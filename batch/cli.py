@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from batch import __version__, report, simulator
+from batch import __version__, report, simconfig
 from batch.checkpoint import STATE_DIR, Checkpoint
 from batch.client import DEFAULT_BASE_URL, ChatCompletionsClient, ClientConfig, Secret
 from batch.cost import PriceTable, estimate
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_logging(report_cmd)
 
     simulate = commands.add_parser("simulate", help="run the local gateway simulator")
-    simulator.add_arguments(simulate)
+    simconfig.add_arguments(simulate)
     _add_logging(simulate)
     return parser
 
@@ -140,9 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_report(args)
         if args.command == "simulate":
             try:
-                config = simulator.config_from_args(args)
+                config = simconfig.config_from_args(args)
             except ValueError as exc:
                 raise UsageError(f"simulate: {exc}") from None
+            from batch import simulator  # the server (aiohttp.web) is not loaded for a run
+
             return simulator.serve(config)
         return cmd_run(args)
     except ManifestError as exc:

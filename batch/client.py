@@ -11,15 +11,18 @@ from the status, the body and the exception's class, never request headers.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import json
 import logging
 import ssl
 import time
+import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
@@ -84,6 +87,27 @@ class Provider(Protocol):
     async def close(self) -> None: ...
 
 
+def env_proxy(
+    url: str, proxies: Mapping[str, str], bypass: Callable[[str], bool]
+) -> tuple[str, dict[str, str]] | None:
+    """The proxy ``url`` goes through, and its headers, or None for a direct connection.
+
+    ``proxies`` is ``urllib.request.getproxies()`` (HTTP(S)_PROXY) and ``bypass``
+    ``urllib.request.proxy_bypass`` (NO_PROXY). Credentials in the proxy URL
+    become a Proxy-Authorization header.
+    """
+    parts = urlsplit(url)
+    proxy = proxies.get(parts.scheme)
+    if not proxy or (parts.hostname is not None and bypass(parts.hostname)):
+        return None
+    found = urlsplit(proxy)
+    if found.username is None:
+        return proxy, {}
+    login = f"{unquote(found.username)}:{unquote(found.password or '')}"
+    bare = found._replace(netloc=found.netloc.rpartition("@")[2]).geturl()
+    return bare, {"Proxy-Authorization": "Basic " + base64.b64encode(login.encode()).decode()}
+
+
 def is_loopback(url: str) -> bool:
     host = urlsplit(url).hostname or ""
     if host == "localhost":
@@ -103,6 +127,11 @@ class ChatCompletionsClient:
         if urlsplit(self.url).scheme == "http" and not is_loopback(self.url):
             log.warning("sending the API key over plain http to %s", urlsplit(self.url).hostname)
         self._session: aiohttp.ClientSession | None = None
+        # Looked up once: aiohttp's trust_env would look up the proxy and ~/.netrc
+        # again for every request, in a worker thread (two thread handoffs each).
+        self._proxy = env_proxy(
+            self.url, urllib.request.getproxies(), urllib.request.proxy_bypass
+        )
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -113,7 +142,7 @@ class ChatCompletionsClient:
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 auto_decompress=False,  # we inflate ourselves, with a cap
-                trust_env=True,  # HTTP(S)_PROXY for corporate networks
+                trust_env=False,  # the proxy is passed on each request instead
                 timeout=aiohttp.ClientTimeout(
                     total=None, sock_connect=self.config.connect_timeout_s
                 ),
@@ -189,7 +218,10 @@ class ChatCompletionsClient:
         staged: dict[int, StagedImage],
     ) -> tuple[Any, dict[str, int]]:
         session = self._open()
-        async with session.post(self.url, data=body, headers=self._headers()) as response:
+        proxy, proxy_headers = self._proxy or (None, None)
+        async with session.post(
+            self.url, data=body, headers=self._headers(), proxy=proxy, proxy_headers=proxy_headers
+        ) as response:
             if response.status != 200:
                 raw = await response.content.read(ERROR_BODY_BYTES)
                 raise error_for_status(

@@ -39,7 +39,7 @@ from batch.errors import (
 )
 from batch.images import discard, remove_quietly
 from batch.jobs import ImageRecord, Job, Status
-from batch.limits import ConcurrencyMeter, Limits, PauseGate, RateMeter
+from batch.limits import ConcurrencyMeter, FirstWave, Limits, PauseGate, RateMeter
 from batch.progress import Observer
 from batch.retry import Decision, RetryPolicy, decide
 
@@ -114,6 +114,10 @@ class Engine:
             gate=PauseGate(),
             rate=RateMeter(config.rpm) if config.rpm else None,
             adaptive=config.adaptive,
+            # A known rate needs no probe: the pacing already rules out a burst.
+            first_wave=(
+                FirstWave(config.concurrency) if config.adaptive and not config.rpm else None
+            ),
         )
         self.budget = Budget(config.max_cost_usd)
         self.committer = GroupCommitter(store)

@@ -9,6 +9,9 @@ engine stacks them in :class:`Limits`:
 - :class:`PauseGate`: one shared pause after a 429, so the whole pool waits
   for the server's ``Retry-After`` instead of each worker finding the limit
   on its own;
+- :class:`FirstWave`: with no ``--rpm``, the run's first wave of requests is
+  answered before freed slots are reused, so a burst allowance smaller than
+  the pool costs one wave of 429s, not two;
 - :class:`RateMeter`: a GCRA spacing request starts to ``rpm`` per minute,
   set by ``--rpm`` or learnt from the server's 429s by :class:`RateEstimator`.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 import time
 from collections import deque
@@ -101,6 +105,62 @@ class PauseGate:
 
     async def release(self) -> None:
         return None
+
+
+class FirstWave:
+    """The run's first ``size`` requests probe the server before freed slots are reused.
+
+    How large a burst the server accepts is unknown until it answers. When
+    answers come back fast, a pool that refills each slot at once has a second
+    wave in flight before the first wave's 429s are read, and that wave is
+    refused as well. Holding the refill until the first wave is answered (at
+    most ``hold_s`` after its first answer) lets those 429s pause the pool
+    first. With slow answers (image generation takes tens of seconds) the hold
+    costs a few slots at most ``hold_s``, once per run.
+    """
+
+    def __init__(self, size: int, hold_s: float = 1.0, clock: Clock = time.monotonic) -> None:
+        self.size = size
+        self.hold_s = hold_s
+        self.started = 0
+        self.answered = 0
+        self._clock = clock
+        self._deadline: float | None = None
+        self._over = asyncio.Event()
+
+    @property
+    def over(self) -> bool:
+        return self._over.is_set()
+
+    async def acquire(self) -> None:
+        if self.started < self.size:
+            self.started += 1
+            return
+        while not self._over.is_set():
+            if self._deadline is None:  # nothing answered yet: the first answer sets it
+                await self._over.wait()
+                continue
+            remaining = self._deadline - self._clock()
+            if remaining <= 0:
+                self._end(f"{self.hold_s:g}s after its first answer")
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._over.wait()
+
+    async def release(self) -> None:
+        """A request of the first wave was answered (or never sent)."""
+        if self._over.is_set():
+            return
+        self.answered += 1
+        if self._deadline is None:
+            self._deadline = self._clock() + self.hold_s
+        if self.answered >= self.size:
+            self._end(f"all {self.size} answered")
+
+    def _end(self, why: str) -> None:
+        self._over.set()
+        log.debug("first wave over: %s", why)
 
 
 class RateMeter:
@@ -214,19 +274,29 @@ class Limits:
     rate: RateMeter | None = None
     adaptive: bool = True
     estimator: RateEstimator = field(default_factory=RateEstimator)
+    first_wave: FirstWave | None = None
     _pending: tuple[float, float] | None = None  # (when the 429 came, its pause)
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         await self.concurrency.acquire()
         try:
-            await self.gate.acquire()
-            self._learn()
-            if self.rate is not None:
-                await self.rate.acquire()
-                # A 429 seen while we waited for our turn pauses us too.
+            wave = self.first_wave
+            if wave is not None and wave.over:
+                wave = None
+            if wave is not None:
+                await wave.acquire()
+            try:
                 await self.gate.acquire()
-            yield
+                self._learn()
+                if self.rate is not None:
+                    await self.rate.acquire()
+                    # A 429 seen while we waited for our turn pauses us too.
+                    await self.gate.acquire()
+                yield
+            finally:
+                if wave is not None:
+                    await wave.release()
         finally:
             await self.concurrency.release()
 

@@ -17,12 +17,12 @@ import sys
 import time
 from typing import IO, TYPE_CHECKING, Any
 
-from tqdm import tqdm
-
 from batch.errors import JobError
 from batch.jobs import Job
 
 if TYPE_CHECKING:
+    from tqdm import tqdm
+
     from batch.checkpoint import JobState
 
 log = logging.getLogger("batch")
@@ -45,8 +45,12 @@ class _BarAwareHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes through tqdm, so log lines land above a progress bar instead of through it."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        bars = sys.modules.get("tqdm")
+        if bars is None:  # tqdm is imported only to draw a bar: there is none to write around
+            super().emit(record)
+            return
         try:
-            tqdm.write(self.format(record), file=self.stream)
+            bars.tqdm.write(self.format(record), file=self.stream)
         except Exception:
             self.handleError(record)
 
@@ -102,6 +106,8 @@ class ConsoleProgress(Observer):
         self._started = time.monotonic()
         log.info("%d job(s) to run, %d already done", todo, skipped)
         if self._use_bar and todo:
+            from tqdm import tqdm  # ~10 ms of start-up, paid only on a terminal
+
             self._bar = tqdm(total=todo, file=self._stream, unit="img", dynamic_ncols=True)
         if todo:
             self._ticker = asyncio.get_running_loop().create_task(self._tick())

@@ -17,7 +17,9 @@ in bench/out/logs/.
 from __future__ import annotations
 
 import argparse
+import compileall
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -53,6 +55,7 @@ RATE_JOBS, RATE_CONC, RATE_RPM = 200, 64, 600
 RATE_WINDOW_S = 6.0
 FAULT_JOBS, FAULT_CONC, FAULT_MIX = 300, 32, 0.3
 SCALE_JOBS, SCALE_EVERY, SCALE_CONC = 100_000, 100, 64
+MANY_FILES, TRASH = 500, "trash"  # see Ctx.dispose
 
 # Targets.
 OVERHEAD_MAX_RATIO = 0.5
@@ -85,6 +88,23 @@ class Ctx:
     failures: list[str] = field(default_factory=list)
     incidents: list[str] = field(default_factory=list)  # recovered by running again
     deadline: float = float("inf")  # time.monotonic() after which every child gets 10 s
+
+    def dispose(self, folder: Path) -> None:
+        """Remove a run's files, or set them aside until the bench ends if they are many.
+
+        ext4 allocates new files slowly for minutes after thousands were deleted
+        (it skips the recently freed inodes one by one), which would slow the
+        next timed run; a few big files are removed at once, so that they are
+        not flushed to disk for nothing.
+        """
+        if self.keep or not folder.exists():
+            return
+        if sum(1 for _ in itertools.islice(folder.rglob("*"), MANY_FILES)) < MANY_FILES:
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        trash = self.out / TRASH
+        trash.mkdir(parents=True, exist_ok=True)
+        folder.rename(trash / f"{len(list(trash.iterdir()))}-{folder.name}")
 
     def n(self, jobs: int) -> int:
         return max(8, jobs // 10) if self.quick else jobs
@@ -178,6 +198,9 @@ def run_client(ctx: Ctx, workload: str, label: str, manifest: Path, ids: list[st
     for attempt in (1, 2):
         out = ctx.out / workload / label
         shutil.rmtree(out, ignore_errors=True)
+        # Start on a quiet disk: the last run's files are otherwise still being
+        # flushed while this run is timed.
+        os.sync()
         with simulator(*sim_args, logs=ctx.logs, name=name) as sim:
             if label.startswith("imgbatch"):
                 # The peer makes no gallery: measure the job pipeline alike, and the
@@ -198,8 +221,7 @@ def run_client(ctx: Ctx, workload: str, label: str, manifest: Path, ids: list[st
         valid = sum(valid_png(images / f"{ident}.png") for ident in ids)
         run = ClientRun(label, m, len(ids), valid, stats, sim_cpu,
                         m.last_json() if label == "peer" else None)
-        if not ctx.keep:
-            shutil.rmtree(out, ignore_errors=True)
+        ctx.dispose(out)
         if died is None:
             break
         note = f"{name}: the simulator exited (status {died}) during run {attempt}"
@@ -453,8 +475,7 @@ def w_scale(ctx: Ctx) -> None:
         "wall_s": probe.wall_s, "maxrss_mb": probe.maxrss_mb}, "run": {
         "wall_s": run.wall_s, "cpu_s": run.cpu_s, "maxrss_mb": run.maxrss_mb, "rc": run.rc,
         "timed_out": run.timed_out, "requests": stats.get("requests")}}
-    if not ctx.keep:
-        shutil.rmtree(folder, ignore_errors=True)
+    ctx.dispose(folder)
     w = f"6. manifest scale ({jobs:,} jobs JSONL, {jobs - left:,} already done)"
     peer_na = f"n/a — no resume, re-sends all {jobs:,}"
     plan_ok = plan["total_s"] < PLAN_MAX_S and plan["todo"] == left
@@ -646,7 +667,11 @@ def render(ctx: Ctx, info: dict[str, Any], wall: float) -> str:
         f"window ({round(RATE_RPM * RATE_WINDOW_S / 60)} requests per {RATE_WINDOW_S:g} s), not "
         "a 60 s one: with a 60 s window all 200 requests fit in one window and nothing is ever "
         "rate limited. The ideal is 200 requests at 600/min = 20 s (the window lets a bursty "
-        "client finish the last 20 at 18 s).",
+        "client finish the last 20 at 18 s). Without `--rpm`, the run's first wave of 64 "
+        "requests finds the burst allowance (60 accepted, 4 answered 429): freed slots wait "
+        "until that wave is answered (`batch.limits.FirstWave`, at most 1 s after its first "
+        "answer), so the 429s pause the pool before a second wave is sent into the full "
+        "window; the pace learnt from them keeps the rest of the run free of 429s.",
         f"- Workload 5: `--fault-mix {FAULT_MIX:g} --fault-attempts 1 --retry-after 0.1`, every "
         "fault kind of the simulator in equal shares (429, 5xx JSON/HTML/text, connection reset, "
         "truncated body, bad base64, no image, error in a 200, truncated image). The peer's own "
@@ -658,6 +683,12 @@ def render(ctx: Ctx, info: dict[str, Any], wall: float) -> str:
         "`imgbatch run` row is the real command from start to exit, 1,000 requests included.",
         f"- Workload 3: \"flat\" is read as: peak RSS grows by at most "
         f"{MEMORY_MAX_GROWTH - 1:.0%} when the payloads double.",
+        "- Every timed run starts after `os.sync()`, with imgbatch byte-compiled (as a pip "
+        "install or any first run leaves it; this machine sets `PYTHONDONTWRITEBYTECODE`). "
+        "Runs that wrote hundreds of files keep them until the bench ends: ext4 creates files "
+        "several times slower for minutes after thousands were deleted (perf shows the time "
+        "in `recently_deleted`), which would slow whatever runs next. For the same reason a "
+        "bench started right after a big deletion (or another bench) reads slow at workload 1.",
         "- Raw figures: `bench/out/results.json`; every child's output: `bench/out/logs/`.",
     ]
     return "\n".join(out) + "\n"
@@ -688,6 +719,10 @@ def main() -> int:
     ctx = Ctx(out=out, logs=out / "logs", quick=args.quick, keep=args.keep,
               deadline=time.monotonic() + args.budget)
     shutil.rmtree(ctx.logs, ignore_errors=True)
+    shutil.rmtree(out / TRASH, ignore_errors=True)  # left by a bench that was killed
+    # Byte-compiled as a pip install or any first run leaves it: this machine sets
+    # PYTHONDONTWRITEBYTECODE, which would add ~40 ms of compiling to every start-up.
+    compileall.compile_dir(ROOT / "batch", quiet=1)
     started = time.monotonic()
     try:
         info = machine()
@@ -717,6 +752,7 @@ def main() -> int:
         return 1 if ctx.failures else 0
     finally:
         kill_all()
+        shutil.rmtree(out / TRASH, ignore_errors=True)
 
 
 if __name__ == "__main__":

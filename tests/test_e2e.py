@@ -292,3 +292,22 @@ def test_endless_rate_limiting_gives_up_with_jobs_pending(tmp_path: Path) -> Non
     assert {r["status"] for r in rows} == {"pending"}  # not failed: the next run finishes them
     assert stats["by_status"] == {"429": stats["requests"]}
     assert stats["requests"] > 5  # more than --max-attempts 1 per job: 429s are not attempts
+
+
+def test_a_burst_allowance_smaller_than_the_pool_costs_one_wave_of_429s(tmp_path: Path) -> None:
+    """10 per 1 s window, 16 in flight, instant answers: the first wave finds the limit.
+
+    6 of the first 16 are refused. Refilling the 10 freed slots at once would have
+    10 more refused before those 429s are read; the run pauses, learns the pace
+    and finishes without another 429.
+    """
+    manifest = catalog(40, tmp_path / "burst.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE, "--rpm-limit", "10", "--rate-window", "1") as sim:
+        done = run_cli(*run_args(manifest, out, sim), "--concurrency", "16")
+        stats = sim.stats()
+    assert done.returncode == 0, done.stderr
+    check_outputs(out, read_results(out))
+    assert stats["by_status"]["200"] == 40
+    assert 6 <= stats["by_status"]["429"] <= 8, stats["by_status"]
+    assert "learnt from the 429s" in done.stderr

@@ -7,7 +7,14 @@ import bisect
 
 import pytest
 
-from batch.limits import ConcurrencyMeter, Limits, PauseGate, RateEstimator, RateMeter
+from batch.limits import (
+    ConcurrencyMeter,
+    FirstWave,
+    Limits,
+    PauseGate,
+    RateEstimator,
+    RateMeter,
+)
 
 
 class FakeClock:
@@ -194,3 +201,79 @@ def test_pacing_is_learnt_once_the_pause_is_over() -> None:
         return limits.rate.rpm if limits.rate else None
 
     assert asyncio.run(scenario()) == pytest.approx(600.0 * 0.95, rel=0.01)
+
+
+async def _settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)  # every ready task gets to run
+
+
+def test_first_wave_holds_freed_slots_until_the_wave_is_answered() -> None:
+    async def scenario() -> list[str]:
+        seen = []
+        wave = FirstWave(3, hold_s=1.0, clock=FakeClock())
+        for _ in range(3):
+            await wave.acquire()  # the wave itself goes at once
+        held = asyncio.create_task(wave.acquire())
+        for answered in range(1, 4):
+            await wave.release()
+            await _settle()
+            seen.append(f"{answered} answered: {'started' if held.done() else 'held'}")
+        await wave.acquire()  # once over, nobody waits
+        return seen
+
+    assert asyncio.run(scenario()) == [
+        "1 answered: held", "2 answered: held", "3 answered: started",
+    ]
+
+
+def test_first_wave_hold_ends_hold_s_after_the_first_answer() -> None:
+    async def scenario() -> tuple[bool, bool]:
+        clock = FakeClock()
+        wave = FirstWave(3, hold_s=1.0, clock=clock)
+        for _ in range(3):
+            await wave.acquire()
+        await wave.release()  # the first answer; two are still out
+        held = asyncio.create_task(wave.acquire())
+        await _settle()
+        before = held.done()
+        clock.now += 1.5  # a slow straggler does not hold the pool past hold_s
+        await wave.acquire()
+        held.cancel()
+        return before, wave.over
+
+    assert asyncio.run(scenario()) == (False, True)
+
+
+def test_first_wave_429s_pause_the_held_slots() -> None:
+    """The burst allowance is found by the first wave: the refill waits for the pause."""
+
+    async def scenario() -> list[str]:
+        clock = FakeClock()
+        # Slots to spare: only the first wave stands between the refill and the server.
+        limits = Limits(ConcurrencyMeter(8), PauseGate(clock),
+                        first_wave=FirstWave(4, clock=clock))
+        order: list[str] = []
+        answer = asyncio.Event()
+
+        async def request(name: str, refused: bool) -> None:
+            async with limits.slot():
+                order.append(f"{name} sent")
+                await answer.wait()
+                if refused:
+                    limits.on_rate_limited(30.0, clock.now)
+
+        first = [asyncio.create_task(request(f"w{i}", refused=i == 3)) for i in range(4)]
+        await _settle()
+        refill = asyncio.create_task(request("refill", refused=False))
+        await _settle()
+        answer.set()
+        await asyncio.gather(*first)
+        await _settle()
+        order.append(f"paused {limits.gate.remaining_s():.0f}s, refill done: {refill.done()}")
+        refill.cancel()
+        return order
+
+    assert asyncio.run(scenario()) == [
+        "w0 sent", "w1 sent", "w2 sent", "w3 sent", "paused 30s, refill done: False",
+    ]
