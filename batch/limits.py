@@ -125,7 +125,8 @@ class FirstWave:
         self.started = 0
         self.answered = 0
         self._clock = clock
-        self._deadline: float | None = None
+        self._deadline = 0.0  # hold_s after the first answer
+        self._answered_once = asyncio.Event()
         self._over = asyncio.Event()
 
     @property
@@ -136,31 +137,29 @@ class FirstWave:
         if self.started < self.size:
             self.started += 1
             return
-        while not self._over.is_set():
-            if self._deadline is None:  # nothing answered yet: the first answer sets it
-                await self._over.wait()
-                continue
-            remaining = self._deadline - self._clock()
-            if remaining <= 0:
-                self._end(f"{self.hold_s:g}s after its first answer")
-                return
+        await self._answered_once.wait()
+        remaining = self._deadline - self._clock()
+        if remaining > 0 and not self._over.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
                     await self._over.wait()
+        self._end(f"{self.hold_s:g}s after its first answer")
 
     async def release(self) -> None:
         """A request of the first wave was answered (or never sent)."""
         if self._over.is_set():
             return
         self.answered += 1
-        if self._deadline is None:
+        if not self._answered_once.is_set():
             self._deadline = self._clock() + self.hold_s
+            self._answered_once.set()
         if self.answered >= self.size:
             self._end(f"all {self.size} answered")
 
     def _end(self, why: str) -> None:
-        self._over.set()
-        log.debug("first wave over: %s", why)
+        if not self._over.is_set():
+            self._over.set()
+            log.debug("first wave over: %s", why)
 
 
 class RateMeter:

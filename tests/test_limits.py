@@ -245,6 +245,23 @@ def test_first_wave_hold_ends_hold_s_after_the_first_answer() -> None:
     assert asyncio.run(scenario()) == (False, True)
 
 
+def test_a_slot_held_before_any_answer_gets_the_same_hold_limit() -> None:
+    async def scenario() -> tuple[bool, bool]:
+        clock = FakeClock()
+        wave = FirstWave(2, hold_s=1.0, clock=clock)
+        await wave.acquire()
+        await wave.acquire()
+        held = asyncio.create_task(wave.acquire())  # waits before anything is answered
+        await _settle()
+        before = held.done()
+        await wave.release()  # the first answer starts the hold...
+        clock.now += 1.5  # ...which is over by the time the held slot looks
+        await _settle()
+        return before, held.done()
+
+    assert asyncio.run(scenario()) == (False, True)
+
+
 def test_first_wave_429s_pause_the_held_slots() -> None:
     """The burst allowance is found by the first wave: the refill waits for the pause."""
 
