@@ -29,6 +29,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import zlib
@@ -56,6 +57,7 @@ RATE_WINDOW_S = 6.0
 FAULT_JOBS, FAULT_CONC, FAULT_MIX = 300, 32, 0.3
 SCALE_JOBS, SCALE_EVERY, SCALE_CONC = 100_000, 100, 64
 MANY_FILES, TRASH = 500, "trash"  # see Ctx.dispose
+SETTLED_CREATE_US, SETTLE_STEP_S, SETTLE_MAX_S = 60.0, 20.0, 300.0  # see settle_disk
 
 # Targets.
 OVERHEAD_MAX_RATIO = 0.5
@@ -576,6 +578,35 @@ def startup(ctx: Ctx) -> dict[str, float]:
     return {"imgbatch_s": ib.wall_s, "peer_s": peer.wall_s}
 
 
+def create_us(ctx: Ctx, files: int = 500) -> float:
+    """Microseconds to create one empty file where the runs write (kept until the end)."""
+    trash = ctx.out / TRASH
+    trash.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="create-probe-", dir=trash))
+    started = time.perf_counter()
+    for i in range(files):
+        os.close(os.open(folder / str(i), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    return (time.perf_counter() - started) / files * 1e6
+
+
+def settle_disk(ctx: Ctx) -> dict[str, float]:
+    """Wait while creating a file is slow here, as it is for minutes after a mass deletion.
+
+    Workload 1 creates 2,000 files in two seconds; ext4 right after thousands of
+    deletions nearby (another bench's clean-up, say) makes that several times slower.
+    """
+    first = last = create_us(ctx)
+    waited = 0.0
+    while last > SETTLED_CREATE_US and waited < SETTLE_MAX_S:
+        print(f"bench: creating a file takes {last:.0f} us here (~20 us on a quiet disk; "
+              f"thousands of files deleted nearby lately?); waiting {SETTLE_STEP_S:g} s",
+              flush=True)
+        time.sleep(SETTLE_STEP_S)
+        waited += SETTLE_STEP_S
+        last = create_us(ctx)
+    return {"first_us": first, "last_us": last, "waited_s": waited}
+
+
 def cell(text: str) -> str:
     return text.replace("|", "\\|").strip()
 
@@ -619,6 +650,12 @@ def render(ctx: Ctx, info: dict[str, Any], wall: float) -> str:
         s = ctx.raw["startup"]
         out.append(f"- Start-up alone (interpreter + imports): imgbatch {s['imgbatch_s']:.2f} s, "
                    f"peer {s['peer_s']:.2f} s")
+    if "disk" in ctx.raw:
+        d = ctx.raw["disk"]
+        waited = (f" after waiting {d['waited_s']:.0f} s for it to settle (it was "
+                  f"{d['first_us']:.0f} µs)" if d["waited_s"] else "")
+        out.append(f"- Creating an empty file where the runs write: {d['last_us']:.0f} µs at "
+                   f"the start{waited}")
     out.append(f"- Whole benchmark: {wall / 60:.1f} min")
     if ctx.quick:
         out += ["", "**Quick mode: workloads about 10x smaller than the issue's; not the "
@@ -687,8 +724,10 @@ def render(ctx: Ctx, info: dict[str, Any], wall: float) -> str:
         "install or any first run leaves it; this machine sets `PYTHONDONTWRITEBYTECODE`). "
         "Runs that wrote hundreds of files keep them until the bench ends: ext4 creates files "
         "several times slower for minutes after thousands were deleted (perf shows the time "
-        "in `recently_deleted`), which would slow whatever runs next. For the same reason a "
-        "bench started right after a big deletion (or another bench) reads slow at workload 1.",
+        "in `recently_deleted`), which would slow whatever runs next. For the same reason the "
+        "bench first waits (up to 5 min) while creating a file where it writes takes over "
+        f"{SETTLED_CREATE_US:.0f} µs (about 20 µs on a quiet disk here), as it does for minutes "
+        "after another bench's clean-up.",
         "- Raw figures: `bench/out/results.json`; every child's output: `bench/out/logs/`.",
     ]
     return "\n".join(out) + "\n"
@@ -719,7 +758,8 @@ def main() -> int:
     ctx = Ctx(out=out, logs=out / "logs", quick=args.quick, keep=args.keep,
               deadline=time.monotonic() + args.budget)
     shutil.rmtree(ctx.logs, ignore_errors=True)
-    shutil.rmtree(out / TRASH, ignore_errors=True)  # left by a bench that was killed
+    # What a killed bench left in TRASH goes at the end with this one's: deleting it
+    # now would slow file creation for the timed runs (see settle_disk).
     # Byte-compiled as a pip install or any first run leaves it: this machine sets
     # PYTHONDONTWRITEBYTECODE, which would add ~40 ms of compiling to every start-up.
     compileall.compile_dir(ROOT / "batch", quiet=1)
@@ -728,6 +768,7 @@ def main() -> int:
         info = machine()
         print(f"bench: {info['cpu']}, {info['cores']} cores, {info.get('ram_gb')} GB, "
               f"Python {info['python']}, load {info['load_avg_start']}", flush=True)
+        ctx.raw["disk"] = settle_disk(ctx)
         ctx.raw["startup"] = startup(ctx)
         for key in selected:
             try:
