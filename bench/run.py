@@ -90,8 +90,10 @@ class Ctx:
     failures: list[str] = field(default_factory=list)
     incidents: list[str] = field(default_factory=list)  # recovered by running again
     deadline: float = float("inf")  # time.monotonic() after which every child gets 10 s
+    settle_s: float = 0.0  # waited for the disk, see settle_disk
+    create_us: list[float] = field(default_factory=list)  # the probe before each run
 
-    def dispose(self, folder: Path) -> None:
+    def dispose(self, folder: Path, *, many: bool = False) -> None:
         """Remove a run's files, or set them aside until the bench ends if they are many.
 
         ext4 allocates new files slowly for minutes after thousands were deleted
@@ -101,7 +103,8 @@ class Ctx:
         """
         if self.keep or not folder.exists():
             return
-        if sum(1 for _ in itertools.islice(folder.rglob("*"), MANY_FILES)) < MANY_FILES:
+        if not many and sum(1 for _ in itertools.islice(folder.rglob("*"), MANY_FILES)) \
+                < MANY_FILES:
             shutil.rmtree(folder, ignore_errors=True)
             return
         trash = self.out / TRASH
@@ -203,6 +206,7 @@ def run_client(ctx: Ctx, workload: str, label: str, manifest: Path, ids: list[st
         # Start on a quiet disk: the last run's files are otherwise still being
         # flushed while this run is timed.
         os.sync()
+        settle_disk(ctx, out.parent)
         with simulator(*sim_args, logs=ctx.logs, name=name) as sim:
             if label.startswith("imgbatch"):
                 # The peer makes no gallery: measure the job pipeline alike, and the
@@ -463,6 +467,7 @@ def w_scale(ctx: Ctx) -> None:
     plan = probe.last_json()
     if probe.rc != 0 or not plan:
         raise RuntimeError(f"scale probe failed (rc {probe.rc}): {probe.tail()}")
+    settle_disk(ctx, folder)
     with simulator(*SMALL, logs=ctx.logs, name="scale.imgbatch") as sim:
         run = measure("scale.imgbatch", [PY, "-m", "batch", "run", str(catalog), "--output",
                                          str(output), "--base-url", sim.url, "--concurrency",
@@ -578,33 +583,33 @@ def startup(ctx: Ctx) -> dict[str, float]:
     return {"imgbatch_s": ib.wall_s, "peer_s": peer.wall_s}
 
 
-def create_us(ctx: Ctx, files: int = 500) -> float:
-    """Microseconds to create one empty file where the runs write (kept until the end)."""
-    trash = ctx.out / TRASH
-    trash.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="create-probe-", dir=trash))
+def create_us(near: Path, files: int = 200) -> float:
+    """Microseconds to create one empty file beside ``near`` (set aside until the end)."""
+    near.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=".create-probe-", dir=near))
     started = time.perf_counter()
     for i in range(files):
         os.close(os.open(folder / str(i), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
     return (time.perf_counter() - started) / files * 1e6
 
 
-def settle_disk(ctx: Ctx) -> dict[str, float]:
-    """Wait while creating a file is slow here, as it is for minutes after a mass deletion.
+def settle_disk(ctx: Ctx, near: Path) -> None:
+    """Before a timed run: wait while creating a file beside ``near`` is slow.
 
-    Workload 1 creates 2,000 files in two seconds; ext4 right after thousands of
-    deletions nearby (another bench's clean-up, say) makes that several times slower.
+    For minutes after thousands of files were deleted nearby (another bench's
+    clean-up, say), ext4 creates files several times slower, which workload 1
+    (2,000 files in two seconds) would report as client overhead. The probe's
+    files are set aside with the runs' and removed when the bench ends.
     """
-    first = last = create_us(ctx)
-    waited = 0.0
-    while last > SETTLED_CREATE_US and waited < SETTLE_MAX_S:
-        print(f"bench: creating a file takes {last:.0f} us here (~20 us on a quiet disk; "
+    while (took := create_us(near)) > SETTLED_CREATE_US and ctx.settle_s < SETTLE_MAX_S:
+        print(f"bench: creating a file takes {took:.0f} us here (~20 us on a quiet disk; "
               f"thousands of files deleted nearby lately?); waiting {SETTLE_STEP_S:g} s",
               flush=True)
         time.sleep(SETTLE_STEP_S)
-        waited += SETTLE_STEP_S
-        last = create_us(ctx)
-    return {"first_us": first, "last_us": last, "waited_s": waited}
+        ctx.settle_s += SETTLE_STEP_S
+    ctx.create_us.append(took)
+    for probe in near.glob(".create-probe-*"):
+        ctx.dispose(probe, many=True)
 
 
 def cell(text: str) -> str:
@@ -650,12 +655,10 @@ def render(ctx: Ctx, info: dict[str, Any], wall: float) -> str:
         s = ctx.raw["startup"]
         out.append(f"- Start-up alone (interpreter + imports): imgbatch {s['imgbatch_s']:.2f} s, "
                    f"peer {s['peer_s']:.2f} s")
-    if "disk" in ctx.raw:
-        d = ctx.raw["disk"]
-        waited = (f" after waiting {d['waited_s']:.0f} s for it to settle (it was "
-                  f"{d['first_us']:.0f} µs)" if d["waited_s"] else "")
-        out.append(f"- Creating an empty file where the runs write: {d['last_us']:.0f} µs at "
-                   f"the start{waited}")
+    if ctx.create_us:
+        waited = f", after waiting {ctx.settle_s:.0f} s for the disk" if ctx.settle_s else ""
+        out.append(f"- Creating an empty file beside each timed run's output, just before it: "
+                   f"{min(ctx.create_us):.0f}-{max(ctx.create_us):.0f} µs{waited}")
     out.append(f"- Whole benchmark: {wall / 60:.1f} min")
     if ctx.quick:
         out += ["", "**Quick mode: workloads about 10x smaller than the issue's; not the "
@@ -725,9 +728,9 @@ def render(ctx: Ctx, info: dict[str, Any], wall: float) -> str:
         "Runs that wrote hundreds of files keep them until the bench ends: ext4 creates files "
         "several times slower for minutes after thousands were deleted (perf shows the time "
         "in `recently_deleted`), which would slow whatever runs next. For the same reason the "
-        "bench first waits (up to 5 min) while creating a file where it writes takes over "
-        f"{SETTLED_CREATE_US:.0f} µs (about 20 µs on a quiet disk here), as it does for minutes "
-        "after another bench's clean-up.",
+        "bench waits before each timed run (up to 5 min in all) while creating a file beside "
+        f"its output takes over {SETTLED_CREATE_US:.0f} µs (about 20 µs on a quiet disk here), "
+        "as it does for minutes after another bench's clean-up.",
         "- Raw figures: `bench/out/results.json`; every child's output: `bench/out/logs/`.",
     ]
     return "\n".join(out) + "\n"
@@ -768,7 +771,6 @@ def main() -> int:
         info = machine()
         print(f"bench: {info['cpu']}, {info['cores']} cores, {info.get('ram_gb')} GB, "
               f"Python {info['python']}, load {info['load_avg_start']}", flush=True)
-        ctx.raw["disk"] = settle_disk(ctx)
         ctx.raw["startup"] = startup(ctx)
         for key in selected:
             try:
