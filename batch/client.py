@@ -1,8 +1,9 @@
 """The provider interface and its first implementation: OpenAI-compatible chat completions.
 
 :class:`Provider` is all the engine knows of a provider. The chat-completions
-client sends the body built by :mod:`batch.protocol`, streams the answer
-through :mod:`batch.decoder` straight into temporary image files, and maps
+client sends the body laid out by :mod:`batch.protocol` (local input images
+streamed from disk into it), streams the answer through :mod:`batch.decoder`
+straight into temporary image files, and maps
 every aiohttp and OS exception onto :mod:`batch.errors` here and nowhere
 else. Nothing it raises or logs carries the API key: messages are built
 from the status, the body and the exception's class, never request headers.
@@ -12,13 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import ipaddress
 import json
 import logging
+import secrets
 import ssl
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,13 +40,23 @@ from batch.errors import (
 )
 from batch.imageinfo import DEFAULT_MAX_PIXELS
 from batch.images import ImageWriter, StagedImage, discard
-from batch.jobs import InputKind, Job
-from batch.protocol import build_body, error_for_status, interpret
+from batch.jobs import InputImage, InputKind, Job
+from batch.protocol import (
+    BodyParts,
+    body_parts,
+    build_body,
+    data_url_head,
+    error_for_status,
+    interpret,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.qnaigc.com/v1"
 CHUNK_BYTES = 64 * 1024
+# Local input images are read in pieces a multiple of 3 bytes long, so the base64
+# of each piece needs no padding and the pieces concatenate.
+INPUT_CHUNK_BYTES = 3 * 256 * 1024
 ERROR_BODY_BYTES = 64 * 1024
 
 
@@ -108,6 +121,54 @@ def env_proxy(
     return bare, {"Proxy-Authorization": "Basic " + base64.b64encode(login.encode()).decode()}
 
 
+class _InputProblem(Exception):
+    """A local input image cannot be sent as the manifest check saw it."""
+
+
+def _no_files(image: InputImage) -> str:
+    raise AssertionError("a job without local input images")
+
+
+async def stream_body(parts: BodyParts, problems: list[str]) -> AsyncIterator[bytes]:
+    """The body of ``parts``, each local image read and base64-encoded piece by piece.
+
+    Each image is checked against the size and sha256 the manifest check saw
+    before the rest of the body follows (and never sends more than that size), so
+    a file changed since leaves the server a body cut short of its Content-Length,
+    which it neither answers nor bills. Why is appended to ``problems`` before
+    raising, as aiohttp wraps what a body raises.
+    """
+    for piece, image in zip(parts.pieces, (*parts.files, None), strict=True):
+        yield piece
+        if image is None:
+            return
+        yield data_url_head(image)
+        try:
+            async for encoded in _encoded(image):
+                yield encoded
+        except _InputProblem as exc:
+            problems.append(str(exc))
+            raise
+
+
+async def _encoded(image: InputImage) -> AsyncIterator[bytes]:
+    changed = f"input image {image.source} changed since the manifest was checked; not sent"
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with open(image.ref, "rb") as handle:  # opening is quick; the reads go to a thread
+            while chunk := await asyncio.to_thread(handle.read, INPUT_CHUNK_BYTES):
+                digest.update(chunk)
+                size += len(chunk)
+                if size > (image.size_bytes or 0):
+                    raise _InputProblem(changed)
+                yield base64.b64encode(chunk)
+    except OSError as exc:
+        raise _InputProblem(f"cannot read input image {image.source}: {exc.strerror}") from None
+    if size != image.size_bytes or digest.hexdigest() != image.digest:
+        raise _InputProblem(changed)
+
+
 def is_loopback(url: str) -> bool:
     host = urlsplit(url).hostname or ""
     if host == "localhost":
@@ -165,7 +226,8 @@ class ChatCompletionsClient:
 
     async def generate(self, job: Job, root: Path) -> Generation:
         """Send one request for ``job``; stage its images under ``root``, or raise a JobError."""
-        body = await self._body(job)
+        problems: list[str] = []  # what stopped a local input image from being sent
+        body = self._body(job, problems)
         started = time.monotonic()
         writers: dict[int, ImageWriter] = {}
         staged: dict[int, StagedImage] = {}
@@ -177,7 +239,10 @@ class ChatCompletionsClient:
                 raise RequestTimeout(
                     f"no complete answer within {self.config.timeout_s:g}s", job_id=job.id
                 ) from None
-            except aiohttp.ClientError as exc:
+            except (aiohttp.ClientError, _InputProblem) as exc:
+                if problems:
+                    # The body was cut short, so nothing was generated: not worth a retry.
+                    raise RejectedError(problems[0], job_id=job.id) from None
                 raise TransportError(_describe(exc), job_id=job.id) from None
             answer = interpret(document, streamed, job_id=job.id)
         except BaseException as exc:
@@ -194,33 +259,31 @@ class ChatCompletionsClient:
             time.monotonic() - started,
         )
 
-    async def _body(self, job: Job) -> bytes:
-        def read(path: str) -> bytes:
-            return Path(path).read_bytes()
-
-        def encode() -> bytes:
-            return json.dumps(build_body(job, read), ensure_ascii=False).encode("utf-8")
-
-        try:
-            if any(image.kind is InputKind.FILE for image in job.images):
-                return await asyncio.to_thread(encode)
-            return encode()
-        except OSError as exc:
-            # The file was there at validation; it has moved since. Not worth a retry.
-            raise RejectedError(f"cannot read an input image: {exc}", job_id=job.id) from None
+    @staticmethod
+    def _body(job: Job, problems: list[str]) -> tuple[bytes | AsyncIterator[bytes], int]:
+        """The request body and its length; local input images are streamed, not held."""
+        if not any(image.kind is InputKind.FILE for image in job.images):
+            body = json.dumps(build_body(job, _no_files), ensure_ascii=False).encode("utf-8")
+            return body, len(body)
+        parts = body_parts(job, secrets.token_hex(16))
+        return stream_body(parts, problems), parts.length()
 
     async def _exchange(
         self,
         job: Job,
         root: Path,
-        body: bytes,
+        body: tuple[bytes | AsyncIterator[bytes], int],
         writers: dict[int, ImageWriter],
         staged: dict[int, StagedImage],
     ) -> tuple[Any, dict[str, int]]:
         session = self._open()
         proxy, proxy_headers = self._proxy or (None, None)
+        data, length = body
+        # A stated length, so a streamed body is not sent chunked (and is known to be cut
+        # short if it fails half way).
+        headers = {**self._headers(), "Content-Length": str(length)}
         async with session.post(
-            self.url, data=body, headers=self._headers(), proxy=proxy, proxy_headers=proxy_headers
+            self.url, data=data, headers=headers, proxy=proxy, proxy_headers=proxy_headers
         ) as response:
             if response.status != 200:
                 raw = await response.content.read(ERROR_BODY_BYTES)

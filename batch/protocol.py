@@ -7,7 +7,6 @@ onto the error tree, and what a decoded 200 answer means. The transport
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import re
@@ -24,7 +23,7 @@ from batch.errors import (
     RejectedError,
     ServerError,
 )
-from batch.jobs import InputKind, Job
+from batch.jobs import InputImage, InputKind, Job
 from batch.retry import parse_retry_after
 
 MAX_MESSAGE_CHARS = 500
@@ -32,17 +31,13 @@ FATAL_STATUSES = frozenset({401, 402, 403})
 RETRYABLE_STATUSES = frozenset({408, 409})
 
 
-def build_body(job: Job, read_file: Callable[[str], bytes]) -> dict[str, Any]:
-    """The JSON body for ``job``; local input images are read with ``read_file``."""
+def build_body(job: Job, file_url: Callable[[InputImage], str]) -> dict[str, Any]:
+    """The JSON body for ``job``; ``file_url`` gives the URL of each local input image."""
     content: str | list[dict[str, Any]]
     if job.images:
         parts: list[dict[str, Any]] = [{"type": "text", "text": job.prompt}]
         for image in job.images:
-            if image.kind is InputKind.FILE:
-                data = base64.b64encode(read_file(image.ref)).decode("ascii")
-                url = f"data:{image.mime};base64,{data}"
-            else:
-                url = image.ref
+            url = file_url(image) if image.kind is InputKind.FILE else image.ref
             parts.append({"type": "image_url", "image_url": {"url": url}})
         content = parts
     else:
@@ -57,6 +52,50 @@ def build_body(job: Job, read_file: Callable[[str], bytes]) -> dict[str, Any]:
         }
     )
     return body
+
+
+def data_url_head(image: InputImage) -> bytes:
+    """What comes before a local image's base64 text in its data URL."""
+    return f"data:{image.mime};base64,".encode("ascii")
+
+
+def data_url_length(image: InputImage) -> int:
+    """Bytes of a local image's data URL, from the size it had when the manifest was read."""
+    return len(data_url_head(image)) + 4 * (((image.size_bytes or 0) + 2) // 3)
+
+
+@dataclass(frozen=True, slots=True)
+class BodyParts:
+    """A request body as JSON text around the local input images it inlines.
+
+    The body is ``pieces[0]``, the data URL of ``files[0]``, ``pieces[1]`` and so
+    on: the client streams each image from disk into its data URL, so the body of a
+    job with 14 inputs of 7 MB is never held in memory.
+    """
+
+    pieces: tuple[bytes, ...]  # one more than files
+    files: tuple[InputImage, ...]
+
+    def length(self) -> int:
+        return sum(map(len, self.pieces)) + sum(map(data_url_length, self.files))
+
+
+def body_parts(job: Job, token: str) -> BodyParts:
+    """``job``'s body cut where its local images go; ``token`` is a random marker."""
+    files = tuple(image for image in job.images if image.kind is InputKind.FILE)
+    marks = iter(range(len(files)))  # build_body asks for the files in order
+    document = build_body(job, lambda image: f"{token}-{next(marks)}")
+    rest = json.dumps(document, ensure_ascii=False).encode("utf-8")
+    pieces = []
+    for i in range(len(files)):
+        # Quotes included: inside a JSON string a quote is always escaped.
+        before, found, rest = rest.partition(f'"{token}-{i}"'.encode("ascii"))
+        if not found:
+            raise ValueError(f"marker {i} is missing from the body")
+        pieces.append(before + b'"')
+        rest = b'"' + rest
+    pieces.append(rest)
+    return BodyParts(tuple(pieces), files)
 
 
 def server_message(body: bytes, content_type: str) -> str:

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import errno
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -33,7 +35,7 @@ import urllib.request
 import zlib
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +43,19 @@ import pytest
 from aiohttp import web
 
 from batch.checkpoint import Checkpoint, JobState
-from batch.client import ChatCompletionsClient, ClientConfig, Generation, Secret, env_proxy
-from batch.errors import MalformedResponse, StorageError, TransportError
+from batch.client import (
+    INPUT_CHUNK_BYTES,
+    ChatCompletionsClient,
+    ClientConfig,
+    Generation,
+    Secret,
+    env_proxy,
+    stream_body,
+)
+from batch.errors import MalformedResponse, RejectedError, StorageError, TransportError
 from batch.imageinfo import probe
-from batch.jobs import DEFAULT_MODEL, Job, Status
+from batch.jobs import DEFAULT_MODEL, InputImage, InputKind, Job, Status
+from batch.protocol import body_parts
 from batch.simconfig import Faults, SimConfig
 from batch.simulator import build_app
 from tests.conftest import KEY, ROOT, cli_env, read_results, run_cli
@@ -607,6 +618,88 @@ def test_local_input_images_are_read_never_written(tmp_path: Path, servers: Loop
     assert done.returncode == 0, done.stderr
     assert snapshot(catalog_dir) == before
     assert sim.stats()["requests"] == 2
+
+
+def input_file(path: Path, size: int) -> InputImage:
+    """A PNG-headed file of ``size`` random bytes, as the manifest check records it."""
+    data = PIXEL[:16] + os.urandom(size - 16)
+    path.write_bytes(data)
+    return InputImage(InputKind.FILE, str(path), path.name, "image/png",
+                      hashlib.sha256(data).hexdigest(), len(data))
+
+
+def recording_gateway() -> tuple[web.Application, list[dict[str, Any]]]:
+    """Answers with one tiny PNG; records each request whose body arrived whole."""
+    seen: list[dict[str, Any]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        body = await request.read()  # a body cut short raises here: not recorded
+        seen.append({"headers": dict(request.headers), "body": body})
+        return web.Response(body=completion("data:image/png;base64,"
+                                            + base64.b64encode(PIXEL).decode()),
+                            content_type="application/json")
+
+    app = web.Application(client_max_size=256 * 1024 * 1024)
+    app.router.add_post("/v1/chat/completions", answer)
+    return app, seen
+
+
+def test_local_input_images_are_streamed_byte_exact(tmp_path: Path, servers: LoopThread) -> None:
+    app, seen = recording_gateway()
+    config = ClientConfig(base_url=f"http://127.0.0.1:{servers.serve(app)}/v1",
+                          api_key=Secret(KEY))
+    # Sizes around the client's read piece: one short, several, one byte past a multiple.
+    sizes = [1000, 3 * INPUT_CHUNK_BYTES, 2 * INPUT_CHUNK_BYTES + 1]
+    files = [input_file(tmp_path / f"in{i}.png", size) for i, size in enumerate(sizes)]
+    url = InputImage(InputKind.URL, "https://x/y.png", "https://x/y.png", None, "d")
+    job = replace(a_job(), images=(files[0], url, files[1], files[2]))
+    generate(config, tmp_path / "out", job)
+    (request,) = seen
+    assert request["headers"]["Content-Length"] == str(len(request["body"]))
+    assert "Transfer-Encoding" not in request["headers"]
+    content = json.loads(request["body"])["messages"][0]["content"]
+    urls = [part["image_url"]["url"] for part in content[1:]]
+    assert urls[1] == "https://x/y.png"
+    for got, image in zip([urls[0], *urls[2:]], files, strict=True):
+        head, data = got.split(",", 1)
+        assert head == "data:image/png;base64"
+        assert base64.b64decode(data, validate=True) == Path(image.ref).read_bytes()
+
+
+@pytest.mark.parametrize("change", ["same size", "grown", "shrunk", "removed"])
+def test_an_input_image_changed_since_the_check_is_never_sent_whole(
+    tmp_path: Path, servers: LoopThread, change: str
+) -> None:
+    app, seen = recording_gateway()
+    config = ClientConfig(base_url=f"http://127.0.0.1:{servers.serve(app)}/v1",
+                          api_key=Secret(KEY))
+    image = input_file(tmp_path / "in.png", 2 * INPUT_CHUNK_BYTES + 5)
+    path = Path(image.ref)
+    data = path.read_bytes()
+    if change == "same size":
+        path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # only the last byte differs
+    elif change == "grown":
+        path.write_bytes(data + b"\0")
+    elif change == "shrunk":
+        path.write_bytes(data[:-1])
+    else:
+        path.unlink()
+    with pytest.raises(RejectedError, match=r"changed since the manifest|cannot read input"):
+        generate(config, tmp_path / "out", replace(a_job(), images=(image,)))
+    assert seen == []  # the gateway never got a whole request, so nothing was generated
+
+    async def yielded() -> tuple[int, list[str]]:
+        """What the body stream gives before it fails: it must never be a whole body."""
+        problems: list[str] = []
+        sent = 0
+        with contextlib.suppress(Exception):
+            async for piece in stream_body(body_parts(job, "tok"), problems):
+                sent += len(piece)
+        return sent, problems
+
+    job = replace(a_job(), images=(image,))
+    sent, problems = asyncio.run(yielded())
+    assert sent < body_parts(job, "tok").length() and len(problems) == 1
 
 
 def test_input_image_that_is_a_device_is_rejected(tmp_path: Path) -> None:

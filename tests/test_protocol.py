@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
 import pytest
@@ -16,9 +18,13 @@ from batch.errors import (
     ServerError,
 )
 from batch.jobs import InputImage, InputKind, Job
-from batch.protocol import build_body, interpret, server_message
+from batch.protocol import body_parts, build_body, data_url_head, interpret, server_message
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"rest"
+
+
+def inline(image: InputImage, files: dict[str, bytes]) -> str:
+    return f"data:{image.mime};base64,{base64.b64encode(files[image.ref]).decode()}"
 
 
 def _job(**fields: Any) -> Job:
@@ -34,7 +40,7 @@ def _job(**fields: Any) -> Job:
 
 
 def test_text_only_body_follows_the_notebook() -> None:
-    body = build_body(_job(params={"temperature": 0.5}), lambda p: b"")
+    body = build_body(_job(params={"temperature": 0.5}), lambda image: "unused")
     assert body == {
         "temperature": 0.5,
         "model": "m",
@@ -49,7 +55,7 @@ def test_edit_body_sends_files_as_data_urls_and_urls_untouched() -> None:
         InputImage(InputKind.FILE, "/abs/a.png", "a.png", "image/png", "d1"),
         InputImage(InputKind.URL, "https://x/y.jpg", "https://x/y.jpg", None, "d2"),
     )
-    body = build_body(_job(images=images), lambda path: PNG if path == "/abs/a.png" else b"")
+    body = build_body(_job(images=images), lambda image: inline(image, {"/abs/a.png": PNG}))
     content = body["messages"][0]["content"]
     assert content[0] == {"type": "text", "text": "a cat"}
     assert content[1] == {
@@ -57,6 +63,25 @@ def test_edit_body_sends_files_as_data_urls_and_urls_untouched() -> None:
         "image_url": {"url": "data:image/png;base64,iVBORw0KGgpyZXN0"},
     }
     assert content[2] == {"type": "image_url", "image_url": {"url": "https://x/y.jpg"}}
+
+
+def test_body_parts_around_streamed_images_make_the_same_json() -> None:
+    files = {"/abs/a.png": PNG, "/abs/b.png": PNG * 3 + b"x"}
+    images = tuple(
+        InputImage(InputKind.FILE, ref, ref, "image/png", "d", len(data))
+        for ref, data in files.items()
+    )
+    url = InputImage(InputKind.URL, "https://x/y.jpg", "u", None, "d2")
+    # The prompt and a parameter hold what the markers look like, quotes and all.
+    job = _job(images=(images[0], url, images[1]), prompt='a "tok-0" and tok-1',
+               params={"user": "tok-1\"", "n": 1})
+    parts = body_parts(job, "tok")
+    body = parts.pieces[0]
+    for piece, image in zip(parts.pieces[1:], parts.files, strict=True):
+        body += data_url_head(image) + base64.b64encode(files[image.ref]) + piece
+    whole = json.dumps(build_body(job, lambda image: inline(image, files)), ensure_ascii=False)
+    assert body == whole.encode()
+    assert parts.length() == len(body)
 
 
 @pytest.mark.parametrize(
