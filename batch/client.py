@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import ipaddress
 import json
 import logging
+import os
 import secrets
 import ssl
+import stat
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
@@ -54,8 +57,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.qnaigc.com/v1"
 CHUNK_BYTES = 64 * 1024
-# Local input images are read in pieces a multiple of 3 bytes long, so the base64
-# of each piece needs no padding and the pieces concatenate.
+# Local input images are read in pieces of this size, a multiple of 3, so the base64
+# of each piece needs no padding (a short read is carried over to the next piece).
 INPUT_CHUNK_BYTES = 3 * 256 * 1024
 ERROR_BODY_BYTES = 64 * 1024
 
@@ -117,8 +120,12 @@ def env_proxy(
     if found.username is None:
         return proxy, {}
     login = f"{unquote(found.username)}:{unquote(found.password or '')}"
+    try:
+        raw = login.encode("latin-1")  # as aiohttp's BasicAuth does
+    except UnicodeEncodeError:
+        raw = login.encode("utf-8")
     bare = found._replace(netloc=found.netloc.rpartition("@")[2]).geturl()
-    return bare, {"Proxy-Authorization": "Basic " + base64.b64encode(login.encode()).decode()}
+    return bare, {"Proxy-Authorization": "Basic " + base64.b64encode(raw).decode()}
 
 
 class _InputProblem(Exception):
@@ -129,7 +136,7 @@ def _no_files(image: InputImage) -> str:
     raise AssertionError("a job without local input images")
 
 
-async def stream_body(parts: BodyParts, problems: list[str]) -> AsyncIterator[bytes]:
+async def stream_body(parts: BodyParts, problems: list[str]) -> AsyncGenerator[bytes, None]:
     """The body of ``parts``, each local image read and base64-encoded piece by piece.
 
     Each image is checked against the size and sha256 the manifest check saw
@@ -144,29 +151,49 @@ async def stream_body(parts: BodyParts, problems: list[str]) -> AsyncIterator[by
             return
         yield data_url_head(image)
         try:
-            async for encoded in _encoded(image):
-                yield encoded
+            # Closed at once if the body is dropped half way, and the file with it.
+            async with contextlib.aclosing(_encoded(image)) as pieces:
+                async for encoded in pieces:
+                    yield encoded
         except _InputProblem as exc:
             problems.append(str(exc))
             raise
 
 
-async def _encoded(image: InputImage) -> AsyncIterator[bytes]:
+def _open_regular(image: InputImage) -> BinaryIO:
+    # O_NONBLOCK: a FIFO put in the file's place must not block the open forever.
+    fd = os.open(image.ref, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _InputProblem(f"input image {image.source} is no longer a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+async def _encoded(image: InputImage) -> AsyncGenerator[bytes, None]:
     changed = f"input image {image.source} changed since the manifest was checked; not sent"
     digest = hashlib.sha256()
     size = 0
+    carry = b""  # bytes short of a group of 3, encoded with the next piece
     try:
-        with open(image.ref, "rb") as handle:  # opening is quick; the reads go to a thread
+        with await asyncio.to_thread(_open_regular, image) as handle:
             while chunk := await asyncio.to_thread(handle.read, INPUT_CHUNK_BYTES):
                 digest.update(chunk)
                 size += len(chunk)
                 if size > (image.size_bytes or 0):
                     raise _InputProblem(changed)
-                yield base64.b64encode(chunk)
+                data = carry + chunk if carry else chunk
+                cut = len(data) - len(data) % 3
+                carry = data[cut:]
+                yield base64.b64encode(data[:cut])
     except OSError as exc:
         raise _InputProblem(f"cannot read input image {image.source}: {exc.strerror}") from None
     if size != image.size_bytes or digest.hexdigest() != image.digest:
         raise _InputProblem(changed)
+    yield base64.b64encode(carry)
 
 
 def is_loopback(url: str) -> bool:
@@ -190,9 +217,14 @@ class ChatCompletionsClient:
         self._session: aiohttp.ClientSession | None = None
         # Looked up once: aiohttp's trust_env would look up the proxy and ~/.netrc
         # again for every request, in a worker thread (two thread handoffs each).
-        self._proxy = env_proxy(
-            self.url, urllib.request.getproxies(), urllib.request.proxy_bypass
-        )
+        proxy = env_proxy(self.url, urllib.request.getproxies(), urllib.request.proxy_bypass)
+        self._proxy_url: str | None = proxy[0] if proxy else None
+        auth = proxy[1] if proxy else {}
+        # aiohttp sends proxy_headers only with the CONNECT of an https tunnel; a plain
+        # http request goes to the proxy itself, so its credentials ride along with it.
+        tunnel = urlsplit(self.url).scheme == "https"
+        self._proxy_headers = auth if tunnel and auth else None
+        self._proxy_auth = {} if tunnel else auth
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -222,6 +254,7 @@ class ChatCompletionsClient:
             "Accept": "application/json",
             "Accept-Encoding": "gzip, deflate",
             "User-Agent": self.config.user_agent,
+            **self._proxy_auth,
         }
 
     async def generate(self, job: Job, root: Path) -> Generation:
@@ -250,6 +283,10 @@ class ChatCompletionsClient:
                 exc.job_id = job.id
             self._abort(root, writers, staged)
             raise
+        finally:
+            if not isinstance(body[0], bytes):
+                # The answer can come before the whole body went (an error, a redirect).
+                await body[0].aclose()
         keep = [staged.pop(i) for i in answer.image_indexes if i in staged]
         self._abort(root, {}, staged)  # data URLs outside message.images
         return Generation(
@@ -260,7 +297,9 @@ class ChatCompletionsClient:
         )
 
     @staticmethod
-    def _body(job: Job, problems: list[str]) -> tuple[bytes | AsyncIterator[bytes], int]:
+    def _body(
+        job: Job, problems: list[str]
+    ) -> tuple[bytes | AsyncGenerator[bytes, None], int]:
         """The request body and its length; local input images are streamed, not held."""
         if not any(image.kind is InputKind.FILE for image in job.images):
             body = json.dumps(build_body(job, _no_files), ensure_ascii=False).encode("utf-8")
@@ -272,18 +311,24 @@ class ChatCompletionsClient:
         self,
         job: Job,
         root: Path,
-        body: tuple[bytes | AsyncIterator[bytes], int],
+        body: tuple[bytes | AsyncGenerator[bytes, None], int],
         writers: dict[int, ImageWriter],
         staged: dict[int, StagedImage],
     ) -> tuple[Any, dict[str, int]]:
         session = self._open()
-        proxy, proxy_headers = self._proxy or (None, None)
         data, length = body
         # A stated length, so a streamed body is not sent chunked (and is known to be cut
         # short if it fails half way).
         headers = {**self._headers(), "Content-Length": str(length)}
         async with session.post(
-            self.url, data=data, headers=headers, proxy=proxy, proxy_headers=proxy_headers
+            self.url,
+            data=data,
+            headers=headers,
+            proxy=self._proxy_url,
+            proxy_headers=self._proxy_headers,
+            # A redirect is reported, not followed: a streamed body cannot be sent twice,
+            # and a gateway that moved should be configured where it is.
+            allow_redirects=False,
         ) as response:
             if response.status != 200:
                 raw = await response.content.read(ERROR_BODY_BYTES)

@@ -33,10 +33,12 @@ _B64_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 # input (unrolled so runs of plain characters are matched in one step).
 _STRING_BODY = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*', re.DOTALL)
 # Outside strings: everything up to the next string that may be a data URL (one that
-# starts with d, D or an escape, see _data_url_header) or that the input cuts off.
-# Possessive, so a cut-off string costs no backtracking: one C call for the JSON
-# around an image instead of a Python step per key and value.
-_SKIP = re.compile(rb'(?:[^"]++|"(?![dD\\])[^"\\]*+(?:\\.[^"\\]*+)*+")*+', re.DOTALL)
+# starts with d, D or an escape, see _data_url_header) or that the input cuts off:
+# one C call for the JSON around an image instead of a Python step per key and value.
+# Nothing follows the outer repeat and the string body is unrolled, so a cut-off
+# string costs one linear scan. (Not possessive: CPython before 3.11.5 mismatches
+# possessive repeats, gh-106052.)
+_SKIP = re.compile(rb'(?:[^"]+|"(?![dD\\])[^"\\]*(?:\\.[^"\\]*)*")*', re.DOTALL)
 # Escapes in data URL text: fast paths for the common ones, then the general case.
 _NOT_SLASH_ESCAPE = re.compile(rb"\\(?!/)")
 _NOT_SIMPLE_ESCAPE = re.compile(rb"\\(?![/nrt])")

@@ -143,6 +143,14 @@ def error_for_status(
     now_s: float,
 ) -> JobError:
     """The error a non-200 answer stands for."""
+    if 300 <= status < 400:  # not followed, see the client: every job would meet it
+        where = headers.get("Location") or "an address it does not give"
+        return FatalApiError(
+            f"the gateway answers with a redirect to {where}; set the base URL to the "
+            "address that answers itself",
+            job_id=job_id,
+            http_status=status,
+        )
     message = server_message(body, headers.get("Content-Type", "") or "")
     retry_after = parse_retry_after(headers, now_s)
     return _error_for_code(status, message, job_id=job_id, retry_after_s=retry_after)

@@ -153,6 +153,17 @@ def test_every_split_point_gives_the_same_result() -> None:
     assert decode([body[i : i + 1] for i in range(len(body))]) == reference
 
 
+def test_plain_strings_before_a_data_url_keep_the_scanner_in_place() -> None:
+    # The JSON around an image is skipped by one regex; on CPython 3.11.0-3.11.4 a
+    # possessive form of it stopped two bytes late here and lost every image.
+    body = (b'{"choices":[{"message":{"content":"hello world","images":[{"type":'
+            b'"image_url","image_url":{"url":"data:image/png;base64,iVBORw0KGgo="}}]}}]}')
+    reference = decode([body])
+    assert [bytes(data) for _, data in reference[0]] == [b"\x89PNG\r\n\x1a\n"]
+    for cut in range(len(body) + 1):
+        assert decode([body[:cut], body[cut:]]) == reference, cut
+
+
 def test_one_image_bytes_event_per_chunk() -> None:
     data = image(1_000_000)
     body = json.dumps(chat([data_url(data)])).replace("/", "\\/").encode()

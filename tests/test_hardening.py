@@ -19,8 +19,10 @@ import contextlib
 import errno
 import gzip
 import hashlib
+import io
 import json
 import os
+import random
 import shutil
 import socket
 import ssl
@@ -42,6 +44,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from batch import client
 from batch.checkpoint import Checkpoint, JobState
 from batch.client import (
     INPUT_CHUNK_BYTES,
@@ -52,7 +55,13 @@ from batch.client import (
     env_proxy,
     stream_body,
 )
-from batch.errors import MalformedResponse, RejectedError, StorageError, TransportError
+from batch.errors import (
+    FatalApiError,
+    MalformedResponse,
+    RejectedError,
+    StorageError,
+    TransportError,
+)
 from batch.imageinfo import probe
 from batch.jobs import DEFAULT_MODEL, InputImage, InputKind, Job, Status
 from batch.protocol import body_parts
@@ -702,6 +711,50 @@ def test_an_input_image_changed_since_the_check_is_never_sent_whole(
     assert sent < body_parts(job, "tok").length() and len(problems) == 1
 
 
+class ShortReads(io.BytesIO):
+    """A file whose reads come back short, as a file being rewritten in place might."""
+
+    def __init__(self, data: bytes, seed: int) -> None:
+        super().__init__(data)
+        self._rng = random.Random(seed)
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        return super().read(min(size or 0, self._rng.randint(1, 5000)))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_short_reads_still_stream_the_exact_base64(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    image = input_file(tmp_path / "in.png", 60_000 + seed)
+    data = Path(image.ref).read_bytes()
+    monkeypatch.setattr(client, "_open_regular", lambda image: ShortReads(data, seed))
+    job = replace(a_job(), images=(image,))
+    parts = body_parts(job, "tok")
+
+    async def streamed() -> bytes:
+        return b"".join([piece async for piece in stream_body(parts, [])])
+
+    body = asyncio.run(streamed())
+    url = json.loads(body)["messages"][0]["content"][1]["image_url"]["url"]
+    assert base64.b64decode(url.split(",", 1)[1], validate=True) == data
+    assert len(body) == parts.length()
+
+
+def test_an_input_image_replaced_by_a_fifo_is_refused_without_blocking(
+    tmp_path: Path, servers: LoopThread
+) -> None:
+    app, seen = recording_gateway()
+    config = ClientConfig(base_url=f"http://127.0.0.1:{servers.serve(app)}/v1",
+                          api_key=Secret(KEY), timeout_s=30)
+    image = input_file(tmp_path / "in.png", 1000)
+    Path(image.ref).unlink()
+    os.mkfifo(image.ref)  # nobody writes: a blocking open would wait forever
+    with pytest.raises(RejectedError, match="no longer a regular file"):
+        generate(config, tmp_path / "out", replace(a_job(), images=(image,)))
+    assert seen == []
+
+
 def test_input_image_that_is_a_device_is_rejected(tmp_path: Path) -> None:
     manifest = tmp_path / "dev.yaml"
     manifest.write_text("- {id: a, prompt: x, images: [/dev/zero]}\n")
@@ -1259,6 +1312,46 @@ def test_http_proxy_from_the_environment_is_used(tmp_path: Path, servers: LoopTh
     assert bypass.returncode == 1 and len(seen) == 1  # NO_PROXY honoured too
     assert read_results(tmp_path / "bypass")[0]["error"]["type"] == "connection"
     assert_no_key(tmp_path / "bypass", bypass)
+
+
+def test_proxy_credentials_reach_a_plain_http_proxy(tmp_path: Path, servers: LoopThread) -> None:
+    headers: list[str | None] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        headers.append(request.headers.get("Proxy-Authorization"))
+        await request.read()
+        return web.Response(body=completion("data:image/png;base64,"
+                                            + base64.b64encode(PIXEL).decode()),
+                            content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    proxy_port = servers.serve(app)
+    manifest = catalog(1, tmp_path / "m.jsonl")
+    env = proxy_env(HTTP_PROXY=f"http://u%40corp:s%3Acret@127.0.0.1:{proxy_port}")
+    done = cli("run", str(manifest), "--output", str(tmp_path / "out"), "--base-url",
+               f"http://127.0.0.1:{closed_port()}/v1", env=env)
+    assert done.returncode == 0, done.stderr
+    assert headers == ["Basic " + base64.b64encode(b"u@corp:s:cret").decode()]
+
+
+def test_a_redirecting_gateway_is_reported_not_followed(
+    tmp_path: Path, servers: LoopThread
+) -> None:
+    hits: list[str] = []
+
+    async def moved(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        raise web.HTTPPermanentRedirect("/v2/chat/completions")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", moved)
+    config = ClientConfig(base_url=f"http://127.0.0.1:{servers.serve(app)}/v1",
+                          api_key=Secret(KEY))
+    image = input_file(tmp_path / "in.png", 1000)
+    with pytest.raises(FatalApiError, match="redirect to /v2/chat/completions"):
+        generate(config, tmp_path / "out", replace(a_job(), images=(image,)))
+    assert hits == ["/v1/chat/completions"]
 
 
 class ConnectProxy:

@@ -18,7 +18,14 @@ from batch.errors import (
     ServerError,
 )
 from batch.jobs import InputImage, InputKind, Job
-from batch.protocol import body_parts, build_body, data_url_head, interpret, server_message
+from batch.protocol import (
+    body_parts,
+    build_body,
+    data_url_head,
+    error_for_status,
+    interpret,
+    server_message,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"rest"
 
@@ -112,6 +119,14 @@ def test_server_message(body: bytes, ctype: str, expected: str) -> None:
 
 def test_server_message_is_clipped() -> None:
     assert len(server_message(b"x" * 10_000, "text/plain")) == 500
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_stops_the_run_naming_where_it_points(status: int) -> None:
+    error = error_for_status(status, {"Location": "https://new.example/v1/chat/completions"},
+                             b"", job_id="j", now_s=0.0)
+    assert isinstance(error, FatalApiError) and error.http_status == status
+    assert "https://new.example/v1/chat/completions" in str(error)
 
 
 P0, P1 = "\x00img-0", "\x00img-1"
