@@ -9,7 +9,9 @@ written. No resume, no verification, no rate limiting.
         --concurrency 16 --out DIR
 
 Reads the same JSONL manifest as imgbatch (``id``, ``prompt``, optional
-``aspect_ratio``, ``image_size``, ``model``). Prints one JSON line at the end:
+``aspect_ratio``, ``image_size``, ``model``, and ``images``: local paths beside the
+manifest, read and base64-encoded into data URLs as the notebook's editing example
+does). Prints one JSON line at the end:
 ``{"jobs": n, "ok": n, "failed": n, "errors": {"ExceptionName": n}}``.
 """
 
@@ -47,10 +49,17 @@ async def main() -> int:
     async def generate(job: dict) -> bool:
         async with semaphore:
             try:
+                content: str | list[dict] = job["prompt"]
+                if job.get("images"):
+                    content = [{"type": "text", "text": job["prompt"]}] + [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                         + base64.b64encode((args.manifest.parent / path).read_bytes()).decode()}}
+                        for path in job["images"]
+                    ]
                 response = await client.chat.completions.create(
                     model=job.get("model", args.model),
                     stream=False,
-                    messages=[{"role": "user", "content": job["prompt"]}],
+                    messages=[{"role": "user", "content": content}],
                     extra_body={
                         "image_config": {
                             "aspect_ratio": job.get("aspect_ratio", "1:1"),

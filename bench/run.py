@@ -50,6 +50,8 @@ SMALL = ("--scale", "0.0625")  # 64x64 PNGs: the client's overhead, not the byte
 OVERHEAD_JOBS, OVERHEAD_CONC = 2000, 64
 LATENCY_JOBS, LATENCY_CONC, LATENCY_S = 300, 50, 1.0
 MEMORY_JOBS, MEMORY_CONC, MEMORY_PAYLOADS = 48, 16, (12_700_000, 25_400_000)
+# Editing with the most input images a job may have, each near the 7 MiB limit: shown, no target.
+EDIT_JOBS, EDIT_CONC, EDIT_INPUTS, EDIT_INPUT_BYTES = 16, 8, 14, 7_000_000
 RATE_JOBS, RATE_CONC, RATE_RPM = 200, 64, 600
 # 600/min enforced over a 6 s sliding window (60 per 6 s): with a 60 s window all
 # 200 requests fit in one window and nothing would ever be rate limited.
@@ -365,6 +367,38 @@ def w_memory(ctx: Ctx) -> None:
                         met(ok)))
     print(f"[3 memory]   imgbatch RSS growth x{growth:.2f} when payloads double "
           f"(target ≤ {MEMORY_MAX_GROWTH:g}x): {met(ok)}", flush=True)
+    w_memory_edits(ctx, w)
+
+
+def w_memory_edits(ctx: Ctx, w: str) -> None:
+    """Request bodies, not answers: jobs that send 14 large input images each."""
+    jobs = ctx.n(EDIT_JOBS)
+    size = EDIT_INPUT_BYTES // 10 if ctx.quick else EDIT_INPUT_BYTES
+    folder = ctx.out / "manifests"
+    (folder / "inputs").mkdir(parents=True, exist_ok=True)
+    head = b"\x89PNG\r\n\x1a\n"  # the sniffed type; the rest need not be a picture
+    names = [f"inputs/edit-{i:02d}.png" for i in range(EDIT_INPUTS)]
+    for name in names:
+        (folder / name).write_bytes(head + os.urandom(size - len(head)))
+    manifest = folder / "edits.jsonl"
+    ids = [f"edit-{i:05d}" for i in range(jobs)]
+    manifest.write_text("".join(json.dumps({"id": ident, "prompt": f"edit {ident}",
+                                            "images": names}) + "\n" for ident in ids))
+    runs = [run_client(ctx, "memory-edit", label, manifest, ids, SMALL, EDIT_CONC)
+            for label in ("imgbatch", "peer")]
+    ib, peer = runs
+    body_mb = EDIT_INPUTS * size * 4 / 3 / 1e6
+    what = (f"{jobs} edit jobs, {EDIT_INPUTS} input images of {size / 1e6:.1f} MB each "
+            f"(~{body_mb:.0f} MB request bodies), {EDIT_CONC} in flight")
+    ctx.rows += [
+        Row(w, f"peak RSS, {what}", f"{ib.m.maxrss_mb:.0f} MB", f"{peer.m.maxrss_mb:.0f} MB",
+            ratio(ib.m.maxrss_mb, peer.m.maxrss_mb), "", ""),
+        Row(w, "images valid and wall time, the same edit jobs",
+            f"{ib.valid}/{jobs} in {ib.m.wall_s:.1f} s", f"{peer.valid}/{jobs} in "
+            f"{peer.m.wall_s:.1f} s", ratio(ib.m.wall_s, peer.m.wall_s), "", ""),
+    ]
+    emit(ctx, "3 memory-edit", runs, [f"imgbatch peak RSS {ib.m.maxrss_mb:.0f} MB sending "
+                                      f"~{body_mb:.0f} MB bodies (shown, no target)"])
 
 
 def _peer_growth(ctx: Ctx) -> str:
