@@ -179,7 +179,9 @@ async def _encoded(image: InputImage) -> AsyncGenerator[bytes, None]:
     size = 0
     carry = b""  # bytes short of a group of 3, encoded with the next piece
     try:
-        with await asyncio.to_thread(_open_regular, image) as handle:
+        # Opened here, not in a thread: a thread's open that outlives a cancelled
+        # request leaks its file; O_NONBLOCK keeps a FIFO from blocking the loop.
+        with _open_regular(image) as handle:
             while chunk := await asyncio.to_thread(handle.read, INPUT_CHUNK_BYTES):
                 digest.update(chunk)
                 size += len(chunk)
