@@ -1315,24 +1315,16 @@ def test_http_proxy_from_the_environment_is_used(tmp_path: Path, servers: LoopTh
 
 
 def test_proxy_credentials_reach_a_plain_http_proxy(tmp_path: Path, servers: LoopThread) -> None:
-    headers: list[str | None] = []
-
-    async def answer(request: web.Request) -> web.Response:
-        headers.append(request.headers.get("Proxy-Authorization"))
-        await request.read()
-        return web.Response(body=completion("data:image/png;base64,"
-                                            + base64.b64encode(PIXEL).decode()),
-                            content_type="application/json")
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
-    proxy_port = servers.serve(app)
+    proxy, seen = recording_gateway()  # a forward proxy that answers by itself
+    proxy_port = servers.serve(proxy)
     manifest = catalog(1, tmp_path / "m.jsonl")
     env = proxy_env(HTTP_PROXY=f"http://u%40corp:s%3Acret@127.0.0.1:{proxy_port}")
     done = cli("run", str(manifest), "--output", str(tmp_path / "out"), "--base-url",
                f"http://127.0.0.1:{closed_port()}/v1", env=env)
     assert done.returncode == 0, done.stderr
-    assert headers == ["Basic " + base64.b64encode(b"u@corp:s:cret").decode()]
+    assert [r["headers"].get("Proxy-Authorization") for r in seen] == [
+        "Basic " + base64.b64encode(b"u@corp:s:cret").decode()
+    ]
 
 
 def test_a_redirecting_gateway_is_reported_not_followed(
