@@ -16,7 +16,6 @@ import base64
 import contextlib
 import hashlib
 import ipaddress
-import json
 import logging
 import os
 import secrets
@@ -43,11 +42,10 @@ from batch.errors import (
 )
 from batch.imageinfo import DEFAULT_MAX_PIXELS
 from batch.images import ImageWriter, StagedImage, discard
-from batch.jobs import InputImage, InputKind, Job
+from batch.jobs import InputImage, Job
 from batch.protocol import (
     BodyParts,
     body_parts,
-    build_body,
     data_url_head,
     error_for_status,
     interpret,
@@ -130,10 +128,6 @@ def env_proxy(
 
 class _InputProblem(Exception):
     """A local input image cannot be sent as the manifest check saw it."""
-
-
-def _no_files(image: InputImage) -> str:
-    raise AssertionError("a job without local input images")
 
 
 async def stream_body(parts: BodyParts, problems: list[str]) -> AsyncGenerator[bytes, None]:
@@ -303,10 +297,9 @@ class ChatCompletionsClient:
         job: Job, problems: list[str]
     ) -> tuple[bytes | AsyncGenerator[bytes, None], int]:
         """The request body and its length; local input images are streamed, not held."""
-        if not any(image.kind is InputKind.FILE for image in job.images):
-            body = json.dumps(build_body(job, _no_files), ensure_ascii=False).encode("utf-8")
-            return body, len(body)
         parts = body_parts(job, secrets.token_hex(16))
+        if not parts.files:
+            return parts.pieces[0], len(parts.pieces[0])
         return stream_body(parts, problems), parts.length()
 
     async def _exchange(
