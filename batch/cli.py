@@ -1,4 +1,4 @@
-"""The command line: ``imgbatch run | validate | status | simulate``.
+"""The command line: ``imgbatch run | validate | status | report | inspect | simulate``.
 
 Thin on purpose: parse arguments into config objects, call the pipeline,
 map outcomes onto exit codes. Exit codes: 0 every job succeeded; 1 some
@@ -23,8 +23,9 @@ import traceback
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from batch import __version__, report, simconfig
+from batch import __version__, capabilities, report, simconfig
 from batch.checkpoint import STATE_DIR, Checkpoint
 from batch.client import DEFAULT_BASE_URL, ChatCompletionsClient, ClientConfig, Secret
 from batch.cost import PriceTable, estimate
@@ -40,7 +41,9 @@ from batch.errors import (
 from batch.images import IMAGES_DIR
 from batch.jobs import DEFAULT_MODEL, Status
 from batch.manifest import Manifest, load_manifest, summarize
-from batch.progress import ConsoleProgress, setup_logging
+from batch.metrics import MetricsFile
+from batch.progress import ConsoleProgress, Observers, setup_logging
+from batch.provenance import Stamper
 from batch.results import RESULTS, write_results
 from batch.retry import RetryPolicy
 
@@ -80,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ca-bundle", type=Path, default=None)
     run.add_argument("--progress-interval", type=_positive_float, default=30.0, metavar="S",
                      help="seconds between progress lines when stderr is not a terminal")
+    run.add_argument("--metrics-file", type=Path, default=None, metavar="PATH",
+                     help="Prometheus textfile (.prom), replaced at each progress tick and "
+                     "at the end")
+    run.add_argument("--no-embed-metadata", action="store_true",
+                     help="store the server's image bytes verbatim (no provenance XMP)")
     _add_logging(run)
 
     validate = commands.add_parser("validate", help="check a manifest and print the plan")
@@ -94,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     report_cmd = commands.add_parser("report", help="rebuild DIR/index.html, the gallery")
     report_cmd.add_argument("output", type=Path)
     _add_logging(report_cmd)
+
+    inspect = commands.add_parser("inspect", help="what an image says about itself")
+    inspect.add_argument("image", type=Path)
+    inspect.add_argument("--json", action="store_true", help="one JSON object")
+    _add_logging(inspect)
 
     simulate = commands.add_parser("simulate", help="run the local gateway simulator")
     simconfig.add_arguments(simulate)
@@ -138,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_status(args)
         if args.command == "report":
             return cmd_report(args)
+        if args.command == "inspect":
+            return cmd_inspect(args)
         if args.command == "simulate":
             try:
                 config = simconfig.config_from_args(args)
@@ -163,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest, default_model=args.model)
+    capabilities.enforce(manifest.jobs)
     plan = summarize(manifest)
     print(f"{args.manifest}: valid, {plan['jobs']} job(s)")
     for key, value in plan.items():
@@ -192,6 +208,40 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from batch.xmpread import NotReadable, describe
+
+    try:
+        kind, facts = describe(args.image)
+    except NotReadable as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(json.dumps({"path": str(args.image), "type": kind, "provenance": facts or None},
+                         ensure_ascii=False))
+    else:
+        print(f"{args.image}: {kind or 'not a PNG, JPEG or WebP image'}")
+        if not facts:
+            print("  no imgbatch provenance (made elsewhere, or with --no-embed-metadata)")
+        for name, value in facts.items():
+            print(f"  {name.replace('_', ' ')}: {value}")
+    return EXIT_OK if facts else EXIT_INCOMPLETE
+
+
+def metrics_file(path: Path | None, root: Path, base_url: str,
+                 interval_s: float) -> MetricsFile | None:
+    """The metrics writer for --metrics-file, checked before anything is sent."""
+    if path is None:
+        return None
+    if path.suffix != ".prom":
+        raise UsageError(f"--metrics-file {path}: node_exporter's textfile collector reads "
+                         "only files ending in .prom")
+    if not path.parent.is_dir():
+        raise UsageError(f"--metrics-file {path}: folder {path.parent} does not exist")
+    endpoint = urlsplit(base_url).hostname or base_url
+    return MetricsFile(path, output=root.resolve().name, endpoint_of=lambda job: endpoint,
+                       endpoints=[endpoint], interval_s=interval_s)
+
+
 async def _build_gallery_apart(root: Path, quiet: bool) -> bool:
     """Rebuild the gallery in a child process: decoding 4K images for thumbnails takes
     tens of MB each, which must not count against the run's own flat memory."""
@@ -207,6 +257,7 @@ async def _build_gallery_apart(root: Path, quiet: bool) -> bool:
 
 def cmd_run(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest, default_model=args.model)
+    capabilities.enforce(manifest.jobs)
     key = os.environ.get(args.api_key_env, "").strip()
     if not key:
         raise UsageError(f"no API key: set the environment variable {args.api_key_env}")
@@ -222,6 +273,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 + " (add them under pricing: in the manifest)"
             )
     check_ca_bundle(args.ca_bundle)
+    metrics = metrics_file(args.metrics_file, root, args.base_url, args.progress_interval)
     prepare_output(root)
     client_config = ClientConfig(
         base_url=args.base_url,
@@ -229,6 +281,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         max_connections=args.concurrency,
         ca_bundle=args.ca_bundle,
+        stamp=None if args.no_embed_metadata else Stamper("chat", args.base_url),
     )
     engine_config = EngineConfig(
         concurrency=args.concurrency,
@@ -248,7 +301,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(
             _run(manifest, root, store, client_config, engine_config, args.grace,
-                 args.quiet, args.progress_interval, not args.no_gallery)
+                 args.quiet, args.progress_interval, not args.no_gallery, metrics)
         )
     finally:
         store.close()
@@ -304,12 +357,14 @@ async def _run(
     quiet: bool = False,
     progress_interval_s: float = 30.0,
     gallery: bool = True,
+    metrics: MetricsFile | None = None,
 ) -> int:
     progress = ConsoleProgress(
         sys.stderr, bar=sys.stderr.isatty() and not quiet, interval_s=progress_interval_s
     )
     client = ChatCompletionsClient(client_config)
-    engine = Engine(client, store, engine_config, progress)
+    observer = progress if metrics is None else Observers(progress, metrics)
+    engine = Engine(client, store, engine_config, observer)
     received: list[signal.Signals] = []
     loop = asyncio.get_running_loop()
 
@@ -356,6 +411,8 @@ async def _run(
             report.append_run(root, record)
         except StorageError as exc:
             failures.append(str(exc))
+        if metrics is not None:
+            await metrics.close(exit_code=code, jobs=counts)
         line = report.one_line(record, root / RESULTS)
         try:
             store.record_run("end", summary=line, exit_code=code)

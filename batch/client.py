@@ -41,7 +41,7 @@ from batch.errors import (
     TransportError,
 )
 from batch.imageinfo import DEFAULT_MAX_PIXELS
-from batch.images import ImageWriter, StagedImage, discard
+from batch.images import ImageWriter, StagedImage, StreamTransform, discard
 from batch.jobs import InputImage, Job
 from batch.protocol import (
     BodyParts,
@@ -79,6 +79,8 @@ class ClientConfig:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     ca_bundle: Path | None = None
     user_agent: str = f"imgbatch/{__version__}"
+    # Per image: rewrites it as it streams (provenance); None stores the server's bytes.
+    stamp: Callable[[Job], StreamTransform] | None = None
 
 
 @dataclass(frozen=True)
@@ -314,7 +316,8 @@ class ChatCompletionsClient:
         data, length = body
         # A stated length, so a streamed body is not sent chunked (and is known to be cut
         # short if it fails half way).
-        headers = {**self._headers(), "Content-Length": str(length)}
+        # The job id lets a log (and the simulator's pictures) name the job.
+        headers = {**self._headers(), "Content-Length": str(length), "X-Imgbatch-Job": job.id}
         async with session.post(
             self.url,
             data=data,
@@ -348,6 +351,7 @@ class ChatCompletionsClient:
                             writers[event.index] = ImageWriter(
                                 root, job.id, event.index,
                                 max_pixels=self.config.max_image_pixels,
+                                transform=self.config.stamp(job) if self.config.stamp else None,
                             )
                             streamed[placeholder(event.index)] = event.index
                         elif type(event) is ImageEnd:

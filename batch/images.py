@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from batch.errors import StorageError
 from batch.imageinfo import ImageInfo, ImageVerifier
@@ -71,11 +72,26 @@ def final_name(job_id: str, index: int, ext: str) -> str:
     return f"{IMAGES_DIR}/{stem}.{ext}"
 
 
-class ImageWriter:
-    """Writes one streamed image to a temporary file while verifying and hashing it."""
+class StreamTransform(Protocol):
+    """Rewrites an image as it streams (provenance): bytes in, bytes to store out."""
 
-    def __init__(self, root: Path, job_id: str, index: int, *, max_pixels: int) -> None:
+    def feed(self, data: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
+class ImageWriter:
+    """Writes one streamed image to a temporary file while verifying and hashing it.
+
+    With a ``transform``, what is verified, hashed and stored is its output.
+    """
+
+    def __init__(
+        self, root: Path, job_id: str, index: int, *, max_pixels: int,
+        transform: StreamTransform | None = None,
+    ) -> None:
         self._root = root
+        self._transform = transform
         self._job_id = job_id
         self._index = index
         # Unique among live writers; O_EXCL below refuses any leftover of the same name.
@@ -97,6 +113,13 @@ class ImageWriter:
 
         The caller aborts the writer on any error.
         """
+        if self._transform is not None:
+            data = self._transform.feed(data)
+        self._store(data)
+
+    def _store(self, data: bytes) -> None:
+        if not data:
+            return
         self._verifier.feed(data)
         self._sha.update(data)
         self._size += len(data)
@@ -112,6 +135,8 @@ class ImageWriter:
     def finish(self) -> StagedImage:
         """Verify the image is complete; hand its still-open file to the commit."""
         try:
+            if self._transform is not None:
+                self._store(self._transform.finish())
             info = self._verifier.finish()
             assert self._fd is not None
             mtime_ns = os.fstat(self._fd).st_mtime_ns

@@ -84,6 +84,37 @@ class Observer:
     def on_stop(self, message: str) -> None: ...
 
 
+class Observers(Observer):
+    """Several observers as one: each hook goes to each, in order."""
+
+    def __init__(self, *observers: Observer) -> None:
+        self.observers = observers
+
+    def on_plan(self, todo: int, skipped: int) -> None:
+        for o in self.observers:
+            o.on_plan(todo, skipped)
+
+    def on_attempt(self, job: Job) -> None:
+        for o in self.observers:
+            o.on_attempt(job)
+
+    def on_retry(self, job: Job, error: JobError, wait_s: float) -> None:
+        for o in self.observers:
+            o.on_retry(job, error, wait_s)
+
+    def on_success(self, job: Job, state: JobState, cost_usd: float) -> None:
+        for o in self.observers:
+            o.on_success(job, state, cost_usd)
+
+    def on_failure(self, job: Job, error: JobError) -> None:
+        for o in self.observers:
+            o.on_failure(job, error)
+
+    def on_stop(self, message: str) -> None:
+        for o in self.observers:
+            o.on_stop(message)
+
+
 class ConsoleProgress(Observer):
     """Counts outcomes and shows them: a bar on a terminal, periodic lines otherwise."""
 
