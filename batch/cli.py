@@ -273,8 +273,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 + " (add them under pricing: in the manifest)"
             )
     check_ca_bundle(args.ca_bundle)
-    metrics = metrics_file(args.metrics_file, root, args.base_url, args.progress_interval)
     prepare_output(root)
+    # After the output folder exists, so the metrics file may live in it.
+    metrics = metrics_file(args.metrics_file, root, args.base_url, args.progress_interval)
     client_config = ClientConfig(
         base_url=args.base_url,
         api_key=Secret(key),

@@ -77,6 +77,7 @@ class SimConfig:
     escape_slashes: bool = False
     gzip: bool = False
     jpeg_lie: float = 0.0
+    refuse_prompt: str = ""  # refuse (400, content policy) prompts containing this text
 
     def __post_init__(self) -> None:
         if self.scale <= 0 or self.rate_window_s <= 0 or self.retry_after_s <= 0:
@@ -121,6 +122,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--gzip", action="store_true", help="gzip bodies when the client accepts it")
     add("--jpeg-lie", type=_probability, default=0.0, metavar="P",
         help="probability of sending JPEG bytes labelled image/png")
+    add("--refuse-prompt", default="", metavar="TEXT",
+        help="refuse prompts containing TEXT (any case) with a 400 content-policy error")
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
@@ -135,4 +138,5 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         rate_window_s=args.rate_window, retry_after_s=args.retry_after,
         payload_bytes=args.payload_bytes, images_per_response=args.images_per_response,
         escape_slashes=args.escape_slashes, gzip=args.gzip, jpeg_lie=args.jpeg_lie,
+        refuse_prompt=args.refuse_prompt,
     )

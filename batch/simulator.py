@@ -25,7 +25,7 @@ from batch.simconfig import SimConfig
 from batch.simimages import BASE_DIMS as BASE_DIMS
 from batch.simimages import SIZE_FACTOR as SIZE_FACTOR
 from batch.simimages import TEXT_KEYWORD as TEXT_KEYWORD
-from batch.simimages import PngMaker, colour, image_dims, jpeg, request_text
+from batch.simimages import PngMaker, colour, image_dims, jpeg, label_lines, request_text
 from batch.simwire import FLASH_MODEL as FLASH_MODEL
 from batch.simwire import KNOWN_MODELS as KNOWN_MODELS
 from batch.simwire import (
@@ -106,6 +106,9 @@ class _Simulator:
             return await self._error(request, 400, "invalid JSON body")
         except Reject as exc:
             return await self._error(request, exc.status, exc.message, exc.code)
+        if cfg.refuse_prompt and cfg.refuse_prompt.lower() in parsed.prompt.lower():
+            return await self._error(request, 400, "The prompt was blocked by the content "
+                                     "policy (PROHIBITED_CONTENT)", "content_policy_violation")
         sha = hashlib.sha256(parsed.prompt.encode()).hexdigest()
         self.by_prompt[sha] += 1
         wait = self._admit()
@@ -132,7 +135,8 @@ class _Simulator:
         if canned is not None:
             status, body, content_type, reason = canned
             return await self._send(request, status, [body], content_type, reason=reason)
-        pieces = self._completion(parsed, sha, n, fault, where)
+        label = tuple(label_lines(request.headers.get("X-Imgbatch-Job", ""), parsed.prompt))
+        pieces = self._completion(parsed, sha, n, fault, where, label)
         cut = where if fault == "truncate" else None
         return await self._send(request, 200, pieces, "application/json", cut=cut)
 
@@ -201,17 +205,17 @@ class _Simulator:
         return resp
 
     def _completion(self, parsed: Parsed, sha: str, n: int, fault: str,
-                    where: float) -> list[bytes]:
+                    where: float, label: tuple[str, ...] = ()) -> list[bytes]:
         if fault == "error_200":
             return [json.dumps({"error": {"message": "upstream error", "code": 502}}).encode()]
         urls = [] if fault == "no_image" else [
-            self._data_url(parsed, sha, n, i, fault, where)
+            self._data_url(parsed, sha, n, i, fault, where, label)
             for i in range(self.config.images_per_response)
         ]
         return completion_body(parsed, sha, n, urls, self.config.escape_slashes)
 
     def _data_url(self, parsed: Parsed, sha: str, n: int, index: int, fault: str,
-                  where: float) -> bytes:
+                  where: float, label: tuple[str, ...] = ()) -> bytes:
         meta = request_text(sha, n)
         cfg = self.config
         if cfg.jpeg_lie and self.rng.random() < cfg.jpeg_lie:
@@ -219,7 +223,7 @@ class _Simulator:
             data = jpeg(meta)
         else:
             dims = image_dims(parsed.aspect_ratio, parsed.image_size, cfg.scale)
-            data = self.pngs.png(*dims, colour(sha, index), meta)
+            data = self.pngs.png(*dims, colour(sha, index), meta, label)
         if fault == "incomplete_image":  # somewhere after the header, always before the end
             data = data[:33 + int(where * (len(data) - 45))]
         b64 = base64.b64encode(data)

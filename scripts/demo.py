@@ -1,9 +1,11 @@
 """`make demo`: start the simulator on a free port, run jobs/example.yaml against it, stop it.
 
-Images, results and the gallery land in output/example/. The simulator
-injects a few faults (rate limits, proxy errors, a reset) so the log shows
-retries; one job of the example is refused by the gateway, so the results and
-the gallery show a failure too. Running it again resumes: nothing is re-sent.
+Images, results, the gallery and Prometheus metrics land in output/example/.
+The simulator injects a few faults (rate limits, proxy errors, a reset) so the
+log shows retries, draws each job's id and prompt on its picture, and refuses
+the lighthouse prompt (a content-policy 400), so the results and the gallery
+show a failure too; the catalog itself holds no job that fails on purpose.
+Running it again resumes: nothing is re-sent.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+REFUSED = "lighthouse"  # the simulator refuses this prompt: the demo's failure
 
 
 def main() -> int:
     simulator = subprocess.Popen(
         [sys.executable, "-m", "batch", "simulate", "--port", "0", "--latency", "0.3",
          "--fault-rate-limit", "0.1", "--fault-server-error-html", "0.1", "--fault-reset", "0.05",
-         "--retry-after", "1", "--seed", "7"],
+         "--retry-after", "1", "--seed", "7", "--refuse-prompt", REFUSED],
         stdout=subprocess.PIPE, text=True, cwd=ROOT,
     )
     try:
@@ -36,15 +39,22 @@ def main() -> int:
         env = {**os.environ, "QINIU_API_KEY": "demo-key-not-secret"}
         code = subprocess.call(
             [sys.executable, "-m", "batch", "run", "jobs/example.yaml",
-             "--base-url", base_url, "--concurrency", "4"],
+             "--base-url", base_url, "--concurrency", "4",
+             "--metrics-file", "output/example/metrics.prom"],
             cwd=ROOT, env=env,
         )
-        print(f"demo: imgbatch exited {code}; open output/example/index.html for the gallery "
-              "(images/, results.jsonl and summary.json are beside it)", file=sys.stderr)
+        for line in (
+            f"imgbatch exited {code}; open output/example/index.html for the gallery "
+            "(images/, results.jsonl and summary.json are beside it)",
+            "each picture names its job; each file carries its provenance: "
+            ".venv/bin/imgbatch inspect output/example/images/orange-cat.png",
+            "Prometheus metrics for alerting: output/example/metrics.prom "
+            "(README: Metrics and alerts)",
+        ):
+            print(f"demo: {line}", file=sys.stderr)
         if code == 1:
-            # jobs/example.yaml holds one job the gateway refuses, to show a failure.
-            print("demo: exit 1 means some jobs failed or are pending: here the "
-                  "flash-4k-refused job, on purpose", file=sys.stderr)
+            print(f"demo: exit 1 means some jobs failed or are pending: here the simulator "
+                  f"refused the {REFUSED} prompt, on purpose (--refuse-prompt)", file=sys.stderr)
             return 0
         return code
     finally:

@@ -77,8 +77,8 @@ def test_max_cost_refuses_unpriced_models(tmp_path: Path) -> None:
 def test_validate_estimates_cost() -> None:
     done = run_cli("validate", "jobs/example.yaml")
     assert done.returncode == 0, done.stderr
-    # 7 images at $0.134; the flash model at 4K has no price
-    assert "estimated cost: $0.94 for one image per job (+1 job(s) of unknown price)" in done.stdout
+    # 7 images at $0.134 and one flash 1K image at $0.039
+    assert "estimated cost: $0.98 for one image per job\n" in done.stdout
 
 
 def test_catalog_with_vars_and_count_runs_resumes_and_reports_per_job(tmp_path: Path) -> None:
