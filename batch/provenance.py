@@ -128,9 +128,10 @@ class Stamper:
         return ImageStamp(facts.xmp(), job.id)
 
 
-# A walker yields ("need", n) to receive the next n bytes (which it must emit or hold),
-# or ("pass", n) to let the next n bytes through untouched; when it returns, the rest
-# of the stream passes through.
+# A walker yields ("need", n) to receive the next n bytes, or ("pass", n) to let the next
+# n bytes through untouched; when it returns, the rest of the stream passes through.
+# Every byte received is held (in order) until the walker releases it, replaces it or
+# inserts the packet before it, so nothing is lost or reordered whatever the cut.
 _Request = tuple[str, int]
 _Walker = Generator[_Request, bytes | None, None]
 
@@ -150,6 +151,7 @@ class ImageStamp:
         self.skipped: str | None = None  # why the packet was not added
         self._out: list[bytes] = []
         self._held: list[bytes] = []
+        self._held_bytes = 0
         self._buf = bytearray()
         self._need = 0
         self._pass = 0
@@ -177,6 +179,8 @@ class ImageStamp:
                 if len(self._buf) == self._need:
                     got = bytes(self._buf)
                     self._buf.clear()
+                    self._held.append(got)
+                    self._held_bytes += len(got)
                     self._step(got)
         return self._drain()
 
@@ -185,9 +189,8 @@ class ImageStamp:
         if self._walker is not None and self.skipped is None and not self.embedded:
             self.skipped = "the image ended before the place for the packet"
         self._walker = None
-        self._out.extend(self._held)
+        self._release()
         self._out.append(bytes(self._buf))
-        self._held.clear()
         self._buf.clear()
         return self._drain()
 
@@ -198,106 +201,103 @@ class ImageStamp:
         self._out.clear()
         return data
 
+    def _release(self) -> None:
+        self._out.extend(self._held)
+        self._held.clear()
+        self._held_bytes = 0
+
+    def _replace_held(self, piece: bytes) -> None:
+        self._held = [piece]
+        self._held_bytes = len(piece)
+
     def _step(self, value: bytes | None) -> None:
         while self._walker is not None:
             try:
                 kind, size = self._walker.send(value)
             except StopIteration:
                 self._walker = None
-                self._out.extend(self._held)
-                self._held.clear()
+                self._release()
                 return
-            value = None
+            value = b""
             if kind == "need" and size > 0:
                 self._need = size
                 return
-            if kind == "pass" and size > 0:
-                self._pass = size
-                return
+            if kind == "pass":
+                self._release()
+                if size > 0:
+                    self._pass = size
+                    return
 
     def _skip(self, reason: str) -> None:
         self.skipped = reason
         log.info("%s: provenance not embedded: %s", self._job_id or "image", reason)
 
     def _embed(self, piece: bytes) -> None:
+        """Insert ``piece`` before the bytes held."""
         self._out.append(piece)
+        self._release()
         self.embedded = True
 
     # -- the formats -------------------------------------------------------------
 
     def _dispatch(self) -> _Walker:
         head = yield ("need", 2)
-        assert head is not None
         if head == b"\x89P":
-            return (yield from self._png(head))
+            return (yield from self._png())
         if head == b"\xff\xd8":
-            return (yield from self._jpeg(head))
+            return (yield from self._jpeg())
         if head == b"RI":
-            return (yield from self._webp(head))
-        self._out.append(head)
+            return (yield from self._webp(head or b""))
         self._skip("not a PNG, JPEG or WebP stream")
 
-    def _png(self, head: bytes) -> _Walker:
+    def _png(self) -> _Walker:
         rest = yield ("need", 6)
-        assert rest is not None
-        self._out.append(head + rest)
-        if head + rest != b"\x89PNG\r\n\x1a\n":
+        if rest != b"NG\r\n\x1a\n":
             return
-        has_xmp = c2pa = False
+        reason = ""
         while True:
             header = yield ("need", 8)
             assert header is not None
             length, kind = struct.unpack(">I4s", header)
-            if kind == b"IEND":
-                if c2pa or has_xmp:
-                    self._skip("it carries a C2PA manifest" if c2pa else "it carries XMP")
+            if kind in (b"IDAT", b"IEND"):  # before the pixels, where every reader looks
+                if reason:
+                    self._skip(reason)
                 else:
                     self._embed(_png_chunk(b"iTXt", PNG_XMP_KEY + b"\0\0\0\0\0" + self._xmp))
-                self._out.append(header)
                 return
-            self._out.append(header)
-            c2pa = c2pa or kind == b"caBX"
+            if kind == b"caBX":
+                reason = "it carries a C2PA manifest"
             left = length + 4
             if kind == b"iTXt" and length >= len(PNG_XMP_KEY) + 1:
                 key = yield ("need", len(PNG_XMP_KEY) + 1)
-                assert key is not None
-                self._out.append(key)
-                has_xmp = has_xmp or key == PNG_XMP_KEY + b"\0"
-                left -= len(key)
+                if key == PNG_XMP_KEY + b"\0":
+                    reason = reason or "it carries XMP"
+                left -= len(PNG_XMP_KEY) + 1
             yield ("pass", left)
 
-    def _jpeg(self, soi: bytes) -> _Walker:
-        self._out.append(soi)
+    def _jpeg(self) -> _Walker:
         holding = False  # past the leading JFIF/Exif segments: held until the scan
-        held = 0
         reason = ""
         while True:
             marker = yield ("need", 2)
             assert marker is not None
             code = marker[1]
             if marker[0] != 0xFF or code == 0xFF or code == 0x01 or 0xD0 <= code <= 0xD8:
-                (self._held if holding else self._out).append(marker)
                 self._skip(f"unexpected JPEG marker {marker.hex()} in the header")
                 return
             if code in (0xDA, 0xD9):  # start of scan (or an empty image): place it here
                 if reason:
                     self._skip(reason)
-                else:
+                else:  # before the segments held since the JFIF/Exif ones, and this marker
                     self._embed(_jpeg_segment(self._xmp))
-                self._out.extend(self._held)
-                self._held.clear()
-                self._out.append(marker)
                 return
             size = yield ("need", 2)
             assert size is not None
             (length,) = struct.unpack(">H", size)
             if length < 2:
-                (self._held if holding else self._out).append(marker + size)
                 self._skip("a JPEG segment length below 2")
                 return
-            peek_len = min(length - 2, 64)
-            peek = (yield ("need", peek_len)) if peek_len else b""
-            assert peek is not None
+            peek = (yield ("need", min(length - 2, 64))) or b""
             if code == 0xE1 and peek.startswith(JPEG_XMP_HEAD):
                 reason = reason or "it carries XMP"
             if code == 0xEB and peek[:2] == b"JP":  # JUMBF: a C2PA manifest
@@ -305,13 +305,10 @@ class ImageStamp:
             lead = code == 0xE0 or (code == 0xE1 and peek.startswith(b"Exif\0"))
             holding = holding or not lead
             if not holding:
-                self._out.append(marker + size + peek)
                 yield ("pass", length - 2 - len(peek))
                 continue
-            body = yield ("need", length - 2 - len(peek))
-            held += length + 2
-            self._held.append(marker + size + peek + (body or b""))
-            if held > HOLD_BYTES:
+            yield ("need", length - 2 - len(peek))
+            if self._held_bytes > HOLD_BYTES:
                 self._skip("its metadata segments exceed 1 MiB")
                 return
 
@@ -322,7 +319,6 @@ class ImageStamp:
         declared, form, fourcc, size = struct.unpack("<4xI4s4sI", riff)
         first = {b"VP8X": 10, b"VP8 ": 10, b"VP8L": 5}.get(fourcc, 0)
         if riff[:4] != b"RIFF" or form != b"WEBP" or not first or size < first:
-            self._out.append(riff)
             self._skip("not a WebP stream it can extend")
             return
         body = yield ("need", first)
@@ -331,12 +327,10 @@ class ImageStamp:
         after = declared + 8 - 20 - padded  # bytes of later chunks up to the RIFF end
         xmp = _webp_chunk(b"XMP ", self._xmp)
         if after < 0:
-            self._out.append(riff + body)
             self._skip("its WebP sizes are inconsistent")
             return
         if fourcc == b"VP8X":
             if body[0] & 0x04:
-                self._out.append(riff + body)
                 self._skip("it carries XMP")
                 return
             extended = b""
@@ -344,7 +338,6 @@ class ImageStamp:
         else:
             width, height, alpha = _simple_canvas(fourcc, body)
             if not width:
-                self._out.append(riff + body)
                 self._skip("its WebP frame header is unreadable")
                 return
             flags = 0x04 | (0x10 if alpha else 0)
@@ -352,9 +345,9 @@ class ImageStamp:
                                    + (width - 1).to_bytes(3, "little")
                                    + (height - 1).to_bytes(3, "little"))
         grown = declared + len(extended) + len(xmp)
-        self._out.append(b"RIFF" + struct.pack("<I", grown) + b"WEBP" + extended
-                         + riff[12:] + body)
-        yield ("pass", padded - first + max(after, 0))
+        self._replace_held(b"RIFF" + struct.pack("<I", grown) + b"WEBP" + extended
+                           + riff[12:] + body)
+        yield ("pass", padded - first + after)
         self._embed(xmp)
 
 
