@@ -106,7 +106,9 @@ def test_each_format_reads_back_with_pillow_and_keeps_its_pixels(name: str) -> N
 
 @settings(max_examples=40, deadline=None)
 @given(name=st.sampled_from(sorted(SAMPLES)), data=st.data())
-def test_the_output_does_not_depend_on_how_the_stream_is_cut(name: str, data: st.DataObject) -> None:
+def test_the_output_does_not_depend_on_how_the_stream_is_cut(
+    name: str, data: st.DataObject
+) -> None:
     original = SAMPLES[name]
     cuts = data.draw(st.lists(st.integers(0, len(original)), max_size=40))
     assert stamp(original, cuts) == stamp(original)
@@ -229,7 +231,7 @@ def test_a_run_stamps_every_image_and_records_the_stored_hash(tmp_path: Path) ->
         image = row["images"][0]
         path = tmp_path / "a" / image["path"]
         assert hashlib.sha256(path.read_bytes()).hexdigest() == image["sha256"]
-        kind, facts = describe(path)
+        _, facts = describe(path)
         assert facts["job_id"] == row["id"] and facts["prompt"] == row["prompt"]
         assert facts["provider"] == "chat" and facts["endpoint"] == sim.url
         Image.open(path).load()

@@ -15,8 +15,10 @@ RGB = bytes((30, 140, 90))
 @pytest.mark.parametrize(("job_id", "prompt", "lines"), [
     ("cat", "A cat", ["cat", "A cat"]),
     ("", "A cat", ["A cat"]),
-    ("x", "A lighthouse on a cliff in a storm, oil painting", ["x", "A lighthouse on a cliff in a …"]),
-    ("x", "Supercalifragilisticexpialidocious-and-then-some", ["x", "Supercalifragilisticexpialido…"]),
+    ("x", "A lighthouse on a cliff in a storm, oil painting",
+     ["x", "A lighthouse on a cliff in a …"]),
+    ("x", "Supercalifragilisticexpialidocious-and-then-some",
+     ["x", "Supercalifragilisticexpialido…"]),
     ("y" * 200, "", ["y" * LABEL_CHARS]),
 ])
 def test_label_lines_cut_to_fit(job_id: str, prompt: str, lines: list[str]) -> None:
