@@ -159,6 +159,15 @@ class ImageStamp:
         self._step(None)
 
     def feed(self, data: bytes) -> bytes:
+        # Past the packet's place, or inside a chunk passed through: no copy.
+        if self._walker is None or not data:
+            return data
+        if self._pass >= len(data):
+            self._pass -= len(data)
+            if not self._pass:
+                self._step(None)  # may emit what follows the passed bytes
+                return data + self._drain() if self._out else data
+            return data
         view = memoryview(data)
         pos, end = 0, len(view)
         while pos < end:

@@ -77,8 +77,10 @@ def _png(handle: BinaryIO) -> bytes | None:
             _, _, text = rest[2:].partition(b"\0")  # language tag
             _, _, text = text.partition(b"\0")  # translated keyword
             if compressed:
-                inflater = zlib.decompressobj()
-                text = inflater.decompress(text, MAX_PACKET_BYTES)
+                try:
+                    text = zlib.decompressobj().decompress(text, MAX_PACKET_BYTES)
+                except zlib.error as exc:
+                    raise NotReadable(f"the compressed XMP chunk is corrupt: {exc}") from None
             return text
         handle.seek(length + 4, 1)
     return None

@@ -1301,8 +1301,9 @@ def test_http_proxy_from_the_environment_is_used(tmp_path: Path, servers: LoopTh
     target = f"http://127.0.0.1:{closed_port()}/v1"  # direct, it would be refused
     manifest = catalog(1, tmp_path / "m.jsonl")
     env = proxy_env(HTTP_PROXY=f"http://127.0.0.1:{proxy_port}")
+    # --no-embed-metadata: the server's bytes verbatim, so they can be compared.
     done = cli("run", str(manifest), "--output", str(tmp_path / "out"), "--base-url", target,
-               env=env)
+               "--no-embed-metadata", env=env)
     assert done.returncode == 0, done.stderr
     assert seen == [("POST", f"{target}/chat/completions")]
     (row,) = read_results(tmp_path / "out")

@@ -239,3 +239,17 @@ def test_a_run_stamps_every_image_and_records_the_stored_hash(tmp_path: Path) ->
         path = tmp_path / "b" / row["images"][0]["path"]
         assert describe(path)[1] == {}
         assert b"imgbatch:JobId" not in path.read_bytes()
+
+
+@pytest.mark.parametrize("packet", [
+    b"<!DOCTYPE x [<!ENTITY a 'aaaa'>]><x>&a;</x>",  # entities are refused, not expanded
+    b"<x><unclosed></x>",
+])
+def test_inspect_refuses_a_hostile_packet_without_a_traceback(
+    tmp_path: Path, packet: bytes
+) -> None:
+    image = tmp_path / "bad.png"
+    image.write_bytes(stamp(SAMPLES["png"], xmp=packet))
+    done = run_cli("inspect", str(image))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "XMP packet" in done.stderr
