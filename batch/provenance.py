@@ -38,6 +38,7 @@ JPEG_XMP_HEAD = b"http://ns.adobe.com/xap/1.0/\0"
 FIELD_CHARS = 5000  # per text field: the JPEG APP1 segment holds at most 65,533 bytes
 HOLD_BYTES = 1 << 20  # JPEG metadata segments held until the scan starts; beyond, no stamp
 _NOT_XML = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_PLAIN = re.compile("[\u0020-\u0025\u0027-\u003b\u003d\u003f-\u007e]*")  # nothing to escape
 FIELDS = ("job_id", "prompt", "model", "provider", "endpoint", "settings", "created", "tool")
 
 
@@ -63,8 +64,8 @@ class Provenance:
             "created": self.created, "tool": self.tool,
         }
         props = "".join(
-            f"<imgbatch:{_tag(name)}>{_text(values[name])}</imgbatch:{_tag(name)}>"
-            for name in FIELDS
+            f"<imgbatch:{tag}>{_text(values[name])}</imgbatch:{tag}>"
+            for name, tag in zip(FIELDS, _TAGS, strict=True)
         )
         return (
             '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
@@ -83,7 +84,12 @@ def _tag(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("_"))
 
 
+_TAGS = tuple(_tag(name) for name in FIELDS)
+
+
 def _text(value: str) -> str:
+    if len(value) <= FIELD_CHARS and _PLAIN.fullmatch(value):
+        return value  # the usual case, a few microseconds cheaper per field
     clean = _NOT_XML.sub("\ufffd", value)
     if len(clean) > FIELD_CHARS:
         clean = clean[: FIELD_CHARS - 1] + "…"
