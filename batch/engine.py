@@ -266,8 +266,11 @@ class Engine:
                 await asyncio.wait(set(self._commits))
             await self.committer.close()
             self.stats.peak_in_flight = self.limits.concurrency.peak
-        if self._commit_bugs:  # a bug in a commit whose worker was already cancelled
+        # A bug in a commit nobody waited for (its worker was cancelled) still ends in exit 70.
+        if self._commit_bugs:
             raise self._commit_bugs[0]
+        if self.committer.broken is not None:
+            raise self.committer.broken
         return self.stats
 
     async def _worker(self, pending: Iterator[tuple[Job, str]]) -> None:

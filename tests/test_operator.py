@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from batch.cost import Budget, PriceTable
+from batch.cost import Budget, PriceTable, to_micros
 from tests.conftest import read_results, run_args, run_cli, simulator
 
 
@@ -18,6 +18,8 @@ from tests.conftest import read_results, run_args, run_cli, simulator
         (0.24, [0.24] * 3, 1),
         (0.2, [0.24] * 3, 0),
         (1.0, [0.134] * 10, 7),
+        (3.0, [0.24] * 30, 12),  # 12 x 0.24 in floats leaves a residue above 0 once settled
+        (0.3, [0.1] * 5, 3),  # 0.1 + 0.2 != 0.3 in floats
         (None, [0.24] * 10, 10),
     ],
 )
@@ -25,13 +27,29 @@ def test_budget_never_lets_a_request_start_past_the_cap(
     cap: float | None, prices: list[float], started: int
 ) -> None:
     budget = Budget(cap)
-    reserved = [p for p in prices if budget.try_reserve(p)]
+    micros = [to_micros(p) for p in prices]
+    reserved = [p for p in micros if budget.try_reserve(p)]
     assert len(reserved) == started
     for price in reserved:
         budget.settle(price, price)
-    assert budget.reserved_usd == pytest.approx(0.0)
+    assert budget.reserved == 0  # exact: nothing is left to wait for
+    assert budget.spent == sum(reserved)
     if cap is not None:
-        assert budget.spent_usd <= cap
+        assert budget.spent <= budget.cap
+        # The next job can never fit: the engine stops instead of waiting.
+        assert not budget.could_ever_fit(micros[0])
+
+
+def test_budget_releases_a_failed_request_and_counts_extra_images() -> None:
+    budget = Budget(0.5)
+    assert budget.try_reserve(240_000) and budget.try_reserve(240_000)
+    assert not budget.try_reserve(240_000)
+    assert budget.could_ever_fit(240_000)  # in flight may fail: worth waiting
+    budget.settle(240_000, 0)  # failed: released
+    assert budget.try_reserve(240_000)
+    budget.settle(240_000, 2 * 240_000)  # an answer with two images spends both
+    budget.settle(240_000, 240_000)
+    assert budget.reserved == 0 and budget.spent == 720_000 > budget.cap
 
 
 def test_price_table_overrides() -> None:
@@ -44,26 +62,37 @@ def test_price_table_overrides() -> None:
     assert table.price("my-model", "2K") is None
 
 
-def test_max_cost_stops_after_four_4k_images(tmp_path: Path) -> None:
+def test_max_cost_that_does_not_divide_the_price_stops_at_once_and_resumes(
+    tmp_path: Path,
+) -> None:
+    # The reproduction: 30 jobs at 4K ($0.24), --concurrency 16, --max-cost 3.0.
+    # Twelve images cost $2.88; a thirteenth could never fit, so the run ends at once
+    # (it used to wait for ever on a float residue left in the reservations).
     manifest = tmp_path / "fourk.yaml"
     manifest.write_text(
         "defaults: {image_size: 4K}\njobs:\n"
-        + "".join(f"  - {{id: p{i}, prompt: poster {i}}}\n" for i in range(10))
+        + "".join(f"  - {{id: p{i:02d}, prompt: poster {i}}}\n" for i in range(30))
     )
     out = tmp_path / "out"
-    with simulator("--scale", "0.01") as sim:
-        done = run_cli(*run_args(manifest, out, sim), "--max-cost", "1", "--concurrency", "3")
-        assert sim.stats()["requests"] == 4
-    assert done.returncode == 1, done.stderr
-    rows = read_results(out)
-    assert [r["status"] for r in rows].count("succeeded") == 4
-    assert [r["status"] for r in rows].count("pending") == 6
-    assert "max-cost" in done.stderr
-    summary = json.loads((out / "summary.json").read_text())["runs"][-1]
-    assert summary["estimated_cost_usd"] == pytest.approx(0.96)
-    assert summary["jobs"] == {"succeeded": 4, "failed": 0, "pending": 6}
-    assert summary["stopped"] == "max_cost" and summary["exit_code"] == 1
-    assert summary["requests"] == 4
+    with simulator("--scale", "0.02", "--latency", "0.2") as sim:
+        done = run_cli(*run_args(manifest, out, sim), "--max-cost", "3.0",
+                       "--concurrency", "16", "--no-gallery", timeout=60)
+        first = sim.stats()["requests"]
+        assert done.returncode == 1, done.stderr
+        rows = read_results(out)
+        statuses = [r["status"] for r in rows]
+        assert statuses.count("succeeded") == 12 and statuses.count("pending") == 18
+        assert first == 12  # no request could pass the cap, none was wasted
+        assert "max-cost" in done.stderr
+        summary = json.loads((out / "summary.json").read_text())["runs"][-1]
+        assert summary["estimated_cost_usd"] == pytest.approx(2.88)
+        assert summary["jobs"] == {"succeeded": 12, "failed": 0, "pending": 18}
+        assert summary["stopped"] == "max_cost" and summary["exit_code"] == 1
+        again = run_cli(*run_args(manifest, out, sim), "--concurrency", "16", "--no-gallery",
+                        timeout=60)
+        assert again.returncode == 0, again.stderr
+        assert sim.stats()["requests"] - first == 18  # only the pending jobs were sent
+    assert {r["status"] for r in read_results(out)} == {"succeeded"}
 
 
 def test_max_cost_refuses_unpriced_models(tmp_path: Path) -> None:
