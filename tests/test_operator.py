@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from batch.cost import Budget, PriceTable, to_micros
-from tests.conftest import read_results, run_args, run_cli, simulator
+from tests.conftest import (
+    ROOT,
+    cli_env,
+    read_results,
+    run_args,
+    run_cli,
+    simulator,
+    spawn_cli,
+)
+from tests.test_e2e import catalog
+from tests.test_resume import wait_for
 
 
 @pytest.mark.parametrize(
@@ -148,3 +162,75 @@ def test_catalog_with_vars_and_count_runs_resumes_and_reports_per_job(tmp_path: 
     assert sum(r["attempts"] for r in rows) == stats["requests"]
     validate = run_cli("validate", "jobs/catalog.yaml")
     assert "13 job(s)" in validate.stdout
+
+
+def test_sigterm_during_a_long_retry_after_ends_within_the_grace(tmp_path: Path) -> None:
+    # The issue's reproduction: every first attempt is answered 429 with Retry-After: 60;
+    # a SIGTERM while the pool waits out that pause must end the run within --grace.
+    manifest = catalog(20, tmp_path / "m.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", "0.02", "--fault-rate-limit", "1", "--fault-attempts", "1",
+                   "--retry-after", "60") as sim:
+        run = spawn_cli(*run_args(manifest, out, sim), "--concurrency", "4", "--grace", "5",
+                        "--no-gallery")
+        wait_for(lambda: sim.stats()["faults"].get("rate_limit", 0) >= 1)
+        started = time.monotonic()
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=30)
+        took = time.monotonic() - started
+        first = sim.stats()["requests"]
+    assert run.returncode == 143, err
+    assert took < 5 + 5, took  # nothing was in flight: it need not even use the grace
+    rows = read_results(out)
+    assert {r["status"] for r in rows} == {"pending"}
+    assert sum(r["attempts"] for r in rows) == first
+    with simulator("--scale", "0.02") as sim:
+        again = run_cli(*run_args(manifest, out, sim), "--no-gallery")
+        assert again.returncode == 0, again.stderr
+        assert sim.stats()["requests"] == 20
+    assert {r["status"] for r in read_results(out)} == {"succeeded"}
+
+
+COMMIT_BUG = """
+import batch.checkpoint as checkpoint
+real = checkpoint.Checkpoint.commit_batch
+calls = []
+def commit_batch(self, states, staged):
+    calls.append(1)
+    if len(calls) == 2:
+        raise RuntimeError("injected bug in commit_batch")
+    return real(self, states, staged)
+checkpoint.Checkpoint.commit_batch = commit_batch
+"""
+
+
+def test_a_bug_in_the_group_commit_ends_the_run_with_exit_70(tmp_path: Path) -> None:
+    # The issue's reproduction: a RuntimeError in commit_batch used to kill the commit
+    # task and leave every later commit() waiting for ever.
+    manifest = catalog(12, tmp_path / "m.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", "0.02", "--latency", "0.1") as sim:
+        args = run_args(manifest, out, sim, "--concurrency", "3", "--no-gallery")
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-c", COMMIT_BUG + "from batch.cli import entry\nentry()\n",
+             *args],
+            cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=60,
+        )
+        took = time.monotonic() - started
+        first = sim.stats()["requests"]
+        assert done.returncode == 70, done.stderr
+        assert took < 30
+        message = [line for line in done.stderr.splitlines() if "internal error" in line]
+        assert len(message) == 1 and "injected bug in commit_batch" in message[0]
+        assert "re-run" in message[0] and "Traceback" not in done.stderr
+        rows = read_results(out)
+        statuses = [r["status"] for r in rows]
+        assert "pending" in statuses and set(statuses) <= {"succeeded", "pending"}
+        for row in rows:
+            for image in row["images"]:
+                assert (out / image["path"]).is_file()
+        again = run_cli(*args)
+        assert again.returncode == 0, again.stderr
+        done_first = statuses.count("succeeded")
+        assert sim.stats()["requests"] - first == 12 - done_first
