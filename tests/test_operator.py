@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
@@ -12,6 +13,9 @@ from pathlib import Path
 import pytest
 
 from batch.cost import Budget, PriceTable, to_micros
+from batch.errors import ServerError
+from batch.jobs import Job
+from batch.progress import ConsoleProgress
 from tests.conftest import (
     ROOT,
     cli_env,
@@ -234,3 +238,17 @@ def test_a_bug_in_the_group_commit_ends_the_run_with_exit_70(tmp_path: Path) -> 
         assert again.returncode == 0, again.stderr
         done_first = statuses.count("succeeded")
         assert sim.stats()["requests"] - first == 12 - done_first
+
+
+def test_progress_counts_a_job_waiting_for_its_commit_as_no_longer_in_flight() -> None:
+    progress = ConsoleProgress(io.StringIO(), bar=False)
+    job = Job(id="a", prompt="p", model="m", aspect_ratio="1:1", image_size="1K")
+    progress.on_attempt(job)
+    assert progress.in_flight == 1
+    progress.on_answer(job)  # answered; its commit may still be under way
+    assert progress.in_flight == 0
+    progress.on_attempt(job)
+    progress.on_answer(job)
+    progress.on_retry(job, ServerError("x"), 1.0)
+    assert progress.in_flight == 0 and progress.retrying == {"a"}
+    assert "0 in flight" in progress.figures()
