@@ -252,3 +252,24 @@ def test_progress_counts_a_job_waiting_for_its_commit_as_no_longer_in_flight() -
     progress.on_retry(job, ServerError("x"), 1.0)
     assert progress.in_flight == 0 and progress.retrying == {"a"}
     assert "0 in flight" in progress.figures()
+
+
+def test_max_runtime_is_a_deadline_for_the_whole_process(tmp_path: Path) -> None:
+    # Answers take 8 s: the deadline (1 s) plus the grace (1 s) cuts the requests in
+    # flight, writes results.jsonl and summary.json, and skips the gallery.
+    manifest = catalog(6, tmp_path / "m.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", "0.02", "--latency", "8") as sim:
+        started = time.monotonic()
+        done = run_cli(*run_args(manifest, out, sim), "--concurrency", "3",
+                       "--max-runtime", "1", "--grace", "1", timeout=60)
+        took = time.monotonic() - started
+        sent = sim.stats()["requests"]
+    assert done.returncode == 1, done.stderr
+    assert took < 1 + 1 + 6, took  # a few seconds for the interpreter and the files
+    rows = read_results(out)
+    assert {r["status"] for r in rows} == {"pending"}
+    assert sum(r["attempts"] for r in rows) == sent == 3
+    summary = json.loads((out / "summary.json").read_text())["runs"][-1]
+    assert summary["stopped"] == "max_runtime" and summary["exit_code"] == 1
+    assert "imgbatch report" in done.stderr  # the gallery was left for later
