@@ -10,9 +10,11 @@ Stopping is one mechanism, cancellation: a fatal API answer, a storage
 failure, a signal, ``--max-runtime``, ``--max-cost`` or endless rate limiting
 call :meth:`Engine.stop`, which cancels at once every worker that is not in
 the middle of a request, wherever it waits (a slot, the shared 429 pause,
-the rate meter, the first-wave probe, the budget, a retry sleep). Requests
-in flight get ``grace_s`` to finish; then every worker still running is
-cancelled. :meth:`Engine.abort` (a second signal) cancels them all at once.
+the rate meter, the first-wave probe, the budget, a retry sleep). After a
+signal or the deadline, requests in flight get ``grace_s`` to finish; then
+every worker still running is cancelled (after other stops they end on
+their own, within ``--timeout``). :meth:`Engine.abort` (a second signal)
+cancels them all at once.
 An answer is queued for its commit before the worker can be cancelled
 again, so a paid image is never dropped between the answer and the commit.
 Unfinished jobs stay ``pending``.
@@ -104,6 +106,10 @@ class RunStats:
     stop_message: str = ""
 
 
+# Stops that bound the time requests in flight may take.
+_TIMED_STOPS = frozenset({StopReason.SIGNAL, StopReason.RUNTIME})
+
+
 class _Stopped(Exception):
     """Raised inside a job when the run stops before its next request."""
 
@@ -170,20 +176,22 @@ class Engine:
         return self._stopping.is_set()
 
     def stop(self, reason: StopReason, message: str) -> None:
-        """Start nothing more: cancel every worker not in a request, and the rest after the grace.
+        """Start nothing more: cancel at once every worker that is not in a request.
 
-        The first reason given is the one reported.
+        The first reason given is the one reported. A signal or the deadline
+        also gives requests in flight ``grace_s`` before they are cancelled;
+        other stops let them end on their own (``--timeout`` bounds them),
+        since cancelling one throws away an image that is being paid for.
         """
-        if self._stopping.is_set():
-            return
-        self.stats.stop = reason
-        self.stats.stop_message = message
-        log.warning("stopping: %s", message)
-        self._stopping.set()
-        self.observer.on_stop(message)
-        for task in self._workers - self._in_flight:
-            task.cancel()
-        if self._workers & self._in_flight:
+        if not self._stopping.is_set():
+            self.stats.stop = reason
+            self.stats.stop_message = message
+            log.warning("stopping: %s", message)
+            self._stopping.set()
+            self.observer.on_stop(message)
+            for task in self._workers - self._in_flight:
+                task.cancel()
+        if reason in _TIMED_STOPS and self._grace is None and self._workers & self._in_flight:
             self._grace = asyncio.get_running_loop().call_later(
                 self.config.grace_s, self._end_grace
             )
@@ -207,7 +215,8 @@ class Engine:
         self._signals += 1
         if self._signals == 1:
             if self.stopping:
-                log.warning("%s received while stopping; send it again to stop now", name)
+                log.warning("%s received while stopping; requests in flight have %gs "
+                            "(send it again to stop now)", name, self.config.grace_s)
             self.stop(StopReason.SIGNAL, f"{name} received; finishing requests in flight "
                       f"for up to {self.config.grace_s:g}s (send it again to stop now)")
             return
@@ -398,9 +407,8 @@ class Engine:
                 if sent:
                     self.observer.on_answer(job)
                 self.budget.settle(price, spent)
+                # Wakes the jobs waiting in _reserve: they stop the run if nothing can fit now.
                 self._budget_changed.set()
-                if self.budget.cap is not None and not self.budget.could_ever_fit(self._cheapest):
-                    self._stop_for_budget()
         self._rate_limited_since = None
         await self.limits.concurrency.on_success()
         return commit

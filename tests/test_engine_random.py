@@ -147,6 +147,22 @@ def bound(s: Scenario) -> float:
     return min(ends) + s.grace_s + SLACK_S
 
 
+class Counting(Observer):
+    """Requests on the wire as progress counts them: one per on_attempt until on_answer."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.peak = 0
+
+    def on_attempt(self, job: Job) -> None:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+
+    def on_answer(self, job: Job) -> None:
+        self.in_flight -= 1
+        assert self.in_flight >= 0
+
+
 @dataclass
 class Outcome:
     stats: RunStats | None
@@ -180,7 +196,8 @@ def run_once(s: Scenario, root: Path, provider: ScriptedProvider, *, first: bool
         max_cost_usd=s.max_cost if first else None,
         prices=PRICES, seed=0, grace_s=s.grace_s,
     )
-    engine = Engine(provider, store, config, Observer(), clock=loop.time, offload=inline)
+    observer = Counting()
+    engine = Engine(provider, store, config, observer, clock=loop.time, offload=inline)
 
     def check_budget(job: Job) -> None:
         budget = engine.budget
@@ -207,6 +224,9 @@ def run_once(s: Scenario, root: Path, provider: ScriptedProvider, *, first: bool
             error = exc
         ended = loop.now
         write_results(s.jobs, store)
+        assert observer.in_flight == 0 and observer.peak <= s.concurrency
+        if stats is not None:
+            assert stats.requests == sum(provider.requests.values())
         assert engine.budget.reserved == 0, engine.budget.reserved
     finally:
         store.close()
