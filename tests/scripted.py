@@ -10,7 +10,8 @@ whenever nothing is ready, so a schedule spanning hours runs in
 milliseconds. With no sockets and no threads (the engine's committer runs
 inline here), a loop with nothing ready and no timer can never wake again:
 the selector raises :class:`Deadlock` instead of blocking, which turns a
-hang into a failing example.
+hang into a failing example; a loop that keeps running without time moving
+raises :class:`Spinning`.
 """
 
 from __future__ import annotations
@@ -42,15 +43,29 @@ class TooLong(AssertionError):
     """Virtual time passed the limit the test computed from its schedule."""
 
 
+class Spinning(AssertionError):
+    """The loop keeps running callbacks without virtual time moving: a busy loop."""
+
+
+SPIN_LIMIT = 200_000  # loop iterations at one virtual instant; a run of 10 jobs needs hundreds
+
+
 class _VirtualSelector(selectors.DefaultSelector):  # type: ignore[misc, valid-type]
     def __init__(self, loop: VirtualLoop) -> None:
         super().__init__()
         self._loop = loop
+        self._same_instant = 0
 
     def select(self, timeout: float | None = None) -> list[Any]:
         events: list[Any] = super().select(0)
         if events:
             return events
+        if timeout == 0:
+            self._same_instant += 1
+            if self._same_instant > SPIN_LIMIT:
+                raise Spinning(f"{SPIN_LIMIT} loop iterations at t={self._loop.now:.3f}s")
+            return []
+        self._same_instant = 0
         if timeout is None:
             raise Deadlock(f"nothing can wake the loop at t={self._loop.now:.3f}s")
         self._loop.now += max(timeout, 0.0)

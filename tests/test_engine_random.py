@@ -102,8 +102,11 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         ),
     )
     if cause == "budget":
-        total = sum(PRICES.job_micros(job) or 0 for job in jobs)
-        scenario.max_cost = draw(st.integers(1, total)) / 1_000_000
+        # Room for k images plus a remainder that fits no further one: the residue case.
+        prices = [PRICES.job_micros(job) or 0 for job in jobs]
+        k = draw(st.integers(0, n))
+        remainder = draw(st.integers(0, 239_999))
+        scenario.max_cost = max(1, sum(prices[:k]) + remainder) / 1_000_000
     elif cause == "runtime":
         scenario.max_runtime = float(draw(st.integers(0, 120)))
     elif cause in ("signal", "signal2"):
