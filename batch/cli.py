@@ -22,7 +22,6 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from batch import __version__, report, simconfig
@@ -352,13 +351,9 @@ async def _run(
     code = EXIT_INCOMPLETE
     try:
         todo = engine.plan(manifest.jobs)
-        if deadline is not None:
-            # What is left of the process's deadline once the manifest is loaded and planned.
-            engine_config = replace(
-                engine_config, max_runtime_s=max(0.0, deadline - time.monotonic())
-            )
-            engine.config = engine_config
-        stats = await engine.run(todo)
+        # What is left of the process's deadline once the manifest is loaded and planned.
+        left = None if deadline is None else deadline - time.monotonic()
+        stats = await engine.run(todo, runtime_left_s=left)
     finally:
         await progress.close()
         await client.close()

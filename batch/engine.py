@@ -236,26 +236,27 @@ class Engine:
         self.stats.skipped = len(jobs) - len(todo)
         return todo
 
-    async def run(self, todo: Sequence[tuple[Job, str]]) -> RunStats:
+    async def run(
+        self, todo: Sequence[tuple[Job, str]], *, runtime_left_s: float | None = None
+    ) -> RunStats:
         """Run ``todo`` to the end or until stopped.
 
-        ``config.max_runtime_s`` counts from now; the CLI passes what is left
-        of the process's own deadline.
+        ``runtime_left_s`` (default ``config.max_runtime_s``) is how long from
+        now until the deadline: the CLI counts ``--max-runtime`` from the
+        process's start.
         """
         self.observer.on_plan(len(todo), self.stats.skipped)
         self._cheapest = min((self._price(job) for job, _ in todo), default=0)
         pending = iter(todo)
         loop = asyncio.get_running_loop()
         timer = None
-        if self.config.max_runtime_s is not None and self.config.max_runtime_s <= 0:
-            self.stop(StopReason.RUNTIME, "--max-runtime reached before the first request")
-        elif self.config.max_runtime_s is not None:
-            timer = loop.call_later(
-                self.config.max_runtime_s,
-                self.stop,
-                StopReason.RUNTIME,
-                f"--max-runtime of {self.config.max_runtime_s:g}s reached",
-            )
+        left = self.config.max_runtime_s if runtime_left_s is None else runtime_left_s
+        if left is not None:
+            message = f"--max-runtime of {self.config.max_runtime_s:g}s reached"
+            if left <= 0:
+                self.stop(StopReason.RUNTIME, message)
+            else:
+                timer = loop.call_later(left, self.stop, StopReason.RUNTIME, message)
         # Jobs waiting out a retry hold a worker but not a request slot, so
         # twice as many workers as slots keeps the slots busy.
         workers = min(len(todo), 2 * self.config.concurrency)
