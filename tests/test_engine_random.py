@@ -15,6 +15,8 @@ re-run finishes the rest without a request for a finished job.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -139,8 +141,10 @@ def serial_bound(s: Scenario) -> float:
 
 def bound(s: Scenario) -> float:
     """The latest virtual instant the run may still be going."""
-    ends = [serial_bound(s)]
-    if s.endless is not None:
+    # With adaptive pacing the learnt rate (the congestion controller's) decides how fast
+    # requests go, so only the deadline bounds the run.
+    ends = [] if s.adaptive else [serial_bound(s)]
+    if s.endless is not None and not s.adaptive:
         per_429 = s.endless.latency_s + 2 * max(s.endless.retry_after_s or 0.0, s.policy.cap_s)
         ends = [s.policy.max_rate_limit_wait_s + 3 * per_429 + 2.0]
     if s.max_runtime is not None:
@@ -232,9 +236,22 @@ def run_once(s: Scenario, root: Path, provider: ScriptedProvider, *, first: bool
             assert stats.requests == sum(provider.requests.values())
         assert engine.budget.reserved == 0, engine.budget.reserved
     finally:
+        _cancel_the_rest(loop)
         store.close()
         loop.close()
     return Outcome(stats, error, ended, failed[0])
+
+
+def _cancel_the_rest(loop: VirtualLoop) -> None:
+    """After a failed example, end what is left on the loop, so the report shows one error."""
+    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    loop.limit_s = float("inf")
+    with contextlib.suppress(BaseException):
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
 
 
 def check(s: Scenario, root: Path) -> None:
