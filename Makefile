@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_PORT ?= 8765
 
-.PHONY: venv demo test lint typecheck unit bench clean
+.PHONY: venv demo test lint typecheck unit soak bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ unit: $(STAMP)
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck unit
+
+# The randomized engine test (tests/test_engine_random.py) with many more schedules than the
+# suite's 200: IMGBATCH_SOAK_EXAMPLES=N to change it. About 35 ms per schedule.
+SOAK_EXAMPLES ?= 20000
+soak: $(STAMP)
+	IMGBATCH_SOAK_EXAMPLES=$(SOAK_EXAMPLES) $(VENV)/bin/pytest -q -p no:randomly \
+		--hypothesis-show-statistics tests/test_engine_random.py
 
 # The benchmark's extras (openai for the peer script, psutil), installed once.
 BENCH_STAMP := $(VENV)/.bench-installed

@@ -141,6 +141,7 @@ def _non_negative_float(text: str) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    started = time.monotonic()  # --max-runtime counts from here: a deadline for the process
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.quiet, args.log_format)
@@ -161,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from batch import simulator  # the server (aiohttp.web) is not loaded for a run
 
             return simulator.serve(config)
-        return cmd_run(args)
+        return cmd_run(args, started)
     except ManifestError as exc:
         print(f"imgbatch: invalid manifest:\n{exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -242,9 +243,17 @@ def metrics_file(path: Path | None, root: Path, base_url: str,
                        endpoints=[endpoint], interval_s=interval_s)
 
 
-async def _build_gallery_apart(root: Path, quiet: bool) -> bool:
+async def _build_gallery_apart(
+    root: Path, quiet: bool, stop: asyncio.Event, timeout_s: float | None
+) -> bool:
     """Rebuild the gallery in a child process: decoding 4K images for thumbnails takes
-    tens of MB each, which must not count against the run's own flat memory."""
+    tens of MB each, which must not count against the run's own flat memory.
+
+    The child is killed when ``stop`` is set (a signal) or after ``timeout_s``
+    (what is left of the process's deadline); ``imgbatch report`` rebuilds it later.
+    """
+    if stop.is_set() or (timeout_s is not None and timeout_s <= 0):
+        return False
     argv = [sys.executable, "-m", "batch", "report", str(root)]
     if quiet:
         argv.append("--quiet")
@@ -252,10 +261,20 @@ async def _build_gallery_apart(root: Path, quiet: bool) -> bool:
     child = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.DEVNULL if quiet else sys.stderr.fileno()
     )
-    return await child.wait() == 0
+    exited = asyncio.ensure_future(child.wait())
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({exited, stopped}, timeout=timeout_s,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not exited.done():
+            child.kill()
+        code = await exited
+    return code == 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
     manifest = load_manifest(args.manifest, default_model=args.model)
     capabilities.enforce(manifest.jobs)
     key = os.environ.get(args.api_key_env, "").strip()
@@ -294,14 +313,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_runtime_s=args.max_runtime,
         max_cost_usd=args.max_cost,
         prices=prices,
+        grace_s=args.grace,
     )
+    deadline = None
+    if args.max_runtime is not None:
+        deadline = (started if started is not None else time.monotonic()) + args.max_runtime
     store = Checkpoint.open(root)
     # The manifest and checkpoint are live for the whole run; keep the cyclic
     # GC from walking 100,000 jobs over and over (it showed in profiles).
     gc.freeze()
     try:
         return asyncio.run(
-            _run(manifest, root, store, client_config, engine_config, args.grace,
+            _run(manifest, root, store, client_config, engine_config, deadline,
                  args.quiet, args.progress_interval, not args.no_gallery, metrics)
         )
     finally:
@@ -354,7 +377,7 @@ async def _run(
     store: Checkpoint,
     client_config: ClientConfig,
     engine_config: EngineConfig,
-    grace_s: float,
+    deadline: float | None,
     quiet: bool = False,
     progress_interval_s: float = 30.0,
     gallery: bool = True,
@@ -367,16 +390,13 @@ async def _run(
     observer = progress if metrics is None else Observers(progress, metrics)
     engine = Engine(client, store, engine_config, observer)
     received: list[signal.Signals] = []
+    signalled = asyncio.Event()  # ends the gallery child too
     loop = asyncio.get_running_loop()
 
     def on_signal(signum: signal.Signals) -> None:
         received.append(signum)
-        if len(received) == 1:
-            engine.stop(StopReason.SIGNAL, f"{signum.name} received; finishing requests in flight "
-                        f"for up to {grace_s:g}s (send it again to stop now)")
-            loop.call_later(grace_s, engine.cancel_in_flight)
-        else:
-            engine.cancel_in_flight()
+        signalled.set()
+        engine.interrupt(signum.name)
 
     for signum in EXIT_SIGNAL:
         loop.add_signal_handler(signum, on_signal, signum)
@@ -387,12 +407,12 @@ async def _run(
     code = EXIT_INCOMPLETE
     try:
         todo = engine.plan(manifest.jobs)
-        stats = await engine.run(todo)
+        # What is left of the process's deadline once the manifest is loaded and planned.
+        left = None if deadline is None else deadline - time.monotonic()
+        stats = await engine.run(todo, runtime_left_s=left)
     finally:
         await progress.close()
         await client.close()
-        for signum in EXIT_SIGNAL:
-            loop.remove_signal_handler(signum)
         failures: list[str] = []
         try:
             counts = write_results(manifest.jobs, store)
@@ -419,8 +439,12 @@ async def _run(
             store.record_run("end", summary=line, exit_code=code)
         except StorageError as exc:
             failures.append(str(exc))
-        if gallery and not await _build_gallery_apart(root, quiet):
-            failures.append(f"the gallery could not be built; try: imgbatch report {root}")
+        # The gallery may take what is left of the deadline and its grace, no more.
+        limit = None if deadline is None else deadline + engine_config.grace_s - time.monotonic()
+        if gallery and not await _build_gallery_apart(root, quiet, signalled, limit):
+            failures.append(f"the gallery was not rebuilt; try: imgbatch report {root}")
+        for signum in EXIT_SIGNAL:
+            loop.remove_signal_handler(signum)
         for extra in report.details(record):
             log.info("%s", extra)
         for failure in failures:
@@ -444,9 +468,8 @@ def entry() -> None:
         while isinstance(inner, BaseExceptionGroup) and inner.exceptions:
             inner = inner.exceptions[0]
         print(
-            f"imgbatch: internal error: {type(inner).__name__}: {inner}\n"
-            "imgbatch: this is a bug; the checkpoint is consistent and re-running the same "
-            "command resumes (set IMGBATCH_DEBUG=1 for a traceback)",
+            f"imgbatch: internal error (a bug): {type(inner).__name__}: {inner}; the checkpoint "
+            "is consistent, re-run the same command to resume (IMGBATCH_DEBUG=1 for a traceback)",
             file=sys.stderr,
         )
         if os.environ.get("IMGBATCH_DEBUG"):

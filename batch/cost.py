@@ -40,6 +40,11 @@ class PriceTable:
     def job_price(self, job: Job) -> float | None:
         return self.price(job.model, job.image_size)
 
+    def job_micros(self, job: Job) -> int | None:
+        """One image of ``job`` in micro-dollars, or None if unknown."""
+        price = self.job_price(job)
+        return None if price is None else to_micros(price)
+
 
 def estimate(jobs: list[Job] | tuple[Job, ...], table: PriceTable) -> tuple[float, int]:
     """Cost of one image per job, and how many jobs have no known price."""
@@ -54,27 +59,61 @@ def estimate(jobs: list[Job] | tuple[Job, ...], table: PriceTable) -> tuple[floa
     return total, unknown
 
 
+MICROS_PER_USD = 1_000_000
+
+
+def to_micros(usd: float) -> int:
+    """USD as whole micro-dollars: sums of them are exact, unlike sums of floats."""
+    return round(usd * MICROS_PER_USD)
+
+
+def to_usd(micros: int) -> float:
+    return micros / MICROS_PER_USD
+
+
 class Budget:
     """Spend so far plus what requests in flight may still cost, against a cap.
 
-    A request reserves its price before it starts and settles when it ends:
-    spent if it produced images, released otherwise. So no request starts
-    that could push the spend past the cap, even with many in flight.
+    Money is counted in integer micro-dollars, so spent + reserved is exact
+    and "nothing can start" needs no epsilon. A request reserves its price
+    (one image) before it starts and settles when it ends: spent if it
+    produced images (price x images), released otherwise. So no request
+    starts that could push the spend past the cap, even with many in flight.
+    An answer with several images spends more than it reserved: the cap can
+    then be passed by the extra images of the requests in flight, and the
+    engine stops once it is reached.
     """
 
     def __init__(self, cap_usd: float | None) -> None:
-        self.cap_usd = cap_usd
-        self.spent_usd = 0.0
-        self.reserved_usd = 0.0
+        self.cap = None if cap_usd is None else to_micros(cap_usd)
+        self.spent = 0
+        self.reserved = 0
 
-    def try_reserve(self, price_usd: float) -> bool:
-        if self.cap_usd is not None and (
-            self.spent_usd + self.reserved_usd + price_usd > self.cap_usd + 1e-9
-        ):
+    @property
+    def cap_usd(self) -> float | None:
+        return None if self.cap is None else to_usd(self.cap)
+
+    @property
+    def spent_usd(self) -> float:
+        return to_usd(self.spent)
+
+    @property
+    def reserved_usd(self) -> float:
+        return to_usd(self.reserved)
+
+    def could_ever_fit(self, price: int) -> bool:
+        """Could a request of ``price`` start once every request in flight has ended?"""
+        return self.cap is None or self.spent + price <= self.cap
+
+    def try_reserve(self, price: int) -> bool:
+        """Reserve ``price`` if it fits beside the spend and the other reservations."""
+        if self.cap is not None and self.spent + self.reserved + price > self.cap:
             return False
-        self.reserved_usd += price_usd
+        self.reserved += price
         return True
 
-    def settle(self, reserved_usd: float, spent_usd: float) -> None:
-        self.reserved_usd = max(0.0, self.reserved_usd - reserved_usd)
-        self.spent_usd += spent_usd
+    def settle(self, reserved: int, spent: int) -> None:
+        """A request that reserved ``reserved`` ended, having cost ``spent``."""
+        assert 0 <= reserved <= self.reserved, (reserved, self.reserved)
+        self.reserved -= reserved
+        self.spent += spent

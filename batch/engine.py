@@ -6,16 +6,23 @@ job, tenacity driving :func:`batch.retry.decide` around one request through
 the :class:`~batch.limits.Limits` -> images committed to the checkpoint,
 then published.
 
-Stopping: a fatal API answer, a storage failure, a signal, the runtime
-budget or endless rate limiting set one flag; no job starts after it, retry
-sleeps end at once, and requests already in flight finish (a signal's grace
-period cuts them off after ``grace_s``). Unfinished jobs stay ``pending``.
+Stopping is one mechanism, cancellation: a fatal API answer, a storage
+failure, a signal, ``--max-runtime``, ``--max-cost`` or endless rate limiting
+call :meth:`Engine.stop`, which cancels at once every worker that is not in
+the middle of a request, wherever it waits (a slot, the shared 429 pause,
+the rate meter, the first-wave probe, the budget, a retry sleep). After a
+signal or the deadline, requests in flight get ``grace_s`` to finish; then
+every worker still running is cancelled (after other stops they end on
+their own, within ``--timeout``). :meth:`Engine.abort` (a second signal)
+cancels them all at once.
+An answer is queued for its commit before the worker can be cancelled
+again, so a paid image is never dropped between the answer and the commit.
+Unfinished jobs stay ``pending``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import json
 import logging
@@ -29,8 +36,8 @@ from tenacity import AsyncRetrying, RetryCallState, stop_never
 
 from batch.checkpoint import Checkpoint, FileMeta, JobState, fingerprint
 from batch.client import Generation, Provider
-from batch.commit import GroupCommitter
-from batch.cost import Budget, PriceTable
+from batch.commit import GroupCommitter, Offload, in_thread
+from batch.cost import Budget, PriceTable, to_usd
 from batch.errors import (
     FatalApiError,
     JobError,
@@ -39,7 +46,15 @@ from batch.errors import (
 )
 from batch.images import discard, remove_quietly
 from batch.jobs import ImageRecord, Job, Status
-from batch.limits import ConcurrencyMeter, FirstWave, Limits, PauseGate, RateMeter
+from batch.limits import (
+    Clock,
+    ConcurrencyMeter,
+    FirstWave,
+    Limits,
+    PauseGate,
+    RateEstimator,
+    RateMeter,
+)
 from batch.progress import Observer
 from batch.retry import Decision, RetryPolicy, decide
 
@@ -67,6 +82,7 @@ class EngineConfig:
     max_cost_usd: float | None = None
     prices: PriceTable = field(default_factory=lambda: PriceTable.with_overrides({}))
     seed: int | None = None
+    grace_s: float = 30.0  # requests in flight may finish this long after a stop
 
 
 @dataclass
@@ -90,12 +106,24 @@ class RunStats:
     stop_message: str = ""
 
 
+# Stops that bound the time requests in flight may take.
+_TIMED_STOPS = frozenset({StopReason.SIGNAL, StopReason.RUNTIME})
+
+
 class _Stopped(Exception):
     """Raised inside a job when the run stops before its next request."""
 
 
+class _OverBudget(Exception):
+    """This job's price no longer fits the budget, though cheaper jobs may."""
+
+
 class Engine:
-    """One run of jobs over a checkpoint; see the module docstring."""
+    """One run of jobs over a checkpoint; see the module docstring.
+
+    ``clock`` is the loop's clock (tests drive a virtual one) and
+    ``offload`` runs the committer's blocking work (a thread by default).
+    """
 
     def __init__(
         self,
@@ -103,30 +131,43 @@ class Engine:
         store: Checkpoint,
         config: EngineConfig,
         observer: Observer,
+        *,
+        clock: Clock = time.monotonic,
+        offload: Offload[None] = in_thread,
     ) -> None:
         self.provider = provider
         self.store = store
         self.config = config
         self.observer = observer
         self.stats = RunStats()
+        self._clock = clock
         self.limits = Limits(
             concurrency=ConcurrencyMeter(config.concurrency, adaptive=config.adaptive),
-            gate=PauseGate(),
-            rate=RateMeter(config.rpm) if config.rpm else None,
+            gate=PauseGate(clock=clock),
+            rate=RateMeter(config.rpm, clock=clock) if config.rpm else None,
             adaptive=config.adaptive,
+            estimator=RateEstimator(clock=clock),
             # A known rate needs no probe: the pacing already rules out a burst.
             first_wave=(
-                FirstWave(config.concurrency) if config.adaptive and not config.rpm else None
+                FirstWave(config.concurrency, clock=clock)
+                if config.adaptive and not config.rpm
+                else None
             ),
         )
         self.budget = Budget(config.max_cost_usd)
-        self.committer = GroupCommitter(store)
+        self.committer = GroupCommitter(store, offload)
         self._stopping = asyncio.Event()
-        self._settled = asyncio.Event()  # a request's cost became known
+        self._budget_changed = asyncio.Event()  # a reservation was settled
+        self._cheapest = 0  # micro-dollars: the lowest price among the jobs to run
         self._rng = random.Random(config.seed)
         self._rate_limited_since: float | None = None
-
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._workers: set[asyncio.Task[None]] = set()
+        self._in_flight: set[asyncio.Task[None]] = set()  # workers inside provider.generate
+        self._commits: set[asyncio.Task[None]] = set()
+        self._commit_bugs: list[BaseException] = []
+        self._signals = 0
+        self._cost = 0  # micro-dollars of committed images
+        self._grace: asyncio.TimerHandle | None = None
 
     # -- control ---------------------------------------------------------------
 
@@ -135,18 +176,52 @@ class Engine:
         return self._stopping.is_set()
 
     def stop(self, reason: StopReason, message: str) -> None:
-        """Start no more requests; the first reason given is the one reported."""
+        """Start nothing more: cancel at once every worker that is not in a request.
+
+        The first reason given is the one reported. A signal or the deadline
+        also gives requests in flight ``grace_s`` before they are cancelled;
+        other stops let them end on their own (``--timeout`` bounds them),
+        since cancelling one throws away an image that is being paid for.
+        """
         if not self._stopping.is_set():
             self.stats.stop = reason
             self.stats.stop_message = message
             log.warning("stopping: %s", message)
             self._stopping.set()
             self.observer.on_stop(message)
+            for task in self._workers - self._in_flight:
+                task.cancel()
+        if reason in _TIMED_STOPS and self._grace is None and self._workers & self._in_flight:
+            self._grace = asyncio.get_running_loop().call_later(
+                self.config.grace_s, self._end_grace
+            )
 
-    def cancel_in_flight(self) -> None:
-        """Abandon requests in flight (after a signal's grace period)."""
-        for task in list(self._in_flight):
+    def _end_grace(self) -> None:
+        if self._workers:
+            log.warning("grace period of %gs over: abandoning %d request(s) in flight",
+                        self.config.grace_s, len(self._workers & self._in_flight))
+        self.abort()
+
+    def abort(self) -> None:
+        """Cancel every worker now, wherever it is (a second signal, the end of the grace).
+
+        Answers already received are still committed.
+        """
+        for task in self._workers:
             task.cancel()
+
+    def interrupt(self, name: str) -> None:
+        """A signal arrived: the first stops the run with a grace period, the next aborts it."""
+        self._signals += 1
+        if self._signals == 1:
+            if self.stopping:
+                log.warning("%s received while stopping; requests in flight have %gs "
+                            "(send it again to stop now)", name, self.config.grace_s)
+            self.stop(StopReason.SIGNAL, f"{name} received; finishing requests in flight "
+                      f"for up to {self.config.grace_s:g}s (send it again to stop now)")
+            return
+        log.warning("%s received again: abandoning requests in flight", name)
+        self.abort()
 
     # -- the run ------------------------------------------------------------------
 
@@ -161,30 +236,51 @@ class Engine:
         self.stats.skipped = len(jobs) - len(todo)
         return todo
 
-    async def run(self, todo: Sequence[tuple[Job, str]]) -> RunStats:
-        """Run ``todo`` to the end or until stopped."""
+    async def run(
+        self, todo: Sequence[tuple[Job, str]], *, runtime_left_s: float | None = None
+    ) -> RunStats:
+        """Run ``todo`` to the end or until stopped.
+
+        ``runtime_left_s`` (default ``config.max_runtime_s``) is how long from
+        now until the deadline: the CLI counts ``--max-runtime`` from the
+        process's start.
+        """
         self.observer.on_plan(len(todo), self.stats.skipped)
+        self._cheapest = min((self._price(job) for job, _ in todo), default=0)
         pending = iter(todo)
+        loop = asyncio.get_running_loop()
         timer = None
-        if self.config.max_runtime_s is not None:
-            timer = asyncio.get_running_loop().call_later(
-                self.config.max_runtime_s,
-                self.stop,
-                StopReason.RUNTIME,
-                f"--max-runtime of {self.config.max_runtime_s:g}s reached",
-            )
+        left = self.config.max_runtime_s if runtime_left_s is None else runtime_left_s
+        if left is not None:
+            message = f"--max-runtime of {self.config.max_runtime_s:g}s reached"
+            if left <= 0:
+                self.stop(StopReason.RUNTIME, message)
+            else:
+                timer = loop.call_later(left, self.stop, StopReason.RUNTIME, message)
         # Jobs waiting out a retry hold a worker but not a request slot, so
         # twice as many workers as slots keeps the slots busy.
         workers = min(len(todo), 2 * self.config.concurrency)
         try:
             async with asyncio.TaskGroup() as group:
                 for _ in range(workers):
-                    group.create_task(self._worker(pending))
+                    task = group.create_task(self._worker(pending))
+                    self._workers.add(task)
+                    task.add_done_callback(self._workers.discard)
         finally:
             if timer is not None:
                 timer.cancel()
+            if self._grace is not None:
+                self._grace.cancel()
+            # Answers already received are committed whatever ended the workers.
+            if self._commits:
+                await asyncio.wait(set(self._commits))
             await self.committer.close()
             self.stats.peak_in_flight = self.limits.concurrency.peak
+        # A bug in a commit nobody waited for (its worker was cancelled) still ends in exit 70.
+        if self._commit_bugs:
+            raise self._commit_bugs[0]
+        if self.committer.broken is not None:
+            raise self.committer.broken
         return self.stats
 
     async def _worker(self, pending: Iterator[tuple[Job, str]]) -> None:
@@ -194,9 +290,9 @@ class Engine:
                 return
             await self._run_job(*item)
 
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+    def _price(self, job: Job) -> int:
+        """Micro-dollars reserved per request of ``job`` (0 if unpriced: no cap can apply)."""
+        return self.config.prices.job_micros(job) or 0
 
     async def _run_job(self, job: Job, fp: str) -> None:
         history: list[JobError] = []
@@ -222,11 +318,15 @@ class Engine:
             return decisions[-1].wait_s
 
         retrying = AsyncRetrying(
-            retry=should_retry, wait=wait, stop=stop_never, sleep=self._sleep, reraise=True
+            retry=should_retry, wait=wait, stop=stop_never, sleep=asyncio.sleep, reraise=True
         )
         try:
-            generation: Generation = await retrying(self._attempt, job, fp)
-        except _Stopped:
+            commit: asyncio.Task[None] = await retrying(self._attempt, job, fp, old_paths)
+        except asyncio.CancelledError:
+            if history:  # keep why the job is unfinished; queued without yielding
+                self._submit_end(job, fp, Status.PENDING, history[-1])
+            raise
+        except (_Stopped, _OverBudget):
             if history:
                 await self._record_end(job, fp, Status.PENDING, history[-1])
             return
@@ -234,8 +334,8 @@ class Engine:
             self.stop(StopReason.STORAGE, f"{exc}; jobs left pending, re-run to resume")
             return
         except FatalApiError as exc:
+            self._submit_end(job, fp, Status.PENDING, exc)
             self.stop(StopReason.FATAL, str(exc))
-            await self._record_end(job, fp, Status.PENDING, exc)
             return
         except JobError as exc:
             if decisions and decisions[-1].retry:
@@ -246,55 +346,82 @@ class Engine:
             await self._record_end(job, fp, Status.FAILED, exc)
             self.observer.on_failure(job, exc)
             return
-        await self._commit(job, fp, generation, old_paths)
+        # Shielded: cancelling this worker must not cancel the commit of a paid image.
+        await asyncio.shield(commit)
 
-    async def _attempt(self, job: Job, fp: str) -> Generation:
+    async def _reserve(self, job: Job) -> int:
+        """Reserve ``job``'s price in the budget, waiting for requests in flight to settle."""
+        price = self._price(job)
+        while True:
+            if not self.budget.could_ever_fit(price):
+                if not self.budget.could_ever_fit(self._cheapest):
+                    self._stop_for_budget()
+                    raise _Stopped
+                raise _OverBudget  # a cheaper job may still fit
+            if self.budget.try_reserve(price):
+                return price
+            # Requests in flight may yet fail and free their reservation.
+            self._budget_changed.clear()
+            await self._budget_changed.wait()
+
+    def _stop_for_budget(self) -> None:
+        self.stop(
+            StopReason.BUDGET,
+            f"--max-cost ${self.config.max_cost_usd:g} reached "
+            f"(${self.budget.spent_usd:.2f} spent); the rest stays pending",
+        )
+
+    async def _attempt(self, job: Job, fp: str, old_paths: set[str]) -> asyncio.Task[None]:
         if self.stopping:
             raise _Stopped
         async with self.limits.slot():
             if self.stopping:
                 raise _Stopped
-            price = self.config.prices.job_price(job) or 0.0
-            while not self.budget.try_reserve(price):
-                if self.budget.reserved_usd <= 0:
-                    self.stop(
-                        StopReason.BUDGET,
-                        f"--max-cost ${self.config.max_cost_usd:g} reached "
-                        f"(${self.budget.spent_usd:.2f} spent); the rest stays pending",
-                    )
-                    raise _Stopped
-                # Requests in flight may yet fail and free their reservation.
-                self._settled.clear()
-                await self._settled.wait()
-                if self.stopping:
-                    raise _Stopped
-            spent = 0.0
-            self.store.mark_attempt(job, fp)
-            self.stats.requests += 1
-            self.observer.on_attempt(job)
+            price = await self._reserve(job)
+            spent = 0
+            sent = False
             task = asyncio.current_task()
             assert task is not None
             self._in_flight.add(task)
-            started_at = time.monotonic()
-            self.limits.estimator.started(started_at)
             try:
-                generation = await self.provider.generate(job, self.store.root)
+                self.store.mark_attempt(job, fp)
+                self.stats.requests += 1
+                self.observer.on_attempt(job)
+                sent = True
+                started_at = self._clock()
+                self.limits.estimator.started(started_at)
+                try:
+                    generation = await self.provider.generate(job, self.store.root)
+                except RateLimited as exc:
+                    self.limits.estimator.refused(started_at)
+                    self._on_rate_limited(exc)
+                    raise
                 spent = price * len(generation.images)
-            except RateLimited as exc:
-                self.limits.estimator.refused(started_at)
-                self._on_rate_limited(exc)
-                raise
+                # Queued in the same step as the answer: no cancellation can fall between.
+                commit = asyncio.get_running_loop().create_task(
+                    self._commit(job, fp, generation, old_paths)
+                )
+                self._commits.add(commit)
+                commit.add_done_callback(self._commit_done)
             finally:
                 self._in_flight.discard(task)
+                if sent:
+                    self.observer.on_answer(job)
                 self.budget.settle(price, spent)
-                self._settled.set()
+                # Wakes the jobs waiting in _reserve: they stop the run if nothing can fit now.
+                self._budget_changed.set()
         self._rate_limited_since = None
         await self.limits.concurrency.on_success()
-        return generation
+        return commit
+
+    def _commit_done(self, commit: asyncio.Task[None]) -> None:
+        self._commits.discard(commit)
+        if not commit.cancelled() and commit.exception() is not None:
+            self._commit_bugs.append(commit.exception())  # type: ignore[arg-type]
 
     def _on_rate_limited(self, error: RateLimited) -> None:
         self.stats.rate_limited += 1
-        now = time.monotonic()
+        now = self._clock()
         if self._rate_limited_since is None:
             self._rate_limited_since = now
         waited = now - self._rate_limited_since
@@ -353,28 +480,34 @@ class Engine:
         self.stats.succeeded += 1
         self.stats.images_written += len(generation.images)
         self.stats.bytes_written += sum(s.bytes for s in generation.images)
-        price = self.config.prices.job_price(job)
-        cost = 0.0
+        price = self.config.prices.job_micros(job)
+        cost = 0
         if price is None:
             self.stats.unpriced_images += len(generation.images)
         else:
             cost = price * len(generation.images)
-            self.stats.cost_usd += cost
+            self._cost += cost
+            self.stats.cost_usd = to_usd(self._cost)
         for key, value in (generation.usage or {}).items():
             if isinstance(value, int) and key.endswith("tokens"):
                 self.stats.tokens[key] += value
-        self.observer.on_success(job, state, cost)
+        self.observer.on_success(job, state, to_usd(cost))
 
-    async def _record_end(self, job: Job, fp: str, status: Status, error: JobError) -> None:
-        state = JobState(
+    def _end_state(self, job: Job, fp: str, status: Status, error: JobError) -> JobState:
+        return JobState(
             id=job.id,
             fingerprint=fp,
             status=status,
             attempts=self.store.attempts(job.id),
             error=error.as_record(),
         )
+
+    def _submit_end(self, job: Job, fp: str, status: Status, error: JobError) -> None:
+        """Queue a job's end without waiting (its worker is being cancelled)."""
+        self.committer.submit(self._end_state(job, fp, status, error))
+
+    async def _record_end(self, job: Job, fp: str, status: Status, error: JobError) -> None:
         try:
-            await self.committer.commit(state)
+            await self.committer.commit(self._end_state(job, fp, status, error))
         except StorageError as exc:
             self.stop(StopReason.STORAGE, str(exc))
-

@@ -75,6 +75,9 @@ class Observer:
 
     def on_attempt(self, job: Job) -> None: ...
 
+    def on_answer(self, job: Job) -> None:
+        """The request of ``on_attempt`` ended (answered, failed or abandoned)."""
+
     def on_retry(self, job: Job, error: JobError, wait_s: float) -> None: ...
 
     def on_success(self, job: Job, state: JobState, cost_usd: float) -> None: ...
@@ -156,8 +159,11 @@ class ConsoleProgress(Observer):
         self.retrying.discard(job.id)
         self._show()
 
-    def on_retry(self, job: Job, error: JobError, wait_s: float) -> None:
+    def on_answer(self, job: Job) -> None:
+        # A job waiting for its commit is no longer in flight: its request is over.
         self.in_flight = max(0, self.in_flight - 1)
+
+    def on_retry(self, job: Job, error: JobError, wait_s: float) -> None:
         self.retrying.add(job.id)
         log.info("retrying %s in %.1fs: %s", job.id, wait_s, error)
         self._show()
@@ -178,7 +184,6 @@ class ConsoleProgress(Observer):
         self._show()
 
     def _done(self, job: Job) -> None:
-        self.in_flight = max(0, self.in_flight - 1)
         self.retrying.discard(job.id)
 
     def figures(self) -> str:

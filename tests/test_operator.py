@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import io
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from batch.cost import Budget, PriceTable
-from tests.conftest import read_results, run_args, run_cli, simulator
+from batch.cost import Budget, PriceTable, to_micros
+from batch.errors import ServerError
+from batch.jobs import Job
+from batch.progress import ConsoleProgress
+from tests.conftest import (
+    ROOT,
+    cli_env,
+    read_results,
+    run_args,
+    run_cli,
+    simulator,
+    spawn_cli,
+)
+from tests.test_e2e import catalog
+from tests.test_resume import wait_for
 
 
 @pytest.mark.parametrize(
@@ -18,6 +36,8 @@ from tests.conftest import read_results, run_args, run_cli, simulator
         (0.24, [0.24] * 3, 1),
         (0.2, [0.24] * 3, 0),
         (1.0, [0.134] * 10, 7),
+        (3.0, [0.24] * 30, 12),  # 12 x 0.24 in floats leaves a residue above 0 once settled
+        (0.3, [0.1] * 5, 3),  # 0.1 + 0.2 != 0.3 in floats
         (None, [0.24] * 10, 10),
     ],
 )
@@ -25,13 +45,29 @@ def test_budget_never_lets_a_request_start_past_the_cap(
     cap: float | None, prices: list[float], started: int
 ) -> None:
     budget = Budget(cap)
-    reserved = [p for p in prices if budget.try_reserve(p)]
+    micros = [to_micros(p) for p in prices]
+    reserved = [p for p in micros if budget.try_reserve(p)]
     assert len(reserved) == started
     for price in reserved:
         budget.settle(price, price)
-    assert budget.reserved_usd == pytest.approx(0.0)
+    assert budget.reserved == 0  # exact: nothing is left to wait for
+    assert budget.spent == sum(reserved)
     if cap is not None:
-        assert budget.spent_usd <= cap
+        assert budget.spent <= budget.cap
+        # The next job can never fit: the engine stops instead of waiting.
+        assert not budget.could_ever_fit(micros[0])
+
+
+def test_budget_releases_a_failed_request_and_counts_extra_images() -> None:
+    budget = Budget(0.5)
+    assert budget.try_reserve(240_000) and budget.try_reserve(240_000)
+    assert not budget.try_reserve(240_000)
+    assert budget.could_ever_fit(240_000)  # in flight may fail: worth waiting
+    budget.settle(240_000, 0)  # failed: released
+    assert budget.try_reserve(240_000)
+    budget.settle(240_000, 2 * 240_000)  # an answer with two images spends both
+    budget.settle(240_000, 240_000)
+    assert budget.reserved == 0 and budget.spent == 720_000 > budget.cap
 
 
 def test_price_table_overrides() -> None:
@@ -44,26 +80,37 @@ def test_price_table_overrides() -> None:
     assert table.price("my-model", "2K") is None
 
 
-def test_max_cost_stops_after_four_4k_images(tmp_path: Path) -> None:
+def test_max_cost_that_does_not_divide_the_price_stops_at_once_and_resumes(
+    tmp_path: Path,
+) -> None:
+    # The issue's reproduction: 30 jobs at 4K ($0.24), --concurrency 16, --max-cost 3.0.
+    # Twelve images cost $2.88; a thirteenth could never fit, so the run ends at once
+    # (it used to wait for ever on a float residue left in the reservations).
     manifest = tmp_path / "fourk.yaml"
     manifest.write_text(
         "defaults: {image_size: 4K}\njobs:\n"
-        + "".join(f"  - {{id: p{i}, prompt: poster {i}}}\n" for i in range(10))
+        + "".join(f"  - {{id: p{i:02d}, prompt: poster {i}}}\n" for i in range(30))
     )
     out = tmp_path / "out"
-    with simulator("--scale", "0.01") as sim:
-        done = run_cli(*run_args(manifest, out, sim), "--max-cost", "1", "--concurrency", "3")
-        assert sim.stats()["requests"] == 4
-    assert done.returncode == 1, done.stderr
-    rows = read_results(out)
-    assert [r["status"] for r in rows].count("succeeded") == 4
-    assert [r["status"] for r in rows].count("pending") == 6
-    assert "max-cost" in done.stderr
-    summary = json.loads((out / "summary.json").read_text())["runs"][-1]
-    assert summary["estimated_cost_usd"] == pytest.approx(0.96)
-    assert summary["jobs"] == {"succeeded": 4, "failed": 0, "pending": 6}
-    assert summary["stopped"] == "max_cost" and summary["exit_code"] == 1
-    assert summary["requests"] == 4
+    with simulator("--scale", "0.02", "--latency", "0.2") as sim:
+        done = run_cli(*run_args(manifest, out, sim), "--max-cost", "3.0",
+                       "--concurrency", "16", "--no-gallery", timeout=60)
+        first = sim.stats()["requests"]
+        assert done.returncode == 1, done.stderr
+        rows = read_results(out)
+        statuses = [r["status"] for r in rows]
+        assert statuses.count("succeeded") == 12 and statuses.count("pending") == 18
+        assert first == 12  # no request could pass the cap, none was wasted
+        assert "max-cost" in done.stderr
+        summary = json.loads((out / "summary.json").read_text())["runs"][-1]
+        assert summary["estimated_cost_usd"] == pytest.approx(2.88)
+        assert summary["jobs"] == {"succeeded": 12, "failed": 0, "pending": 18}
+        assert summary["stopped"] == "max_cost" and summary["exit_code"] == 1
+        again = run_cli(*run_args(manifest, out, sim), "--concurrency", "16", "--no-gallery",
+                        timeout=60)
+        assert again.returncode == 0, again.stderr
+        assert sim.stats()["requests"] - first == 18  # only the pending jobs were sent
+    assert {r["status"] for r in read_results(out)} == {"succeeded"}
 
 
 def test_max_cost_refuses_unpriced_models(tmp_path: Path) -> None:
@@ -119,3 +166,110 @@ def test_catalog_with_vars_and_count_runs_resumes_and_reports_per_job(tmp_path: 
     assert sum(r["attempts"] for r in rows) == stats["requests"]
     validate = run_cli("validate", "jobs/catalog.yaml")
     assert "13 job(s)" in validate.stdout
+
+
+def test_sigterm_during_a_long_retry_after_ends_within_the_grace(tmp_path: Path) -> None:
+    # The issue's reproduction: every first attempt is answered 429 with Retry-After: 60;
+    # a SIGTERM while the pool waits out that pause must end the run within --grace.
+    manifest = catalog(20, tmp_path / "m.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", "0.02", "--fault-rate-limit", "1", "--fault-attempts", "1",
+                   "--retry-after", "60") as sim:
+        run = spawn_cli(*run_args(manifest, out, sim), "--concurrency", "4", "--grace", "5",
+                        "--no-gallery")
+        wait_for(lambda: sim.stats()["faults"].get("rate_limit", 0) >= 1)
+        started = time.monotonic()
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=30)
+        took = time.monotonic() - started
+        first = sim.stats()["requests"]
+    assert run.returncode == 143, err
+    assert took < 5 + 5, took  # nothing was in flight: it need not even use the grace
+    rows = read_results(out)
+    assert {r["status"] for r in rows} == {"pending"}
+    assert sum(r["attempts"] for r in rows) == first
+    with simulator("--scale", "0.02") as sim:
+        again = run_cli(*run_args(manifest, out, sim), "--no-gallery")
+        assert again.returncode == 0, again.stderr
+        assert sim.stats()["requests"] == 20
+    assert {r["status"] for r in read_results(out)} == {"succeeded"}
+
+
+COMMIT_BUG = """
+import batch.checkpoint as checkpoint
+real = checkpoint.Checkpoint.commit_batch
+calls = []
+def commit_batch(self, states, staged):
+    calls.append(1)
+    if len(calls) == 2:
+        raise RuntimeError("injected bug in commit_batch")
+    return real(self, states, staged)
+checkpoint.Checkpoint.commit_batch = commit_batch
+"""
+
+
+def test_a_bug_in_the_group_commit_ends_the_run_with_exit_70(tmp_path: Path) -> None:
+    # The issue's reproduction: a RuntimeError in commit_batch used to kill the commit
+    # task and leave every later commit() waiting for ever.
+    manifest = catalog(12, tmp_path / "m.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", "0.02", "--latency", "0.1") as sim:
+        args = run_args(manifest, out, sim, "--concurrency", "3", "--no-gallery")
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-c", COMMIT_BUG + "from batch.cli import entry\nentry()\n",
+             *args],
+            cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=60,
+        )
+        took = time.monotonic() - started
+        first = sim.stats()["requests"]
+        assert done.returncode == 70, done.stderr
+        assert took < 30
+        message = [line for line in done.stderr.splitlines() if "internal error" in line]
+        assert len(message) == 1 and "injected bug in commit_batch" in message[0]
+        assert "re-run" in message[0] and "Traceback" not in done.stderr
+        rows = read_results(out)
+        statuses = [r["status"] for r in rows]
+        assert "pending" in statuses and set(statuses) <= {"succeeded", "pending"}
+        for row in rows:
+            for image in row["images"]:
+                assert (out / image["path"]).is_file()
+        again = run_cli(*args)
+        assert again.returncode == 0, again.stderr
+        done_first = statuses.count("succeeded")
+        assert sim.stats()["requests"] - first == 12 - done_first
+
+
+def test_progress_counts_a_job_waiting_for_its_commit_as_no_longer_in_flight() -> None:
+    progress = ConsoleProgress(io.StringIO(), bar=False)
+    job = Job(id="a", prompt="p", model="m", aspect_ratio="1:1", image_size="1K")
+    progress.on_attempt(job)
+    assert progress.in_flight == 1
+    progress.on_answer(job)  # answered; its commit may still be under way
+    assert progress.in_flight == 0
+    progress.on_attempt(job)
+    progress.on_answer(job)
+    progress.on_retry(job, ServerError("x"), 1.0)
+    assert progress.in_flight == 0 and progress.retrying == {"a"}
+    assert "0 in flight" in progress.figures()
+
+
+def test_max_runtime_is_a_deadline_for_the_whole_process(tmp_path: Path) -> None:
+    # Answers take 8 s: the deadline (1 s) plus the grace (1 s) cuts the requests in
+    # flight, writes results.jsonl and summary.json, and skips the gallery.
+    manifest = catalog(6, tmp_path / "m.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", "0.02", "--latency", "8") as sim:
+        started = time.monotonic()
+        done = run_cli(*run_args(manifest, out, sim), "--concurrency", "3",
+                       "--max-runtime", "1", "--grace", "1", timeout=60)
+        took = time.monotonic() - started
+        sent = sim.stats()["requests"]
+    assert done.returncode == 1, done.stderr
+    assert took < 1 + 1 + 6, took  # a few seconds for the interpreter and the files
+    rows = read_results(out)
+    assert {r["status"] for r in rows} == {"pending"}
+    assert sum(r["attempts"] for r in rows) == sent == 3
+    summary = json.loads((out / "summary.json").read_text())["runs"][-1]
+    assert summary["stopped"] == "max_runtime" and summary["exit_code"] == 1
+    assert "imgbatch report" in done.stderr  # the gallery was left for later
