@@ -1,39 +1,49 @@
 """The checkpoint: what every job of an output folder has cost and produced, across runs.
 
-Store: an append-only JSON-lines journal, ``<DIR>/.imgbatch/journal.jsonl``,
-one full job state per line (the last line for an id wins), fsynced at every
-outcome. Chosen over SQLite because the only writer is this process (the
-lock guarantees it), appends of a few hundred bytes are atomic enough that a
+Store: a JSON-lines journal, ``<DIR>/.imgbatch/journal.jsonl``, one full job
+state per line (the last line for an id wins). During a run records are only
+appended, each outcome fsynced; it is *compacted*, not append-only forever:
+an open that finds more than 1,000 lines and over twice the live records
+rewrites it with one line per job and the last 50 run records (temporary
+file, fsync, atomic rename), so the earlier states of a job are not kept.
+Chosen over SQLite because the only process writing is this one (the lock
+guarantees it), appends of a few hundred bytes are atomic enough that a
 crash can only tear the last line (which loading drops), and the file is
-greppable by an operator at 3 a.m. It is compacted when it grows past twice
-the live records.
+greppable by an operator at 3 a.m.
+
+One writer: the event loop counts attempts while a worker thread commits
+outcomes, so every append holds one lock from its ``fstat`` to its
+``ftruncate``-on-error; a failed append can then only cut its own bytes.
 
 A success is recorded *before* its image is renamed to the final name, with
-the temporary name beside it: a crash between the two is finished on the
-next open (the temporary file is complete, fsynced and hashed), so an image
-that was paid for and written is never lost.
+the temporary name beside it: a crash or a failed rename between the two is
+finished on the next open (the temporary file is complete, fsynced and
+hashed), so an image that was paid for and recorded is never deleted.
+:meth:`Checkpoint.commit_batch` says which side of that line a failure fell
+on (:class:`~batch.errors.NotRecorded` or :class:`~batch.errors.Unpublished`).
+Every write goes through :mod:`batch.fsops`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batch.errors import LockHeld, OutputError, StorageError
+from batch import fsops
+from batch.errors import LockHeld, NotRecorded, OutputError, StorageError, Unpublished
 from batch.images import (
     IMAGES_DIR,
     StagedImage,
     file_matches,
-    fsync_dir,
     publish,
     remove_quietly,
     sha256_of,
@@ -156,6 +166,8 @@ class Checkpoint:
         self._lock_fd: int | None = None
         self._fd: int | None = None
         self._lines = 0
+        self._write_lock = threading.Lock()  # one writer: see the module docstring
+        self._refused: str | None = None  # why appends are refused after a failed one
         self._intact: set[str] = set()  # succeeded ids whose files were found as recorded
 
     # -- opening -------------------------------------------------------------
@@ -229,9 +241,9 @@ class Checkpoint:
             return
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            self._fd = os.open(path, flags, 0o644)
+            self._fd = fsops.open_fd(path, flags, 0o644)
             if torn:
-                os.truncate(path, end)
+                fsops.ftruncate(self._fd, end)
         except OSError as exc:
             raise OutputError(f"cannot open {path}: {exc.strerror}") from None
         if self._lines > 1000 and self._lines > 2 * (len(self.states) + len(self.runs)):
@@ -252,19 +264,42 @@ class Checkpoint:
 
     def _compact(self, path: Path) -> None:
         tmp = path.with_suffix(".compact.tmp")
-        lines = [json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in self.runs[-50:]]
-        lines += [state.to_line() for state in self.states.values()]
-        with tmp.open("wb") as handle:
-            handle.writelines(lines)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        self.runs = self.runs[-50:]
+        count = len(self.runs) + len(self.states)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = fsops.open_fd(tmp, flags, 0o644)
+            try:
+                chunk: list[bytes] = [
+                    json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in self.runs
+                ]
+                for state in self.states.values():
+                    chunk.append(state.to_line())
+                    if len(chunk) >= 4096:
+                        fsops.write_all(fd, b"".join(chunk))
+                        chunk = []
+                fsops.write_all(fd, b"".join(chunk))
+                fsops.fsync(fd)
+            finally:
+                fsops.close(fd)
+            fsops.replace(tmp, path)
+        except OSError as exc:
+            # The long journal is still whole: compacting is only an optimisation.
+            remove_quietly(tmp)
+            log.warning("could not compact %s (%s); keeping it as it is", path, exc.strerror)
+            return
+        # From here the compacted file holds the name: append to it, and make the
+        # rename durable before anything is appended that the old file lacks.
         assert self._fd is not None
-        os.close(self._fd)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        log.info("compacted %s from %d to %d records", path, self._lines, len(lines))
-        self._lines = len(lines)
+        old, self._fd = self._fd, None
+        fsops.close(old)
+        try:
+            self._fd = fsops.open_fd(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            fsops.fsync_dir(path.parent)
+        except OSError as exc:
+            raise StorageError(f"compacting {path} failed: {exc.strerror}") from None
+        log.info("compacted %s from %d to %d records", path, self._lines, count)
+        self._lines = count
 
     def _recover(self) -> None:
         """Finish renames cut short by a crash, then drop temporaries nobody needs."""
@@ -284,7 +319,14 @@ class Checkpoint:
                     continue
                 tmp = self.root / tmp_rel
                 if tmp.exists() and sha256_of(tmp) == image.sha256:
-                    os.replace(tmp, final)
+                    try:
+                        fsops.replace(tmp, final)
+                    except OSError as exc:
+                        # Nothing is removed: the next open tries again.
+                        raise StorageError(
+                            f"cannot rename the recorded image {tmp_rel} to {image.path}: "
+                            f"{exc.strerror}"
+                        ) from None
                     wanted.add(tmp.name)
                     log.info("recovered %s from an interrupted run", image.path)
             if intact:
@@ -327,9 +369,14 @@ class Checkpoint:
 
     def record(self, state: JobState, *, durable: bool) -> None:
         """Append ``state``; ``durable`` fsyncs it before returning."""
-        self._intact.discard(state.id)
-        self.states[state.id] = state
-        self._append(state.to_line(), durable=durable)
+        try:
+            self._append(state.to_line(), durable=durable)
+        except NotRecorded:
+            raise
+        except StorageError:
+            self._remember([state])  # it may well be in the journal
+            raise
+        self._remember([state])
 
     def commit_batch(self, states: list[JobState], staged: list[StagedImage]) -> None:
         """Make ``staged`` images and ``states`` durable, then publish the images.
@@ -338,49 +385,98 @@ class Checkpoint:
         fsync for their names and one journal write and fsync for every state
         are shared by the batch; the renames after them need no fsync of
         their own, since a lost rename is finished by the next open.
+
+        Raises :class:`NotRecorded` when nothing of the batch reached the
+        journal (the caller may delete the staged files), and
+        :class:`Unpublished` when the states are, or may be, in the journal
+        but an image is not under its final name: the caller must keep the
+        staged files, which the next open renames (or drops as strays if the
+        record never reached the disk).
         """
         try:
             for image in staged:
                 image.file.fsync()
             if staged:
-                fsync_dir(self.root / IMAGES_DIR)
+                fsops.fsync_dir(self.root / IMAGES_DIR)
         except OSError as exc:
-            raise StorageError(f"fsync of a new image failed: {exc.strerror}") from None
+            raise NotRecorded(f"fsync of a new image failed: {exc.strerror}") from None
         finally:
             for image in staged:
                 image.file.close()
-        for state in states:
-            self._intact.discard(state.id)
-            self.states[state.id] = state
-        self._append(b"".join(state.to_line() for state in states), durable=True,
-                     lines=len(states))
+        try:
+            self._append(b"".join(state.to_line() for state in states), durable=True,
+                         lines=len(states))
+        except NotRecorded:
+            raise
+        except StorageError as exc:
+            self._remember(states)
+            raise Unpublished(
+                f"{exc}; its images wait under temporary names for the next run"
+            ) from None
+        self._remember(states)
+        failures = []
         for image in staged:
-            publish(self.root, image)
+            try:
+                publish(self.root, image)
+            except StorageError as exc:
+                failures.append(str(exc))
+        if failures:
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            raise Unpublished(
+                f"{failures[0]}{more}; recorded, the next run renames it without paying again"
+            )
 
     def record_run(self, event: str, **fields: Any) -> None:
         record = {"run": event, "t": time.time(), "pid": os.getpid(), **fields}
         self.runs.append(record)
         self._append(json.dumps(record, separators=(",", ":")).encode() + b"\n", durable=True)
 
-    def _append(self, line: bytes, *, durable: bool, lines: int = 1) -> None:
-        if self._fd is None:
-            raise StorageError("the checkpoint is closed")
-        try:
-            size = os.fstat(self._fd).st_size
-        except OSError as exc:
-            raise StorageError(f"writing the checkpoint failed: {exc.strerror}") from None
-        try:
-            view = memoryview(line)
-            while view:  # a nearly full disk writes short before it fails
-                view = view[os.write(self._fd, view) :]
-            if durable:
-                os.fsync(self._fd)
-        except OSError as exc:
-            # Cut a partial record off, so the next append does not merge into it.
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, size)
-            raise StorageError(f"writing the checkpoint failed: {exc.strerror}") from None
-        self._lines += lines
+    def _remember(self, states: list[JobState]) -> None:
+        for state in states:
+            self._intact.discard(state.id)
+            self.states[state.id] = state
+
+    def _append(self, data: bytes, *, durable: bool, lines: int = 1) -> None:
+        """Append whole records, from any thread.
+
+        :class:`NotRecorded` if none of ``data`` is in the journal; a plain
+        :class:`StorageError` if some may be (its fsync failed, or a partial
+        write could not be cut off). After either of those the journal
+        refuses every later append: a later fsync may succeed over data an
+        earlier one lost, and a record appended after a partial one would be
+        merged into it.
+        """
+        with self._write_lock:
+            if self._fd is None:
+                raise NotRecorded("the checkpoint is closed")
+            if self._refused is not None:
+                raise NotRecorded(f"the checkpoint refuses writes after {self._refused}")
+            fd = self._fd
+            try:
+                size = os.fstat(fd).st_size
+            except OSError as exc:
+                raise NotRecorded(f"writing the checkpoint failed: {exc.strerror}") from None
+            try:
+                fsops.write_all(fd, data)  # a nearly full disk writes short before it fails
+            except OSError as exc:
+                message = f"writing the checkpoint failed: {exc.strerror}"
+                try:
+                    # Cut a partial record off, so the next append does not merge into it.
+                    fsops.ftruncate(fd, size)
+                except OSError:
+                    self._refused = message
+                    raise StorageError(message) from None
+                raise NotRecorded(message) from None
+            self._lines += lines
+        if durable:
+            # Outside the lock: the event loop's next attempt record need not
+            # wait for this fsync, which makes its bytes durable too.
+            try:
+                fsops.fsync(fd)
+            except OSError as exc:
+                message = f"fsync of the checkpoint failed: {exc.strerror}"
+                self._refused = message
+                raise StorageError(message) from None
 
     def mark_attempt(self, job: Job, fp: str) -> JobState:
         """Count one more request for ``job`` before it is sent."""
@@ -391,8 +487,9 @@ class Checkpoint:
         return state
 
     def close(self) -> None:
-        for name in ("_fd", "_lock_fd"):
-            fd = getattr(self, name)
-            if fd is not None:
-                setattr(self, name, None)
-                os.close(fd)
+        with self._write_lock:
+            for name in ("_fd", "_lock_fd"):
+                fd = getattr(self, name)
+                if fd is not None:
+                    setattr(self, name, None)
+                    os.close(fd)
