@@ -11,9 +11,8 @@ guarantees it), appends of a few hundred bytes are atomic enough that a
 crash can only tear the last line (which loading drops), and the file is
 greppable by an operator at 3 a.m.
 
-One writer: the event loop counts attempts while a worker thread commits
-outcomes, so every append holds one lock from its ``fstat`` to its
-``ftruncate``-on-error; a failed append can then only cut its own bytes.
+The file itself, with its one-writer rule and compaction, is
+:class:`batch.journal.Journal`.
 
 A success is recorded *before* its image is renamed to the final name, with
 the temporary name beside it: a crash or a failed rename between the two is
@@ -31,10 +30,10 @@ import hashlib
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ from batch.images import (
     stray_temporaries,
 )
 from batch.jobs import ImageRecord, Job, Status
+from batch.journal import Journal
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +164,7 @@ class Checkpoint:
         self.states: dict[str, JobState] = {}
         self.runs: list[dict[str, Any]] = []
         self._lock_fd: int | None = None
-        self._fd: int | None = None
-        self._lines = 0
-        self._write_lock = threading.Lock()  # one writer: see the module docstring
-        self._refused: str | None = None  # why appends are refused after a failed one
+        self._journal: Journal | None = None
         self._intact: set[str] = set()  # succeeded ids whose files were found as recorded
 
     # -- opening -------------------------------------------------------------
@@ -236,18 +233,15 @@ class Checkpoint:
             raise OutputError(f"cannot read {path}: {exc.strerror}") from None
         if torn:
             log.warning("%s: dropping a torn last record (%d bytes)", path, torn)
-        self._lines = count - (1 if torn else 0)
         if not writable:
             return
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            self._fd = fsops.open_fd(path, flags, 0o644)
-            if torn:
-                fsops.ftruncate(self._fd, end)
-        except OSError as exc:
-            raise OutputError(f"cannot open {path}: {exc.strerror}") from None
-        if self._lines > 1000 and self._lines > 2 * (len(self.states) + len(self.runs)):
-            self._compact(path)
+        lines = count - (1 if torn else 0)
+        self._journal = Journal.open(path, lines=lines, torn_at=end if torn else None)
+        if lines > 1000 and lines > 2 * (len(self.states) + len(self.runs)):
+            self.runs = self.runs[-50:]
+            runs = (json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in self.runs)
+            states = (state.to_line() for state in self.states.values())
+            self._journal.compact(chain(runs, states), len(self.runs) + len(self.states))
 
     def _load_line(self, line: bytes, path: Path, number: int) -> None:
         if not line.strip():
@@ -261,45 +255,6 @@ class Checkpoint:
                 self.states[state.id] = state
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("%s:%d: skipping an unreadable record (%s)", path, number, exc)
-
-    def _compact(self, path: Path) -> None:
-        tmp = path.with_suffix(".compact.tmp")
-        self.runs = self.runs[-50:]
-        count = len(self.runs) + len(self.states)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = fsops.open_fd(tmp, flags, 0o644)
-            try:
-                chunk: list[bytes] = [
-                    json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in self.runs
-                ]
-                for state in self.states.values():
-                    chunk.append(state.to_line())
-                    if len(chunk) >= 4096:
-                        fsops.write_all(fd, b"".join(chunk))
-                        chunk = []
-                fsops.write_all(fd, b"".join(chunk))
-                fsops.fsync(fd)
-            finally:
-                fsops.close(fd)
-            fsops.replace(tmp, path)
-        except OSError as exc:
-            # The long journal is still whole: compacting is only an optimisation.
-            remove_quietly(tmp)
-            log.warning("could not compact %s (%s); keeping it as it is", path, exc.strerror)
-            return
-        # From here the compacted file holds the name: append to it, and make the
-        # rename durable before anything is appended that the old file lacks.
-        assert self._fd is not None
-        old, self._fd = self._fd, None
-        fsops.close(old)
-        try:
-            self._fd = fsops.open_fd(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-            fsops.fsync_dir(path.parent)
-        except OSError as exc:
-            raise StorageError(f"compacting {path} failed: {exc.strerror}") from None
-        log.info("compacted %s from %d to %d records", path, self._lines, count)
-        self._lines = count
 
     def _recover(self) -> None:
         """Finish renames cut short by a crash, then drop temporaries nobody needs."""
@@ -437,46 +392,9 @@ class Checkpoint:
             self.states[state.id] = state
 
     def _append(self, data: bytes, *, durable: bool, lines: int = 1) -> None:
-        """Append whole records, from any thread.
-
-        :class:`NotRecorded` if none of ``data`` is in the journal; a plain
-        :class:`StorageError` if some may be (its fsync failed, or a partial
-        write could not be cut off). After either of those the journal
-        refuses every later append: a later fsync may succeed over data an
-        earlier one lost, and a record appended after a partial one would be
-        merged into it.
-        """
-        with self._write_lock:
-            if self._fd is None:
-                raise NotRecorded("the checkpoint is closed")
-            if self._refused is not None:
-                raise NotRecorded(f"the checkpoint refuses writes after {self._refused}")
-            fd = self._fd
-            try:
-                size = os.fstat(fd).st_size
-            except OSError as exc:
-                raise NotRecorded(f"writing the checkpoint failed: {exc.strerror}") from None
-            try:
-                fsops.write_all(fd, data)  # a nearly full disk writes short before it fails
-            except OSError as exc:
-                message = f"writing the checkpoint failed: {exc.strerror}"
-                try:
-                    # Cut a partial record off, so the next append does not merge into it.
-                    fsops.ftruncate(fd, size)
-                except OSError:
-                    self._refused = message
-                    raise StorageError(message) from None
-                raise NotRecorded(message) from None
-            self._lines += lines
-        if durable:
-            # Outside the lock: the event loop's next attempt record need not
-            # wait for this fsync, which makes its bytes durable too.
-            try:
-                fsops.fsync(fd)
-            except OSError as exc:
-                message = f"fsync of the checkpoint failed: {exc.strerror}"
-                self._refused = message
-                raise StorageError(message) from None
+        if self._journal is None:
+            raise NotRecorded("the checkpoint is closed")
+        self._journal.append(data, durable=durable, lines=lines)
 
     def mark_attempt(self, job: Job, fp: str) -> JobState:
         """Count one more request for ``job`` before it is sent."""
@@ -487,9 +405,8 @@ class Checkpoint:
         return state
 
     def close(self) -> None:
-        with self._write_lock:
-            for name in ("_fd", "_lock_fd"):
-                fd = getattr(self, name)
-                if fd is not None:
-                    setattr(self, name, None)
-                    os.close(fd)
+        if self._journal is not None:
+            self._journal.close()
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            os.close(fd)
