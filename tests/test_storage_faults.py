@@ -42,6 +42,7 @@ from PIL import Image
 import batch.cli
 from batch import fsops
 from batch.checkpoint import Checkpoint, JobState
+from batch.cli import EXIT_INCOMPLETE, EXIT_OK
 from batch.client import Generation
 from batch.errors import MalformedResponse, NotRecorded, RejectedError, StorageError
 from batch.images import ImageWriter, StagedImage, discard
@@ -397,10 +398,11 @@ def test_randomized_storage_faults_lose_nothing_recorded_and_pay_once(
     with disk.installed():
         code = run(folder, out, first, concurrency)
     errors = {f.target for f in disk.fired if f.err}
-    assert code in (0, 1)  # 1: stopped by the storage error, or some job failed
+    # EXIT_INCOMPLETE: stopped by the storage error, or some job failed.
+    assert code in (EXIT_OK, EXIT_INCOMPLETE)
     if errors & {"image", "images_dir", "results"}:
-        assert code == 1  # (a failed journal "end" record or summary.json is only logged)
-    if code == 0:
+        assert code == EXIT_INCOMPLETE  # (a failed "end" record or summary.json is only logged)
+    if code == EXIT_OK:
         states = journal_states(out)
         assert all(states.get(f"j{i}", {}).get("status") == "succeeded" for i in range(jobs))
     check_results(out, jobs)
@@ -410,7 +412,7 @@ def test_randomized_storage_faults_lose_nothing_recorded_and_pay_once(
     assert all(first.requests[j] == 1 for j in first.requests)
 
     second = Scripted(seed=seed + 1)
-    assert run(folder, out, second, concurrency) == 0
+    assert run(folder, out, second, concurrency) == EXIT_OK
     # The re-run pays for exactly what was not recorded as done.
     assert set(second.requests) == {f"j{i}" for i in range(jobs)} - set(recorded)
     assert all(n == 1 for n in second.requests.values())
@@ -434,12 +436,14 @@ def test_a_failed_rename_keeps_the_recorded_image_for_the_next_open(tmp_path: Pa
     manifest(tmp_path, 3)
     first = Scripted()
     with FaultyDisk([Fault("replace", "image", 0, errno.EIO)]).installed():
-        assert run(tmp_path, out, first, 1) == 1  # the storage error stops the run
+        assert run(tmp_path, out, first, 1) == EXIT_INCOMPLETE  # the storage error stops it
     recorded = journal_states(out)["j0"]
     assert recorded["status"] == "succeeded"
     image = recorded["images"][0]
     assert not (out / image["path"]).exists()
     assert sha_of(out / image["tmp"]) == image["sha256"]  # kept under its temporary name
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert rows[0]["status"] == "pending" and rows[0]["images"] == []  # not on disk yet
 
     # An open whose rename fails again removes nothing, and says so.
     with FaultyDisk([Fault("replace", "image", 0, errno.EIO)]).installed(), \
@@ -448,7 +452,7 @@ def test_a_failed_rename_keeps_the_recorded_image_for_the_next_open(tmp_path: Pa
     assert (out / image["tmp"]).exists()
 
     second = Scripted(seed=1)
-    assert run(tmp_path, out, second, 1) == 0
+    assert run(tmp_path, out, second, 1) == EXIT_OK
     assert "j0" not in second.requests  # published by the open, not paid again
     assert sha_of(out / image["path"]) == image["sha256"]
     decodes(out / image["path"])
