@@ -1,22 +1,30 @@
 """The checkpoint: what every job of an output folder has cost and produced, across runs.
 
-Store: an append-only JSON-lines journal, ``<DIR>/.imgbatch/journal.jsonl``,
-one full job state per line (the last line for an id wins), fsynced at every
-outcome. Chosen over SQLite because the only writer is this process (the
-lock guarantees it), appends of a few hundred bytes are atomic enough that a
+Store: a JSON-lines journal, ``<DIR>/.imgbatch/journal.jsonl``, one full job
+state per line (the last line for an id wins). During a run records are only
+appended, each outcome fsynced; it is *compacted*, not append-only forever:
+an open that finds more than 1,000 lines and over twice the live records
+rewrites it with one line per job and the last 50 run records (temporary
+file, fsync, atomic rename), so the earlier states of a job are not kept.
+Chosen over SQLite because the only process writing is this one (the lock
+guarantees it), appends of a few hundred bytes are atomic enough that a
 crash can only tear the last line (which loading drops), and the file is
-greppable by an operator at 3 a.m. It is compacted when it grows past twice
-the live records.
+greppable by an operator at 3 a.m.
+
+The file itself, with its one-writer rule and compaction, is
+:class:`batch.journal.Journal`.
 
 A success is recorded *before* its image is renamed to the final name, with
-the temporary name beside it: a crash between the two is finished on the
-next open (the temporary file is complete, fsynced and hashed), so an image
-that was paid for and written is never lost.
+the temporary name beside it: a crash or a failed rename between the two is
+finished on the next open (the temporary file is complete, fsynced and
+hashed), so an image that was paid for and recorded is never deleted.
+:meth:`Checkpoint.commit_batch` says which side of that line a failure fell
+on (:class:`~batch.errors.NotRecorded` or :class:`~batch.errors.Unpublished`).
+Every write goes through :mod:`batch.fsops`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -25,21 +33,23 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from batch.errors import LockHeld, OutputError, StorageError
+from batch import fsops
+from batch.errors import LockHeld, NotRecorded, OutputError, StorageError, Unpublished
 from batch.images import (
     IMAGES_DIR,
     StagedImage,
     file_matches,
-    fsync_dir,
     publish,
     remove_quietly,
     sha256_of,
     stray_temporaries,
 )
 from batch.jobs import ImageRecord, Job, Status
+from batch.journal import Journal
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +164,7 @@ class Checkpoint:
         self.states: dict[str, JobState] = {}
         self.runs: list[dict[str, Any]] = []
         self._lock_fd: int | None = None
-        self._fd: int | None = None
-        self._lines = 0
+        self._journal: Journal | None = None
         self._intact: set[str] = set()  # succeeded ids whose files were found as recorded
 
     # -- opening -------------------------------------------------------------
@@ -224,18 +233,15 @@ class Checkpoint:
             raise OutputError(f"cannot read {path}: {exc.strerror}") from None
         if torn:
             log.warning("%s: dropping a torn last record (%d bytes)", path, torn)
-        self._lines = count - (1 if torn else 0)
         if not writable:
             return
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            self._fd = os.open(path, flags, 0o644)
-            if torn:
-                os.truncate(path, end)
-        except OSError as exc:
-            raise OutputError(f"cannot open {path}: {exc.strerror}") from None
-        if self._lines > 1000 and self._lines > 2 * (len(self.states) + len(self.runs)):
-            self._compact(path)
+        lines = count - (1 if torn else 0)
+        self._journal = Journal.open(path, lines=lines, torn_at=end if torn else None)
+        if lines > 1000 and lines > 2 * (len(self.states) + len(self.runs)):
+            self.runs = self.runs[-50:]
+            runs = (json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in self.runs)
+            states = (state.to_line() for state in self.states.values())
+            self._journal.compact(chain(runs, states), len(self.runs) + len(self.states))
 
     def _load_line(self, line: bytes, path: Path, number: int) -> None:
         if not line.strip():
@@ -249,22 +255,6 @@ class Checkpoint:
                 self.states[state.id] = state
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("%s:%d: skipping an unreadable record (%s)", path, number, exc)
-
-    def _compact(self, path: Path) -> None:
-        tmp = path.with_suffix(".compact.tmp")
-        lines = [json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in self.runs[-50:]]
-        lines += [state.to_line() for state in self.states.values()]
-        with tmp.open("wb") as handle:
-            handle.writelines(lines)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-        assert self._fd is not None
-        os.close(self._fd)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        log.info("compacted %s from %d to %d records", path, self._lines, len(lines))
-        self._lines = len(lines)
 
     def _recover(self) -> None:
         """Finish renames cut short by a crash, then drop temporaries nobody needs."""
@@ -284,7 +274,14 @@ class Checkpoint:
                     continue
                 tmp = self.root / tmp_rel
                 if tmp.exists() and sha256_of(tmp) == image.sha256:
-                    os.replace(tmp, final)
+                    try:
+                        fsops.replace(tmp, final)
+                    except OSError as exc:
+                        # Nothing is removed: the next open tries again.
+                        raise StorageError(
+                            f"cannot rename the recorded image {tmp_rel} to {image.path}: "
+                            f"{exc.strerror}"
+                        ) from None
                     wanted.add(tmp.name)
                     log.info("recovered %s from an interrupted run", image.path)
             if intact:
@@ -327,9 +324,14 @@ class Checkpoint:
 
     def record(self, state: JobState, *, durable: bool) -> None:
         """Append ``state``; ``durable`` fsyncs it before returning."""
-        self._intact.discard(state.id)
-        self.states[state.id] = state
-        self._append(state.to_line(), durable=durable)
+        try:
+            self._append(state.to_line(), durable=durable)
+        except NotRecorded:
+            raise
+        except StorageError:
+            self._remember([state])  # it may well be in the journal
+            raise
+        self._remember([state])
 
     def commit_batch(self, states: list[JobState], staged: list[StagedImage]) -> None:
         """Make ``staged`` images and ``states`` durable, then publish the images.
@@ -338,49 +340,61 @@ class Checkpoint:
         fsync for their names and one journal write and fsync for every state
         are shared by the batch; the renames after them need no fsync of
         their own, since a lost rename is finished by the next open.
+
+        Raises :class:`NotRecorded` when nothing of the batch reached the
+        journal (the caller may delete the staged files), and
+        :class:`Unpublished` when the states are, or may be, in the journal
+        but an image is not under its final name: the caller must keep the
+        staged files, which the next open renames (or drops as strays if the
+        record never reached the disk).
         """
         try:
             for image in staged:
                 image.file.fsync()
             if staged:
-                fsync_dir(self.root / IMAGES_DIR)
+                fsops.fsync_dir(self.root / IMAGES_DIR)
         except OSError as exc:
-            raise StorageError(f"fsync of a new image failed: {exc.strerror}") from None
+            raise NotRecorded(f"fsync of a new image failed: {exc.strerror}") from None
         finally:
             for image in staged:
                 image.file.close()
-        for state in states:
-            self._intact.discard(state.id)
-            self.states[state.id] = state
-        self._append(b"".join(state.to_line() for state in states), durable=True,
-                     lines=len(states))
+        try:
+            self._append(b"".join(state.to_line() for state in states), durable=True,
+                         lines=len(states))
+        except NotRecorded:
+            raise
+        except StorageError as exc:
+            self._remember(states)
+            raise Unpublished(
+                f"{exc}; its images wait under temporary names for the next run"
+            ) from None
+        self._remember(states)
+        failures = []
         for image in staged:
-            publish(self.root, image)
+            try:
+                publish(self.root, image)
+            except StorageError as exc:
+                failures.append(str(exc))
+        if failures:
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            raise Unpublished(
+                f"{failures[0]}{more}; recorded, the next run renames it without paying again"
+            )
 
     def record_run(self, event: str, **fields: Any) -> None:
         record = {"run": event, "t": time.time(), "pid": os.getpid(), **fields}
         self.runs.append(record)
         self._append(json.dumps(record, separators=(",", ":")).encode() + b"\n", durable=True)
 
-    def _append(self, line: bytes, *, durable: bool, lines: int = 1) -> None:
-        if self._fd is None:
-            raise StorageError("the checkpoint is closed")
-        try:
-            size = os.fstat(self._fd).st_size
-        except OSError as exc:
-            raise StorageError(f"writing the checkpoint failed: {exc.strerror}") from None
-        try:
-            view = memoryview(line)
-            while view:  # a nearly full disk writes short before it fails
-                view = view[os.write(self._fd, view) :]
-            if durable:
-                os.fsync(self._fd)
-        except OSError as exc:
-            # Cut a partial record off, so the next append does not merge into it.
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, size)
-            raise StorageError(f"writing the checkpoint failed: {exc.strerror}") from None
-        self._lines += lines
+    def _remember(self, states: list[JobState]) -> None:
+        for state in states:
+            self._intact.discard(state.id)
+            self.states[state.id] = state
+
+    def _append(self, data: bytes, *, durable: bool, lines: int = 1) -> None:
+        if self._journal is None:
+            raise NotRecorded("the checkpoint is closed")
+        self._journal.append(data, durable=durable, lines=lines)
 
     def mark_attempt(self, job: Job, fp: str) -> JobState:
         """Count one more request for ``job`` before it is sent."""
@@ -391,8 +405,8 @@ class Checkpoint:
         return state
 
     def close(self) -> None:
-        for name in ("_fd", "_lock_fd"):
-            fd = getattr(self, name)
-            if fd is not None:
-                setattr(self, name, None)
-                os.close(fd)
+        if self._journal is not None:
+            self._journal.close()
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            os.close(fd)

@@ -41,6 +41,7 @@ from batch.cost import Budget, PriceTable, to_usd
 from batch.errors import (
     FatalApiError,
     JobError,
+    NotRecorded,
     RateLimited,
     StorageError,
 )
@@ -472,7 +473,12 @@ class Engine:
             await self.committer.commit(state, generation.images)
         except StorageError as exc:
             for staged in generation.images:
-                discard(root, staged)
+                if isinstance(exc, NotRecorded):
+                    discard(root, staged)  # frees the space a full disk needs for results
+                else:
+                    # (Maybe) recorded: the journal points at these temporaries,
+                    # and the next open renames them; deleting them loses a paid image.
+                    staged.file.close()
             self.stop(StopReason.STORAGE, f"{exc}; jobs left pending, re-run to resume")
             return
         for path in old_paths - {image.path for image in state.images}:

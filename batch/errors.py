@@ -12,6 +12,9 @@ boundary each: the manifest loader, the protocol client and the store.
     ├── OutputError            output folder unusable (exit 2)
     │   └── LockHeld           another run holds the folder (exit 4)
     ├── StorageError           a write failed (disk full...): stop starting jobs
+    │   ├── NotRecorded        the outcome never reached the journal: its temporaries may go
+    │   └── Unpublished        the outcome is (or may be) in the journal: keep its temporaries,
+    │                          the next open renames them (or drops them if it is not)
     └── JobError               one attempt at one job went wrong; carries job_id
         ├── RetryableError     worth another request
         │   ├── TransportError     connection refused / reset, server disconnected
@@ -82,6 +85,22 @@ class LockHeld(OutputError):
 
 class StorageError(ImgbatchError):
     """Writing to the output folder failed (disk full, I/O error)."""
+
+
+class NotRecorded(StorageError):
+    """A commit failed before its outcome reached the journal.
+
+    Its staged images may be deleted: nothing points at them.
+    """
+
+
+class Unpublished(StorageError):
+    """A commit failed after its outcome was (or may have been) written to the journal.
+
+    Its staged images must stay under their temporary names: the next open
+    renames them to their final names if the record is there, and removes
+    them as strays if it is not. Deleting them would lose a paid image.
+    """
 
 
 class JobError(ImgbatchError):

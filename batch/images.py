@@ -6,6 +6,9 @@ final name therefore only ever holds a complete, verified image; the
 temporary name is what the checkpoint uses to finish a rename a crash
 interrupted. ``~`` cannot occur in a job id, so extra images of one job never
 collide with another job's name.
+
+Every write, fsync, rename and unlink here goes through :mod:`batch.fsops`,
+where the storage fault tests inject their failures.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from batch import fsops
 from batch.errors import StorageError
 from batch.imageinfo import ImageInfo, ImageVerifier
 
@@ -35,12 +39,12 @@ class OpenFile:
 
     def fsync(self) -> None:
         if self.fd is not None:
-            os.fsync(self.fd)
+            fsops.fsync(self.fd)
 
     def close(self) -> None:
         if self.fd is not None:
             fd, self.fd = self.fd, None
-            os.close(fd)
+            fsops.close(fd)
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ class ImageWriter:
         self._verifier = ImageVerifier(max_pixels=max_pixels)
         self._size = 0
         try:
-            self._fd: int | None = os.open(
+            self._fd: int | None = fsops.open_fd(
                 self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
             )
         except OSError as exc:
@@ -124,11 +128,8 @@ class ImageWriter:
         self._sha.update(data)
         self._size += len(data)
         assert self._fd is not None
-        view = memoryview(data)
         try:
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            fsops.write_all(self._fd, data)
         except OSError as exc:
             raise StorageError(f"writing {self._path} failed: {exc.strerror}") from None
 
@@ -165,12 +166,12 @@ class ImageWriter:
     def _close(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
-            os.close(fd)
+            fsops.close(fd)
 
 
 def remove_quietly(path: Path) -> None:
     try:
-        path.unlink()
+        fsops.unlink(path)
     except FileNotFoundError:
         pass
     except OSError as exc:
@@ -180,7 +181,7 @@ def remove_quietly(path: Path) -> None:
 def publish(root: Path, staged: StagedImage) -> None:
     """Rename a staged image to its final name (atomic on POSIX)."""
     try:
-        os.replace(root / staged.tmp_rel, root / staged.final_rel)
+        fsops.replace(root / staged.tmp_rel, root / staged.final_rel)
     except OSError as exc:
         raise StorageError(f"renaming {staged.tmp_rel} failed: {exc.strerror}") from None
 
@@ -197,27 +198,24 @@ def write_atomic(path: Path, chunks: Iterable[bytes]) -> None:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         remove_quietly(tmp)
-        fd = os.open(tmp, flags, 0o644)
+        fd = fsops.open_fd(tmp, flags, 0o644)
         try:
-            with os.fdopen(os.dup(fd), "wb", buffering=1 << 20) as handle:
-                for chunk in chunks:
-                    handle.write(chunk)
-            os.fsync(fd)
+            pending: list[bytes] = []
+            size = 0
+            for chunk in chunks:
+                pending.append(chunk)
+                size += len(chunk)
+                if size >= 1 << 20:  # a results line is small: write a megabyte at a time
+                    fsops.write_all(fd, b"".join(pending))
+                    pending, size = [], 0
+            fsops.write_all(fd, b"".join(pending))
+            fsops.fsync(fd)
         finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            fsops.close(fd)
+        fsops.replace(tmp, path)
     except OSError as exc:
         remove_quietly(tmp)
         raise StorageError(f"writing {path} failed: {exc.strerror or exc}") from None
-
-
-def fsync_dir(path: Path) -> None:
-    """Make renames and creations in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def stray_temporaries(root: Path) -> list[Path]:

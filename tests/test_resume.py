@@ -6,10 +6,12 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from tests.conftest import read_results, run_args, run_cli, simulator, spawn_cli
+from tests.conftest import ROOT, cli_env, read_results, run_args, run_cli, simulator, spawn_cli
 from tests.test_e2e import catalog, check_outputs
 
 SCALE = "0.0625"
@@ -223,3 +225,53 @@ def test_a_second_sigint_cuts_the_grace_period_short(tmp_path: Path) -> None:
     rows = read_results(out)
     assert {r["status"] for r in rows} == {"pending"}
     assert sum(r["attempts"] for r in rows) == 3
+
+
+# Every rename of an image temporary to its final name fails with EIO, in the CLI's process.
+FAIL_IMAGE_RENAMES = """
+import errno, os
+from batch import fsops
+real = fsops.replace
+def replace(src, dst):
+    if "/images/." in str(src):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    return real(src, dst)
+fsops.replace = replace
+from batch.cli import entry
+entry()
+"""
+
+
+def test_a_paid_image_whose_rename_failed_is_published_by_the_next_run(tmp_path: Path) -> None:
+    """The success is in the journal before the rename: the image is kept, never paid twice."""
+    manifest = catalog(6, tmp_path / "r.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE) as sim:
+        first = subprocess.run(
+            [sys.executable, "-c", FAIL_IMAGE_RENAMES, *run_args(manifest, out, sim),
+             "--concurrency", "2"],
+            cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=60,
+        )
+        assert first.returncode == 1, first.stderr
+        assert "Input/output error" in first.stderr and "re-run" in first.stderr
+        assert "Traceback" not in first.stderr
+        journal = out / ".imgbatch" / "journal.jsonl"
+        kept = {}
+        for line in journal.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("status") == "succeeded":
+                kept[record["id"]] = record["images"][0]
+        assert kept  # at least the job whose rename failed was recorded
+        for image in kept.values():
+            assert not (out / image["path"]).exists()
+            data = (out / image["tmp"]).read_bytes()  # still there, under its temporary name
+            assert hashlib.sha256(data).hexdigest() == image["sha256"]
+        paid = sim.stats()["requests"]
+        again = run_cli(*run_args(manifest, out, sim))
+        assert again.returncode == 0, again.stderr
+        assert sim.stats()["requests"] - paid == 6 - len(kept)  # the recorded ones: not again
+    rows = read_results(out)
+    check_outputs(out, rows)
+    for job_id, image in kept.items():
+        assert next(r for r in rows if r["id"] == job_id)["images"][0]["sha256"] == image["sha256"]
+    assert not [p for p in (out / "images").iterdir() if p.name.endswith(".tmp")]
