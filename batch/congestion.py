@@ -40,8 +40,7 @@ import enum
 import math
 from dataclasses import dataclass
 
-
-MAX_STEP = 0.5  # the largest pace step while probing (50%)
+MAX_STEP = 0.25  # the largest pace step while probing
 
 
 class Outcome(enum.StrEnum):
@@ -62,14 +61,14 @@ class ControlConfig:
     max_limit: int  # --concurrency: never more in flight
     adaptive: bool = True  # slow start and learnt pacing
     rpm: float | None = None  # pinned pace, request starts per minute
-    initial_limit: int = 8  # the first round of slow start
-    admit_floor_s: float = 0.1  # in flight this long without a 429: admitted
+    initial_limit: int = 16  # the first round of slow start (sent at once)
+    admit_floor_s: float = 0.05  # in flight this long without a 429: admitted
     default_pause_s: float = 1.0  # a 429 with no Retry-After
     max_pause_s: float = 900.0  # a Retry-After beyond this is clipped to it
     safety: float = 0.95  # pace a little under what the server accepted
     decrease: float = 0.5  # pace cut when a paced run meets a shared limit
     share_window: int = 40  # answers the share test looks at
-    false_alarm: float = 1e-4  # chance of a run of noise 429s we accept as a limit
+    false_alarm: float = 1e-5  # chance of a run of noise 429s we accept as a limit
     probe_interval_s: float = 2.0  # shortest interval between pace steps
     first_step: float = 0.05  # first pace step after a change
     horizon_s: float = 60.0  # how far back starts are remembered
@@ -117,6 +116,9 @@ class Controller:
         self._probe_at = math.inf  # when the current interval is judged
         self._interval_start = 0.0
         self._rate_before: float | None = None
+        self._paced_since = -math.inf  # when the pace was last lowered
+        self._share_before = 0.0  # 429 share when a limit was suspected
+        self._verify: float | None = None  # ... to compare with once paced
         self._hold_until = -math.inf  # 429s of requests sent before: no decrease
         self._window_s = 0.0  # the longest Retry-After of a shared limit: its window
         self.events: list[str] = []  # what changed and why, for the log (drained by Limits)
@@ -148,7 +150,7 @@ class Controller:
         if self.slow_start and self._round_first > 0:
             # Spread the round so that a 429 comes back before much more of it is sent:
             # a burst limit met in the middle of a round then costs a few 429s, not the rest.
-            spread = min(self._turnaround_min / 4, self._admit_s() / self.window)
+            spread = min(self._turnaround_min / 3, self._admit_s() / self.window)
             self._next_start = now + spread
         self._starts.append(_Start(now))
         self._trim(now)
@@ -193,7 +195,8 @@ class Controller:
                 latest = max(latest, start.at + admit_s - now)
         if latest > 0:
             return latest
-        if self.window >= self.config.max_limit:
+        if self.window >= self.config.max_limit and self._round_first > 0:
+            # Two full rounds: the second one spread out, since the first went at once.
             self._end_slow_start(now, "a full pool was admitted")
             return 0.0
         self.window = min(self.config.max_limit, 2 * self.window)
@@ -216,8 +219,8 @@ class Controller:
             return  # while the pace is probed, its 429s are what is being tested
         self._noise += (float(refused) - self._noise) / self.config.prior_weight
 
-    def _run_needed(self) -> int:
-        noise = min(max(self._noise, 1e-6), 0.9)
+    def _run_needed(self, noise: float) -> int:
+        noise = min(max(noise, 1e-6), 0.9)
         return max(3, min(12, math.ceil(math.log(self.config.false_alarm) / math.log(noise))))
 
     def _shared(self, ticket: int, now: float) -> bool:
@@ -228,12 +231,19 @@ class Controller:
             while 0 <= j < len(self._starts) and self._starts[j].refused:
                 run += 1
                 j += step
-        if run >= self._run_needed():
-            # The earlier 429s of this run were taken for noise when they came back.
-            weight = self.config.prior_weight
-            for _ in range(run - 1):
-                self._noise = max(0.0, (self._noise * weight - 1.0) / (weight - 1.0))
+        # The earlier 429s of this run were taken for noise when they came back.
+        noise, weight = self._noise, self.config.prior_weight
+        for _ in range(run - 1):
+            noise = max(0.0, (noise * weight - 1.0) / (weight - 1.0))
+        seen, self._share_before = self._recent_share(now)
+        if run >= self._run_needed(noise):
+            self._noise = noise
             return True
+        share = self._share_before
+        return seen >= self.config.share_window // 2 and share >= max(0.5, self._noise + 0.25)
+
+    def _recent_share(self, now: float) -> tuple[int, float]:
+        """The share of 429s among the last answers, and how many answers that is."""
         window = self.config.share_window
         seen = refused = 0
         admit_s = self._admit_s()
@@ -244,7 +254,7 @@ class Controller:
             refused += bool(start.refused)
             if seen >= window:
                 break
-        return seen >= window // 2 and refused >= seen * max(0.5, self._noise + 0.25)
+        return seen, refused / max(seen, 1)
 
     # -- reactions ------------------------------------------------------------------
 
@@ -265,9 +275,17 @@ class Controller:
         elif self._rate_before is not None:
             self._set_rate(self._rate_before, now, "the probe met the limit")
         else:
-            self._set_rate(self.rate * self.config.decrease, now, "the limit tightened")
+            # At most half the pace, and no more than the server accepted since the
+            # pace was set (what a token bucket's short Retry-After hides).
+            target = self.rate * self.config.decrease
+            recent = self.estimate_rate(now, pause, since=self._paced_since)
+            if recent is not None:
+                target = min(target, self.config.safety * recent)
+            self._set_rate(target, now, "the limit tightened")
         self._interval_s = max(self._shortest_interval(), 2.0 * pause)
         self._restart_interval(now)
+        if self._pending_estimate is not None:
+            self._verify = self._share_before  # see _judge_interval
 
     def _shortest_interval(self) -> float:
         # A sliding window shows a pace too fast only once it has been sent for a window.
@@ -283,6 +301,7 @@ class Controller:
         """
         self._step = self.config.first_step
         self._rate_before = None
+        self._verify = None
         self._hold_until = max(now, self.pause_until) + min(self._window_s, 30.0)
         self._interval_start = self._hold_until
         self._probe_at = self._interval_start + self._interval_s
@@ -297,10 +316,11 @@ class Controller:
             target = estimate * self.config.safety
             if self.rate is None or target < self.rate:
                 self._set_rate(target, now, "learnt from the 429s")
+        # The first step up waits two intervals: the pace was just measured.
         self._interval_start = now
-        self._probe_at = now + self._interval_s
+        self._probe_at = now + 2 * self._interval_s
 
-    def estimate_rate(self, at: float, pause: float) -> float | None:
+    def estimate_rate(self, at: float, pause: float, since: float = -math.inf) -> float | None:
         """Starts per second the server accepted before it refused at ``at``.
 
         A window or bucket that refuses at ``at`` for ``pause`` seconds after
@@ -308,13 +328,16 @@ class Controller:
         A / (span + pause): the oldest accepted one leaves it ``pause`` from now.
         """
         # Requests still out were admitted: a 429 would be back by now.
-        accepted = [s.at for s in self._starts if s.at <= at and s.refused is not True]
+        accepted = [s.at for s in self._starts
+                    if since <= s.at <= at and s.refused is not True]
         if not accepted:
             return None
         window = at - accepted[0] + pause
         return len(accepted) / window if window > 0 else None
 
     def _set_rate(self, rate: float, now: float, why: str) -> None:
+        if self.rate is None or rate < self.rate:
+            self._paced_since = max(now, self.pause_until)
         self.rate = max(rate, 1.0 / 60.0)
         self._tat = min(self._tat, now + 1.0 / self.rate)
         self.events.append(f"pacing requests at {60 * self.rate:.0f}/min: {why}")
@@ -337,6 +360,15 @@ class Controller:
         expected = seen * self._noise
         spread = 2.0 * math.sqrt(seen * self._noise * (1 - self._noise))
         span = max(end - begin, 1e-9)
+        verify = self._verify
+        if verify is not None and seen >= 20 and refused / seen >= max(0.1, verify / 4):
+            # Slowing down did not make the 429s rarer: they are background, not a limit.
+            self._noise = refused / seen
+            self.rate = None
+            self._verify = None
+            self.events.append(f"pacing dropped: the 429s ({refused} of {seen}) did not "
+                               "follow the pace, so they are not a shared limit")
+            return
         if refused >= (3 if early else 2) and refused > expected + spread + 0.5:
             # Back to the pace before the probe, and no faster than the server accepted
             # over the interval when the interval is long enough to say; else a decrease.
@@ -351,6 +383,7 @@ class Controller:
             return
         if early:
             return
+        self._verify = None
         if seen < 0.5 * self.rate * span and now - self.pause_until > span:
             self.rate = None  # the pace no longer binds: something else limits the pool
             self.events.append("pacing dropped: no longer the limit")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from tenacity import AsyncRetrying, RetryCallState, stop_never
 
+from batch import limits
 from batch.checkpoint import Checkpoint, FileMeta, JobState, fingerprint
 from batch.client import Generation, Provider
 from batch.commit import GroupCommitter
@@ -39,7 +40,6 @@ from batch.errors import (
 )
 from batch.images import discard, remove_quietly
 from batch.jobs import ImageRecord, Job, Status
-from batch.limits import ConcurrencyMeter, FirstWave, Limits, PauseGate, RateMeter
 from batch.progress import Observer
 from batch.retry import Decision, RetryPolicy, decide
 
@@ -109,15 +109,11 @@ class Engine:
         self.config = config
         self.observer = observer
         self.stats = RunStats()
-        self.limits = Limits(
-            concurrency=ConcurrencyMeter(config.concurrency, adaptive=config.adaptive),
-            gate=PauseGate(),
-            rate=RateMeter(config.rpm) if config.rpm else None,
+        self.limits = limits.build(
+            config.concurrency,
+            rpm=config.rpm,
             adaptive=config.adaptive,
-            # A known rate needs no probe: the pacing already rules out a burst.
-            first_wave=(
-                FirstWave(config.concurrency) if config.adaptive and not config.rpm else None
-            ),
+            max_pause_s=config.policy.max_server_wait_s,
         )
         self.budget = Budget(config.max_cost_usd)
         self.committer = GroupCommitter(store)
@@ -184,7 +180,7 @@ class Engine:
             if timer is not None:
                 timer.cancel()
             await self.committer.close()
-            self.stats.peak_in_flight = self.limits.concurrency.peak
+            self.stats.peak_in_flight = self.limits.peak
         return self.stats
 
     async def _worker(self, pending: Iterator[tuple[Job, str]]) -> None:
@@ -251,7 +247,7 @@ class Engine:
     async def _attempt(self, job: Job, fp: str) -> Generation:
         if self.stopping:
             raise _Stopped
-        async with self.limits.slot():
+        async with self.limits.slot() as ticket:
             if self.stopping:
                 raise _Stopped
             price = self.config.prices.job_price(job) or 0.0
@@ -275,21 +271,21 @@ class Engine:
             task = asyncio.current_task()
             assert task is not None
             self._in_flight.add(task)
-            started_at = time.monotonic()
-            self.limits.estimator.started(started_at)
             try:
                 generation = await self.provider.generate(job, self.store.root)
                 spent = price * len(generation.images)
-            except RateLimited as exc:
-                self.limits.estimator.refused(started_at)
-                self._on_rate_limited(exc)
+            except JobError as exc:
+                self.limits.on_answer(ticket, exc)
+                if isinstance(exc, RateLimited):
+                    self._on_rate_limited(exc)
                 raise
+            else:
+                self.limits.on_answer(ticket)
             finally:
                 self._in_flight.discard(task)
                 self.budget.settle(price, spent)
                 self._settled.set()
         self._rate_limited_since = None
-        await self.limits.concurrency.on_success()
         return generation
 
     def _on_rate_limited(self, error: RateLimited) -> None:
@@ -306,10 +302,6 @@ class Engine:
                 "jobs left pending",
             )
             return
-        pause = error.retry_after_s
-        if pause is None:
-            pause = min(self.config.policy.cap_s, 1.0 + self._rng.random())
-        self.limits.on_rate_limited(min(pause, self.config.policy.max_server_wait_s), now)
 
     async def _commit(
         self, job: Job, fp: str, generation: Generation, old_paths: set[str]

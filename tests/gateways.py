@@ -119,6 +119,7 @@ class Result:
     accepted_at: list[float]  # when each admitted request started
     refused_at: list[float]
     events: list[tuple[float, str]]
+    own_wait_s: float  # the longest a job spent waiting out its own Retry-Afters
 
     @property
     def share_429(self) -> float:
@@ -139,35 +140,33 @@ def run(gateway: Gateway, jobs: int, config: ControlConfig, *, latency_s: float 
     rng = random.Random(seed)
     ctl = Controller(config)
     ready: deque[int] = deque(range(jobs))
+    waits = [0.0] * jobs
+    sending: deque[int] = deque()  # jobs held by a worker, ready to send
     workers_free = 2 * config.max_limit  # jobs waiting out a retry hold a worker
-    heap: list[tuple[float, int, str, int, float]] = []  # (time, seq, kind, ticket, value)
+    heap: list[tuple[float, int, str, int, float, int]] = []  # time, seq, kind, ticket, value, job
     seq = itertools.count()
     now, done, requests = 0.0, 0, 0
     accepted_at: list[float] = []
     refused_at: list[float] = []
     events: list[tuple[float, str]] = []
     shared = 0
-    active = 0  # jobs held by a worker
-    waiting = 0  # ... of them ready to send
     wake_at = math.inf
 
-    def push(at: float, kind: str, ticket: int = 0, value: float = 0.0) -> None:
-        heapq.heappush(heap, (at, next(seq), kind, ticket, value))
+    def push(at: float, kind: str, ticket: int = 0, value: float = 0.0, job: int = 0) -> None:
+        heapq.heappush(heap, (at, next(seq), kind, ticket, value, job))
 
     while done < jobs:
         while ready and workers_free:
-            ready.popleft()
+            sending.append(ready.popleft())
             workers_free -= 1
-            active += 1
-            waiting += 1
-        while waiting:
+        while sending:
             wait = ctl.wait_s(now)
             if wait > 0:
                 if wait < math.inf and now + wait < wake_at:
                     wake_at = now + wait
                     push(wake_at, "wake")
                 break
-            waiting -= 1
+            job = sending.popleft()
             ticket = ctl.on_start(now)
             requests += 1
             retry_after = gateway.arrive(now)
@@ -176,12 +175,13 @@ def run(gateway: Gateway, jobs: int, config: ControlConfig, *, latency_s: float 
                 push(now + max(latency_s, refuse_s) + jitter_s * rng.random(), "ok", ticket)
             else:
                 refused_at.append(now)
-                push(now + refuse_s, "429", ticket, retry_after)
+                waits[job] += retry_after
+                push(now + refuse_s, "429", ticket, retry_after, job)
         events += [(now, text) for text in ctl.events]
         ctl.events.clear()
         if not heap or now > until_s:
             raise AssertionError(f"stuck at t={now:.1f}: {done}/{jobs} done, {ctl.__dict__}")
-        now, _, kind, ticket, value = heapq.heappop(heap)
+        now, _, kind, ticket, value, job = heapq.heappop(heap)
         if kind == "wake":
             if now >= wake_at:
                 wake_at = math.inf
@@ -189,12 +189,11 @@ def run(gateway: Gateway, jobs: int, config: ControlConfig, *, latency_s: float 
             ctl.on_end(ticket, now, Outcome.ADMITTED)
             done += 1
             workers_free += 1
-            active -= 1
         elif kind == "429":
             if ctl.on_end(ticket, now, Outcome.REFUSED, value) is Verdict.SHARED:
                 shared += 1
-            push(now + value, "retry")
+            push(now + value, "retry", job=job)
         elif kind == "retry":
-            waiting += 1
+            sending.append(job)
     return Result(now, done, requests, len(refused_at), shared, ctl.peak, accepted_at,
-                  refused_at, events)
+                  refused_at, events, max(waits, default=0.0))
