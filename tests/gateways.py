@@ -56,7 +56,7 @@ class Sporadic(Gateway):
 
 @dataclass
 class SlidingWindow(Gateway):
-    """At most ``limit * factor(now)`` admitted over any ``window_s``; Retry-After: until one frees."""
+    """At most ``limit * factor(now)`` over any ``window_s``; Retry-After: until one frees."""
 
     limit: int
     window_s: float
