@@ -116,6 +116,7 @@ class Controller:
         self._probe_at = math.inf  # when the current interval is judged
         self._interval_start = 0.0
         self._rate_before: float | None = None
+        self._last_refused = 0  # 429s in the last interval that passed
         self._paced_since = -math.inf  # when the pace was last lowered
         self._share_before = 0.0  # 429 share when a limit was suspected
         self._verify: float | None = None  # ... to compare with once paced
@@ -302,6 +303,7 @@ class Controller:
         self._step = self.config.first_step
         self._rate_before = None
         self._verify = None
+        self._last_refused = 0
         self._hold_until = max(now, self.pause_until) + min(self._window_s, 30.0)
         self._interval_start = self._hold_until
         self._probe_at = self._interval_start + self._interval_s
@@ -361,7 +363,9 @@ class Controller:
         spread = 2.0 * math.sqrt(seen * self._noise * (1 - self._noise))
         span = max(end - begin, 1e-9)
         verify = self._verify
-        if verify is not None and seen >= 20 and refused / seen >= max(0.1, verify / 4):
+        if verify is not None and seen < 20:
+            return  # too few answers yet to tell a limit from background 429s
+        if verify is not None and refused / seen >= max(0.1, verify / 4):
             # Slowing down did not make the 429s rarer: they are background, not a limit.
             self._noise = refused / seen
             self.rate = None
@@ -369,17 +373,22 @@ class Controller:
             self.events.append(f"pacing dropped: the 429s ({refused} of {seen}) did not "
                                "follow the pace, so they are not a shared limit")
             return
-        if refused >= (3 if early else 2) and refused > expected + spread + 0.5:
+        # More 429s than the background explains, or than the interval before had.
+        unexplained = refused > expected + spread + 0.5 or refused >= 2 * self._last_refused + 2
+        if refused >= (3 if early else 2) and unexplained:
             # Back to the pace before the probe, and no faster than the server accepted
-            # over the interval when the interval is long enough to say; else a decrease.
+            # over the interval when the interval is long enough to say. Never lower on
+            # a handful of answers: background 429s would ratchet the pace down.
+            fallbacks = [self._rate_before] if self._rate_before else []
             if seen >= 20 and span >= 1.0:
-                accepted = self.config.safety * (seen - refused) / span
-                fallback = min(self._rate_before or self.rate, accepted)
-            else:
-                fallback = self._rate_before or self.rate * self.config.decrease
-            self._set_rate(fallback, now, f"{refused} of {seen} refused while probing")
-            self._interval_s = min(8 * self._shortest_interval(), 2 * self._interval_s)
-            self._restart_interval(now)
+                fallbacks.append(self.config.safety * (seen - refused) / span)
+            if fallbacks:
+                self._set_rate(min(fallbacks), now, f"{refused} of {seen} refused while probing")
+                self._interval_s = min(8 * self._shortest_interval(), 2 * self._interval_s)
+                self._restart_interval(now)
+                return
+            if not early:
+                self._probe_at = now + self._interval_s  # judge a longer interval
             return
         if early:
             return
@@ -388,6 +397,7 @@ class Controller:
             self.rate = None  # the pace no longer binds: something else limits the pool
             self.events.append("pacing dropped: no longer the limit")
             return
+        self._last_refused = refused
         self._rate_before = self.rate
         self.rate = self.rate * (1.0 + self._step)
         self._step = min(MAX_STEP, 2 * self._step)

@@ -24,6 +24,7 @@ class Faults:
     no_image: float = 0.0
     error_200: float = 0.0
     incomplete_image: float = 0.0
+    bad_json: float = 0.0  # a 200 whose body is not JSON at all
 
     def __post_init__(self) -> None:
         for name in self.names():
