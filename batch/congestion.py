@@ -116,6 +116,7 @@ class Controller:
         self._probe_at = math.inf  # when the current interval is judged
         self._interval_start = 0.0
         self._rate_before: float | None = None
+        self._rate_before2: float | None = None  # ... and the pace before that one
         self._last_refused = 0  # 429s in the last interval that passed
         self._paced_since = -math.inf  # when the pace was last lowered
         self._share_before = 0.0  # 429 share when a limit was suspected
@@ -301,7 +302,7 @@ class Controller:
         undershoot (one decrease per window of requests, as in TCP).
         """
         self._step = self.config.first_step
-        self._rate_before = None
+        self._rate_before = self._rate_before2 = None
         self._verify = None
         self._last_refused = 0
         self._hold_until = max(now, self.pause_until) + min(self._window_s, 30.0)
@@ -379,7 +380,10 @@ class Controller:
             # Back to the pace before the probe, and no faster than the server accepted
             # over the interval when the interval is long enough to say. Never lower on
             # a handful of answers: background 429s would ratchet the pace down.
-            fallbacks = [self._rate_before] if self._rate_before else []
+            # A window shows a pace too fast up to a window late: the pace before the
+            # last one that passed is the one known to be safe.
+            safe = self._rate_before2 or self._rate_before
+            fallbacks = [safe] if safe else []
             if seen >= 20 and span >= 1.0:
                 fallbacks.append(self.config.safety * (seen - refused) / span)
             if fallbacks:
@@ -398,6 +402,7 @@ class Controller:
             self.events.append("pacing dropped: no longer the limit")
             return
         self._last_refused = refused
+        self._rate_before2 = self._rate_before
         self._rate_before = self.rate
         self.rate = self.rate * (1.0 + self._step)
         self._step = min(MAX_STEP, 2 * self._step)

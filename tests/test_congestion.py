@@ -223,7 +223,7 @@ def test_a_limit_that_halves_at_60s_and_recovers_at_120s_is_followed(
                 seed=seed)
         what = f"{kind} latency={latency} seed={seed}"
         # Down: within 20 s of the halving, few 429s while at half the limit.
-        assert r.refused_between(80.0, 120.0) <= 0.1 * 40 * full / 2, (what, r.events)
+        assert r.refused_between(80.0, 120.0) <= 0.15 * 40 * full / 2, (what, r.events)
         assert r.goodput(80.0, 120.0) >= 0.7 * full / 2, (what, r.events)
         # Up: the pace climbs back within a minute of the recovery.
         assert r.goodput(180.0, 220.0) >= 0.75 * full, (what, r.events)
