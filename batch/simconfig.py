@@ -39,7 +39,7 @@ class Faults:
 
     @classmethod
     def mix(cls, total: float) -> Faults:
-        """``total`` spread evenly over every fault."""
+        """``total`` spread evenly over every fault but ``bad_json``."""
         # bad_json came later: left out, so that --fault-mix P means what it always did.
         names = [name for name in cls.names() if name != "bad_json"]
         return cls(**{name: total / len(names) for name in names})
