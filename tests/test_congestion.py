@@ -170,7 +170,7 @@ def test_sporadic_429s_with_no_real_limit_cost_only_their_own_waits(p: float) ->
                 # longest any one job waited for its own Retry-After. (With no latency
                 # the run is over in a blink and the waiting jobs hold every worker.)
                 allowed = 1.1 * clean + 0.2 * latency + r.own_wait_s + 0.5
-                assert r.shared <= 1, (what, r.events)  # a rare false alarm at most
+                assert r.shared <= (2 if p >= 0.2 else 1), (what, r.events)  # rare false alarms
                 false_alarms += r.shared
                 if r.shared:  # it paces the pool for a while, then lets go
                     allowed = 2.5 * allowed
