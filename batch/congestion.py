@@ -1,34 +1,27 @@
 """Congestion control for one endpoint: a pure state machine, clock readings and events in.
 
-:class:`Controller` decides when the next request may start; it reads no
-clock and sleeps on nothing, so the same object runs the real pool (through
-:class:`batch.limits.Limits`) and a discrete-event simulation of gateways on a
-virtual clock (tests/test_congestion.py).
+:class:`Controller` decides when the next request may start. It reads no clock
+and sleeps on nothing, so the same object runs the real pool (through
+:class:`batch.limits.Limits`) and gateways simulated on a virtual clock
+(tests/test_congestion.py). After TCP's slow start and Netflix's concurrency-limits:
 
-What it does, after TCP's slow start and Netflix's concurrency-limits:
-
-- **Slow start.** The first round of requests is small (``initial_limit``);
-  each round whose requests were all admitted doubles the next one, until the
-  pool is full. A request counts as admitted once it is answered with
-  anything but 429, or once it has been in flight longer than a 429 takes to
-  come back (rate limiters refuse at the door), so slow answers do not slow
-  the ramp: a latency-bound run is at full concurrency within a fraction of a
-  second, and a burst allowance smaller than the pool costs a few 429s, not a
-  wave.
-- **An isolated 429 is noise.** Its request waits its own ``Retry-After``
-  (the retry policy does that) and the pool keeps going.
-- **A shared limit is evidence**, read from when the refused requests were
-  sent: a run of consecutive refused starts longer than chance explains at
-  the background 429 share, or a refused share over the last answers far
-  above it. Only then does the pool pause for the server's ``Retry-After``
-  and start pacing: at the rate the server accepted before it refused (first
-  time), or at half the pace (a limit that tightened mid-run).
-- **Probing.** While paced, every interval the pace grows by a step that
-  doubles after each clean interval (5%, 10%, 20%...), so a limit that rose
-  again is found in a number of intervals that grows with the log of the
-  gap. An interval with more 429s than the background explains ends the
-  probe at the rate the server accepted in it. Pacing that no longer binds
-  is dropped.
+- **Slow start.** The first round is ``initial_limit`` requests; each round
+  whose requests were all admitted doubles the next one, spread so that a 429
+  comes back before much more is sent. A request counts as admitted once
+  answered with anything but 429, or once in flight longer than a 429 takes
+  to come back (limiters refuse at the door): slow answers do not slow the ramp.
+- **An isolated 429 is noise**: its request waits its own ``Retry-After`` (the
+  retry policy) and the pool goes on.
+- **A shared limit is evidence**: a run of refused starts in a row longer than
+  chance explains at the background 429 share, or a 429 share far above it.
+  Only then does the pool pause for the ``Retry-After`` and get paced: at the
+  rate the server accepted before refusing, or at most half the pace when a
+  paced run meets the limit again. If slowing down does not make 429s rarer,
+  they were background after all, and pacing is dropped.
+- **Probing.** While paced, each clean interval raises the pace by a step that
+  doubles (5%, 10%, 20%, 25%...), so a limit that rose again is found in a
+  number of intervals that grows with the log of the gap; more 429s than the
+  background explains fall back to a pace known to pass.
 
 ``--rpm`` pins the pace (no slow start, no learning); 429s still pause the pool.
 """
@@ -38,9 +31,11 @@ from __future__ import annotations
 import bisect
 import enum
 import math
+import operator
 from dataclasses import dataclass
 
 MAX_STEP = 0.25  # the largest pace step while probing
+_AT = operator.attrgetter("at")
 
 
 class Outcome(enum.StrEnum):
@@ -48,9 +43,7 @@ class Outcome(enum.StrEnum):
     REFUSED = "refused"  # answered 429
 
 
-class Verdict(enum.StrEnum):
-    """What the controller made of one 429."""
-
+class Verdict(enum.StrEnum):  # what the controller made of one 429
     ISOLATED = "isolated"  # noise: only its own request waits
     SHARED = "shared"  # a shared limit: the pool paused (and is paced)
     SAME_EPISODE = "same_episode"  # part of a burst already answered with a pause
@@ -76,17 +69,14 @@ class ControlConfig:
     prior_weight: int = 50  # ... worth this many answers
 
     def __post_init__(self) -> None:
-        if self.max_limit < 1:
-            raise ValueError("max_limit must be at least 1")
-        if self.rpm is not None and self.rpm <= 0:
-            raise ValueError("rpm must be positive")
+        if self.max_limit < 1 or (self.rpm is not None and self.rpm <= 0):
+            raise ValueError("max_limit must be at least 1 and rpm positive")
 
 
 @dataclass
 class _Start:
     at: float
     refused: bool | None = None  # None: not answered yet
-    answered_at: float = 0.0
 
 
 class Controller:
@@ -135,10 +125,8 @@ class Controller:
         self._judge_interval(now)
         if self.in_flight >= self.config.max_limit:
             return math.inf
-        if self.slow_start:
-            wait = self._round_wait(now)
-            if wait > 0:
-                return wait
+        if self.slow_start and (wait := self._round_wait(now)) > 0:
+            return wait
         if self.rate is not None and self._tat > now:
             return self._tat - now
         return 0.0
@@ -150,8 +138,7 @@ class Controller:
         if self.rate is not None:
             self._tat = max(self._tat, now) + 1.0 / self.rate
         if self.slow_start and self._round_first > 0:
-            # Spread the round so that a 429 comes back before much more of it is sent:
-            # a burst limit met in the middle of a round then costs a few 429s, not the rest.
+            # A burst limit met mid-round then costs a few 429s, not the rest of it.
             spread = min(self._turnaround_min / 3, self._admit_s() / self.window)
             self._next_start = now + spread
         self._starts.append(_Start(now))
@@ -162,13 +149,13 @@ class Controller:
                retry_after_s: float | None = None) -> Verdict | None:
         """The request of ``ticket`` ended: answered (``outcome``) or abandoned (None)."""
         self.in_flight -= 1
-        start = self._get(ticket)
+        i = ticket - self._base
+        start = self._starts[i] if 0 <= i < len(self._starts) else None
         if start is None or outcome is None:
             if start is not None:  # abandoned: it tells nothing about the server
-                start.refused, start.answered_at = False, now
+                start.refused = False
             return None
         start.refused = outcome is Outcome.REFUSED
-        start.answered_at = now
         self._turnaround_min = min(self._turnaround_min, now - start.at)
         if not start.refused:
             self._learn_noise(False)
@@ -289,17 +276,14 @@ class Controller:
         if self._pending_estimate is not None:
             self._verify = self._share_before  # see _judge_interval
 
-    def _shortest_interval(self) -> float:
-        # A sliding window shows a pace too fast only once it has been sent for a window.
+    def _shortest_interval(self) -> float:  # a window shows a pace too fast a window late
         return max(self.config.probe_interval_s, min(self._window_s, 30.0))
 
     def _restart_interval(self, now: float) -> None:
-        """After a decrease: judge the new pace once the server's window has drained.
+        """After a decrease, judge the new pace once the server's window has drained.
 
-        A sliding window still holds what the faster pace sent for as long as
-        the window lasts (about the longest Retry-After seen): 429s until then
-        say nothing about the new pace, and decreasing again for them would
-        undershoot (one decrease per window of requests, as in TCP).
+        Until then a sliding window still holds what the faster pace sent: its
+        429s say nothing of the new pace (one decrease per window, as in TCP).
         """
         self._step = self.config.first_step
         self._rate_before = self._rate_before2 = None
@@ -315,10 +299,9 @@ class Controller:
         at, pause = self._pending_estimate
         self._pending_estimate = None
         estimate = self.estimate_rate(at, pause)
-        if estimate is not None:
-            target = estimate * self.config.safety
-            if self.rate is None or target < self.rate:
-                self._set_rate(target, now, "learnt from the 429s")
+        if estimate is not None and (self.rate is None or estimate * self.config.safety
+                                     < self.rate):
+            self._set_rate(estimate * self.config.safety, now, "learnt from the 429s")
         # The first step up waits two intervals: the pace was just measured.
         self._interval_start = now
         self._probe_at = now + 2 * self._interval_s
@@ -356,32 +339,28 @@ class Controller:
         if not early and now < self._probe_at:
             return
         begin, end = self._interval_start, now if early else now - self._admit_s()
-        first = bisect.bisect_left(self._starts, begin, key=_at)
-        last = bisect.bisect_left(self._starts, end, key=_at)
+        first = bisect.bisect_left(self._starts, begin, key=_AT)
+        last = bisect.bisect_left(self._starts, end, key=_AT)
         refused = sum(1 for start in self._starts[first:last] if start.refused)
         seen = last - first
-        expected = seen * self._noise
-        spread = 2.0 * math.sqrt(seen * self._noise * (1 - self._noise))
         span = max(end - begin, 1e-9)
         verify = self._verify
         if verify is not None and seen < 20:
             return  # too few answers yet to tell a limit from background 429s
         if verify is not None and refused / seen >= max(0.1, verify / 4):
             # Slowing down did not make the 429s rarer: they are background, not a limit.
-            self._noise = refused / seen
-            self.rate = None
-            self._verify = None
+            self._noise, self.rate, self._verify = refused / seen, None, None
             self.events.append(f"pacing dropped: the 429s ({refused} of {seen}) did not "
                                "follow the pace, so they are not a shared limit")
             return
         # More 429s than the background explains, or than the interval before had.
-        unexplained = refused > expected + spread + 0.5 or refused >= 2 * self._last_refused + 2
+        noise = self._noise
+        unexplained = (refused > seen * noise + 2.0 * math.sqrt(seen * noise * (1 - noise)) + 0.5
+                       or refused >= 2 * self._last_refused + 2)
         if refused >= (3 if early else 2) and unexplained:
-            # Back to the pace before the probe, and no faster than the server accepted
-            # over the interval when the interval is long enough to say. Never lower on
-            # a handful of answers: background 429s would ratchet the pace down.
-            # A window shows a pace too fast up to a window late: the pace before the
-            # last one that passed is the one known to be safe.
+            # Back to a pace known to pass (a window shows overshoot up to a window
+            # late: the one before the last that passed), and no faster than the server
+            # accepted; never lower on a handful of answers (noise would ratchet it down).
             safe = self._rate_before2 or self._rate_before
             fallbacks = [safe] if safe else []
             if seen >= 20 and span >= 1.0:
@@ -410,12 +389,6 @@ class Controller:
         self._interval_start = now
         self._probe_at = now + self._interval_s
 
-    # -- bookkeeping -----------------------------------------------------------------
-
-    def _get(self, ticket: int) -> _Start | None:
-        i = ticket - self._base
-        return self._starts[i] if 0 <= i < len(self._starts) else None
-
     def _trim(self, now: float) -> None:
         cutoff = now - self.config.horizon_s
         drop = 0
@@ -425,7 +398,3 @@ class Controller:
         if drop >= 256:  # in batches: the list is shifted once per 256 starts
             del self._starts[:drop]
             self._base += drop
-
-
-def _at(start: _Start) -> float:
-    return start.at
