@@ -29,11 +29,12 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from tenacity import AsyncRetrying, RetryCallState, stop_never
 
+from batch import limits
 from batch.checkpoint import Checkpoint, FileMeta, JobState, fingerprint
 from batch.client import Generation, Provider
 from batch.commit import GroupCommitter, Offload, in_thread
@@ -47,15 +48,6 @@ from batch.errors import (
 )
 from batch.images import discard, remove_quietly
 from batch.jobs import ImageRecord, Job, Status
-from batch.limits import (
-    Clock,
-    ConcurrencyMeter,
-    FirstWave,
-    Limits,
-    PauseGate,
-    RateEstimator,
-    RateMeter,
-)
 from batch.progress import Observer
 from batch.retry import Decision, RetryPolicy, decide
 
@@ -133,7 +125,7 @@ class Engine:
         config: EngineConfig,
         observer: Observer,
         *,
-        clock: Clock = time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
         offload: Offload[None] = in_thread,
     ) -> None:
         self.provider = provider
@@ -142,18 +134,11 @@ class Engine:
         self.observer = observer
         self.stats = RunStats()
         self._clock = clock
-        self.limits = Limits(
-            concurrency=ConcurrencyMeter(config.concurrency, adaptive=config.adaptive),
-            gate=PauseGate(clock=clock),
-            rate=RateMeter(config.rpm, clock=clock) if config.rpm else None,
+        self.limits = limits.build(
+            config.concurrency,
+            rpm=config.rpm,
             adaptive=config.adaptive,
-            estimator=RateEstimator(clock=clock),
-            # A known rate needs no probe: the pacing already rules out a burst.
-            first_wave=(
-                FirstWave(config.concurrency, clock=clock)
-                if config.adaptive and not config.rpm
-                else None
-            ),
+            max_pause_s=config.policy.max_server_wait_s,
         )
         self.budget = Budget(config.max_cost_usd)
         self.committer = GroupCommitter(store, offload)
@@ -276,7 +261,7 @@ class Engine:
             if self._commits:
                 await asyncio.wait(set(self._commits))
             await self.committer.close()
-            self.stats.peak_in_flight = self.limits.concurrency.peak
+            self.stats.peak_in_flight = self.limits.peak
         # A bug in a commit nobody waited for (its worker was cancelled) still ends in exit 70.
         if self._commit_bugs:
             raise self._commit_bugs[0]
@@ -375,7 +360,7 @@ class Engine:
     async def _attempt(self, job: Job, fp: str, old_paths: set[str]) -> asyncio.Task[None]:
         if self.stopping:
             raise _Stopped
-        async with self.limits.slot():
+        async with self.limits.slot() as ticket:
             if self.stopping:
                 raise _Stopped
             price = await self._reserve(job)
@@ -389,13 +374,12 @@ class Engine:
                 self.stats.requests += 1
                 self.observer.on_attempt(job)
                 sent = True
-                started_at = self._clock()
-                self.limits.estimator.started(started_at)
                 try:
                     generation = await self.provider.generate(job, self.store.root)
-                except RateLimited as exc:
-                    self.limits.estimator.refused(started_at)
-                    self._on_rate_limited(exc)
+                except JobError as exc:
+                    self.limits.on_answer(ticket, exc)
+                    if isinstance(exc, RateLimited):
+                        self._on_rate_limited(exc)
                     raise
                 spent = price * len(generation.images)
                 # Queued in the same step as the answer: no cancellation can fall between.
@@ -404,6 +388,7 @@ class Engine:
                 )
                 self._commits.add(commit)
                 commit.add_done_callback(self._commit_done)
+                self.limits.on_answer(ticket)
             finally:
                 self._in_flight.discard(task)
                 if sent:
@@ -412,7 +397,6 @@ class Engine:
                 # Wakes the jobs waiting in _reserve: they stop the run if nothing can fit now.
                 self._budget_changed.set()
         self._rate_limited_since = None
-        await self.limits.concurrency.on_success()
         return commit
 
     def _commit_done(self, commit: asyncio.Task[None]) -> None:
@@ -434,10 +418,6 @@ class Engine:
                 "jobs left pending",
             )
             return
-        pause = error.retry_after_s
-        if pause is None:
-            pause = min(self.config.policy.cap_s, 1.0 + self._rng.random())
-        self.limits.on_rate_limited(min(pause, self.config.policy.max_server_wait_s), now)
 
     async def _commit(
         self, job: Job, fp: str, generation: Generation, old_paths: set[str]

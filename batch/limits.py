@@ -1,330 +1,166 @@
-"""Meters that decide when a request may start.
+"""When a request may start: one endpoint's congestion controller, on the event loop.
 
-Each meter has the same small interface (after aiometer): ``await
-acquire()`` before a request starts and ``release()`` when it ends. The
-engine stacks them in :class:`Limits`:
+:class:`Limits` puts :class:`batch.congestion.Controller` (pure: clock readings
+and events in, decisions out) behind the two calls the engine makes:
 
-- :class:`ConcurrencyMeter`: requests in flight, with an adaptive limit that
-  halves on a rate limit and grows back by one per ``limit`` successes (AIMD);
-- :class:`PauseGate`: one shared pause after a 429, so the whole pool waits
-  for the server's ``Retry-After`` instead of each worker finding the limit
-  on its own;
-- :class:`FirstWave`: with no ``--rpm``, the run's first wave of requests is
-  answered before freed slots are reused, so a burst allowance smaller than
-  the pool costs one wave of 429s, not two;
-- :class:`RateMeter`: a GCRA spacing request starts to ``rpm`` per minute,
-  set by ``--rpm`` or learnt from the server's 429s by :class:`RateEstimator`.
+- ``async with limits.slot() as ticket:`` waits until the controller lets a
+  request start (a slot in the pool, the shared pause after a rate limit, the
+  pace, slow start), then holds the slot for the request;
+- ``limits.on_answer(ticket, error)`` once the answer is in: ``None`` for a
+  success, else the :class:`~batch.errors.JobError`; a 429 among them is
+  judged isolated or a shared limit.
 
-The clock is a parameter so tests drive time by hand.
+A slot left without an answer (cancelled, stopped) tells the controller
+nothing about the server. Every wait is a plain await on a future that a
+clock timer or a change wakes, so cancelling the waiting task (the engine's
+stop) ends it at once. The clock is injected (:class:`Clock`): tests drive
+time by hand with the same code. One ``Limits`` per endpoint, no shared
+state beyond it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
-import contextlib
+import functools
 import logging
+import math
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol
+
+from batch.congestion import ControlConfig, Controller, Outcome, Verdict
+from batch.errors import JobError, RateLimited
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
 
 
-class ConcurrencyMeter:
-    """At most ``limit`` holders at once; the limit adapts between 1 and ``max_limit``."""
+class Clock(Protocol):
+    """Monotonic seconds, and a callback after a delay on the same clock."""
 
-    def __init__(self, max_limit: int, *, adaptive: bool = True) -> None:
-        if max_limit < 1:
-            raise ValueError("max_limit must be at least 1")
-        self.max_limit = max_limit
-        self.limit = max_limit
-        self.in_flight = 0
-        self.peak = 0
-        self._adaptive = adaptive
-        self._successes = 0
-        self._changed = asyncio.Condition()
+    def now(self) -> float: ...
 
-    async def acquire(self) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.in_flight < self.limit)
-            self.in_flight += 1
-            self.peak = max(self.peak, self.in_flight)
-
-    async def release(self) -> None:
-        async with self._changed:
-            self.in_flight -= 1
-            self._changed.notify(1)
-
-    async def on_success(self) -> None:
-        """Additive increase: one more slot after ``limit`` successes in a row."""
-        if not self._adaptive or self.limit >= self.max_limit:
-            return
-        self._successes += 1
-        if self._successes >= self.limit:
-            self._successes = 0
-            async with self._changed:
-                self.limit += 1
-                self._changed.notify(1)
-            log.info("concurrency raised to %d", self.limit)
-
-    def on_rate_limited(self) -> None:
-        """Multiplicative decrease."""
-        self._successes = 0
-        if not self._adaptive or self.limit <= 1:
-            return
-        self.limit = max(1, self.limit // 2)
-        log.info("rate limited: concurrency lowered to %d", self.limit)
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> Timer: ...
 
 
-class PauseGate:
-    """A pause shared by every worker: nobody starts a request before ``until``."""
+class LoopClock:
+    """The running event loop's clock (``time.monotonic`` by default)."""
 
-    def __init__(self, clock: Clock = time.monotonic) -> None:
-        self._clock = clock
-        self.until = 0.0
+    def now(self) -> float:
+        # The loop's own clock, so that timers and readings agree under a virtual loop.
+        try:
+            return asyncio.get_running_loop().time()
+        except RuntimeError:
+            return time.monotonic()
 
-    def pause(self, wait_s: float) -> bool:
-        """Extend the pause to at least ``wait_s`` from now; True if it was extended."""
-        until = self._clock() + wait_s
-        if until <= self.until:
-            return False
-        self.until = until
-        return True
-
-    def remaining_s(self) -> float:
-        return max(0.0, self.until - self._clock())
-
-    async def acquire(self) -> None:
-        while (wait := self.remaining_s()) > 0:
-            await asyncio.sleep(wait)
-
-    async def release(self) -> None:
-        return None
-
-
-class FirstWave:
-    """The run's first ``size`` requests probe the server before freed slots are reused.
-
-    How large a burst the server accepts is unknown until it answers. When
-    answers come back fast, a pool that refills each slot at once has a second
-    wave in flight before the first wave's 429s are read, and that wave is
-    refused as well. Holding the refill until the first wave is answered (at
-    most ``hold_s`` after its first answer) lets those 429s pause the pool
-    first. With slow answers (image generation takes tens of seconds) the hold
-    costs a few slots at most ``hold_s``, once per run.
-    """
-
-    def __init__(self, size: int, hold_s: float = 1.0, clock: Clock = time.monotonic) -> None:
-        self.size = size
-        self.hold_s = hold_s
-        self.started = 0
-        self.answered = 0
-        self._clock = clock
-        self._deadline = 0.0  # hold_s after the first answer
-        self._answered_once = asyncio.Event()
-        self._over = asyncio.Event()
-
-    @property
-    def over(self) -> bool:
-        return self._over.is_set()
-
-    async def acquire(self) -> None:
-        if self.started < self.size:
-            self.started += 1
-            return
-        await self._answered_once.wait()
-        remaining = self._deadline - self._clock()
-        if remaining > 0 and not self._over.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await self._over.wait()
-        self._end(f"{self.hold_s:g}s after its first answer")
-
-    async def release(self) -> None:
-        """A request of the first wave was answered (or never sent)."""
-        if self._over.is_set():
-            return
-        self.answered += 1
-        if not self._answered_once.is_set():
-            self._deadline = self._clock() + self.hold_s
-            self._answered_once.set()
-        if self.answered >= self.size:
-            self._end(f"all {self.size} answered")
-
-    def _end(self, why: str) -> None:
-        if not self._over.is_set():
-            self._over.set()
-            log.debug("first wave over: %s", why)
-
-
-class RateMeter:
-    """GCRA without burst: request starts at least ``60 / rpm`` seconds apart.
-
-    No burst, so no sliding 60 s window ever sees more than ``rpm`` starts.
-    """
-
-    # Starts leave the client exactly 60/rpm apart but reach the server with
-    # network jitter; a 1% margin keeps two of them from landing in one slot.
-    MARGIN = 1.01
-
-    def __init__(self, rpm: float, clock: Clock = time.monotonic) -> None:
-        if rpm <= 0:
-            raise ValueError("rpm must be positive")
-        self.rpm = rpm
-        self.interval_s = 60.0 / rpm * self.MARGIN
-        self._clock = clock
-        self._tat = 0.0  # theoretical arrival time of the next allowed start
-
-    def set_rpm(self, rpm: float) -> None:
-        self.rpm = rpm
-        self.interval_s = 60.0 / rpm * self.MARGIN
-
-    def reserve(self) -> float:
-        """Take the next start slot; return how long to wait for it."""
-        now = self._clock()
-        start = max(self._tat, now)
-        self._tat = start + self.interval_s
-        return start - now
-
-    async def acquire(self) -> None:
-        wait = self.reserve()
-        if wait > 0:
-            await asyncio.sleep(wait)
-
-    async def release(self) -> None:
-        return None
-
-
-class RateEstimator:
-    """Learns a server's rate limit from when it started saying 429.
-
-    A sliding-window or token-bucket limiter that answers 429 with a
-    ``Retry-After`` of R seconds after accepting A requests over the last
-    ``span`` seconds allows about ``A / (span + R)`` requests per second: the
-    oldest accepted request leaves the window R seconds from now. Counting
-    starts since the beginning of the run (up to ``horizon_s``) keeps the
-    estimate right for a burst at start-up too.
-    """
-
-    def __init__(self, horizon_s: float = 60.0, clock: Clock = time.monotonic) -> None:
-        self.horizon_s = horizon_s
-        self._clock = clock
-        self._starts: deque[float] = deque()
-        self._refused: deque[float] = deque()
-        self._first: float | None = None
-
-    def started(self, at: float) -> None:
-        """A request started at ``at`` (counted as accepted unless refused later)."""
-        if self._first is None:
-            self._first = at
-        self._starts.append(at)
-        self._trim()
-
-    def refused(self, started_at: float) -> None:
-        """The request that started at ``started_at`` was answered 429."""
-        bisect.insort(self._refused, started_at)  # answers come back out of order
-        self._trim()
-
-    def _trim(self) -> None:
-        cutoff = self._clock() - self.horizon_s
-        for times in (self._starts, self._refused):
-            while times and times[0] < cutoff:
-                times.popleft()
-
-    def estimate_rpm(self, retry_after_s: float, at: float) -> float | None:
-        """Requests per minute the server seemed to allow when it said 429 at ``at``.
-
-        Call it once the pause is over: by then the other 429s of the same
-        burst are back, so requests still counted as accepted really were.
-        """
-        self._trim()
-        if self._first is None:
-            return None
-        accepted = bisect.bisect_right(self._starts, at) - bisect.bisect_right(self._refused, at)
-        if accepted <= 0 or not self._starts:
-            return None
-        span = at - max(self._starts[0], self._first)
-        window = span + max(retry_after_s, 0.0)
-        if window <= 0:
-            return None
-        return 60.0 * accepted / window
-
-
-# Pace at a little under the rate the server was seen to accept.
-RATE_SAFETY = 0.95
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> Timer:
+        return asyncio.get_running_loop().call_later(delay_s, callback)
 
 
 @dataclass
+class Ticket:
+    """One request's hold on a slot."""
+
+    seq: int
+    answered: bool = False
+
+
 class Limits:
-    """The meters a request passes, in order: a slot, the shared pause, the rate.
+    """See the module docstring."""
 
-    It also answers a 429: one shared pause, one decrease of the pool per
-    burst, and (when ``adaptive``) once the pause is over, pacing at the rate
-    the server was seen to accept.
-    """
+    def __init__(self, config: ControlConfig, clock: Clock | None = None) -> None:
+        self.config = config
+        self.controller = Controller(config)
+        self._clock: Clock = clock or LoopClock()
+        self._waiters: set[asyncio.Future[None]] = set()
 
-    concurrency: ConcurrencyMeter
-    gate: PauseGate
-    rate: RateMeter | None = None
-    adaptive: bool = True
-    estimator: RateEstimator = field(default_factory=RateEstimator)
-    first_wave: FirstWave | None = None
-    _pending: tuple[float, float] | None = None  # (when the 429 came, its pause)
+    @property
+    def peak(self) -> int:
+        """The most requests ever in flight at once."""
+        return self.controller.peak
+
+    @property
+    def in_flight(self) -> int:
+        return self.controller.in_flight
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        await self.concurrency.acquire()
+    async def slot(self) -> AsyncIterator[Ticket]:
+        """Wait for the controller's go, then hold a slot until the block ends."""
+        await self._turn()
+        ticket = Ticket(self.controller.on_start(self._clock.now()))
         try:
-            wave = self.first_wave
-            if wave is not None and wave.over:
-                wave = None
-            if wave is not None:
-                await wave.acquire()
-            try:
-                await self.gate.acquire()
-                self._learn()
-                if self.rate is not None:
-                    await self.rate.acquire()
-                    # A 429 seen while we waited for our turn pauses us too.
-                    await self.gate.acquire()
-                yield
-            finally:
-                if wave is not None:
-                    await wave.release()
+            yield ticket
         finally:
-            await self.concurrency.release()
+            if not ticket.answered:
+                self.controller.on_end(ticket.seq, self._clock.now(), None)
+            self._changed()
 
-    def on_rate_limited(self, pause_s: float, now: float) -> None:
-        """A 429 arrived at ``now``; nobody starts a request for ``pause_s``."""
-        # The other 429s of the same burst extend the pause but do not shrink
-        # the pool again: one decrease per episode, as in AIMD.
-        first_of_burst = self.gate.remaining_s() <= 0
-        self.gate.pause(pause_s)
-        if first_of_burst:
-            self.concurrency.on_rate_limited()
-            log.info("rate limited (HTTP 429): pausing all requests for %.1fs", pause_s)
-        if self.adaptive and self._pending is None:
-            self._pending = (now, pause_s)
+    def on_answer(self, ticket: Ticket, error: JobError | None = None) -> Verdict | None:
+        """The server answered ``ticket``'s request: ``error`` is None on success.
 
-    def _learn(self) -> None:
-        """Once a 429 pause is over, pace the pool at what the server accepted before it."""
-        if self._pending is None or self.gate.remaining_s() > 0:
-            return
-        at, pause = self._pending
-        self._pending = None
-        estimate = self.estimator.estimate_rpm(pause, at)
-        if estimate is None:
-            return
-        target = max(1.0, estimate * RATE_SAFETY)
-        if self.rate is None:
-            self.rate = RateMeter(target)
-        elif target < self.rate.rpm:
-            self.rate.set_rpm(target)
-        else:
-            return
-        log.info("rate limited: pacing requests at %.0f/min, learnt from the 429s", target)
+        Returns what a 429 was taken for (None for any other answer).
+        """
+        if ticket.answered:
+            return None
+        ticket.answered = True
+        refused = isinstance(error, RateLimited)
+        verdict = self.controller.on_end(
+            ticket.seq, self._clock.now(),
+            Outcome.REFUSED if refused else Outcome.ADMITTED,
+            error.retry_after_s if error is not None and refused else None,
+        )
+        if verdict is Verdict.ISOLATED:
+            log.debug("an isolated 429: only its own request waits (%s)", error)
+        self._changed()
+        return verdict
+
+    async def _turn(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            wait = self.controller.wait_s(self._clock.now())
+            self._log_events()
+            if wait <= 0:
+                return
+            woken: asyncio.Future[None] = loop.create_future()
+            self._waiters.add(woken)
+            timer = None
+            if wait < math.inf:
+                timer = self._clock.call_later(wait, functools.partial(_wake, woken))
+            try:
+                await woken
+            finally:
+                self._waiters.discard(woken)
+                if timer is not None:
+                    timer.cancel()
+
+    def _changed(self) -> None:
+        """Something the controller decides on changed: every waiter looks again."""
+        self._log_events()
+        for woken in self._waiters:
+            _wake(woken)
+
+    def _log_events(self) -> None:
+        events = self.controller.events
+        for event in events:
+            log.info("%s", event)
+        events.clear()
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def build(concurrency: int, *, rpm: float | None, adaptive: bool, max_pause_s: float,
+          clock: Clock | None = None) -> Limits:
+    """The limits of one endpoint, from the run's options."""
+    return Limits(
+        ControlConfig(max_limit=concurrency, adaptive=adaptive, rpm=rpm,
+                      max_pause_s=max_pause_s),
+        clock,
+    )

@@ -208,6 +208,8 @@ class _Simulator:
                     where: float, label: tuple[str, ...] = ()) -> list[bytes]:
         if fault == "error_200":
             return [json.dumps({"error": {"message": "upstream error", "code": 502}}).encode()]
+        if fault == "bad_json":  # a proxy's page served as 200
+            return [b"<html><body>upstream returned an invalid response</body></html>"]
         urls = [] if fault == "no_image" else [
             self._data_url(parsed, sha, n, i, fault, where, label)
             for i in range(self.config.images_per_response)

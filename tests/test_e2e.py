@@ -294,12 +294,12 @@ def test_endless_rate_limiting_gives_up_with_jobs_pending(tmp_path: Path) -> Non
     assert stats["requests"] > 5  # more than --max-attempts 1 per job: 429s are not attempts
 
 
-def test_a_burst_allowance_smaller_than_the_pool_costs_one_wave_of_429s(tmp_path: Path) -> None:
-    """10 per 1 s window, 16 in flight, instant answers: the first wave finds the limit.
+def test_a_burst_allowance_smaller_than_the_pool_costs_a_few_429s(tmp_path: Path) -> None:
+    """10 per 1 s window, 16 in flight, instant answers: slow start finds the limit.
 
-    6 of the first 16 are refused. Refilling the 10 freed slots at once would have
-    10 more refused before those 429s are read; the run pauses, learns the pace
-    and finishes without another 429.
+    Sending the whole pool at once would have 6 refused, refilling the freed
+    slots at once 10 more; slow start (8, then 16 spread out) meets the limit
+    with a few, the run pauses, learns the pace and finishes.
     """
     manifest = catalog(40, tmp_path / "burst.jsonl")
     out = tmp_path / "out"
@@ -309,5 +309,5 @@ def test_a_burst_allowance_smaller_than_the_pool_costs_one_wave_of_429s(tmp_path
     assert done.returncode == 0, done.stderr
     check_outputs(out, read_results(out))
     assert stats["by_status"]["200"] == 40
-    assert 6 <= stats["by_status"]["429"] <= 8, stats["by_status"]
+    assert 1 <= stats["by_status"]["429"] <= 8, stats["by_status"]
     assert "learnt from the 429s" in done.stderr

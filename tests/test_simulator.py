@@ -346,6 +346,10 @@ async def _expect_fault(fault: str, base: str, s: aiohttp.ClientSession) -> None
         elif fault == "incomplete_image":
             png = image_bytes(await resp.json())
             assert png.startswith(b"\x89PNG") and not png.endswith(b"IEND\xaeB`\x82")
+        elif fault == "bad_json":
+            assert resp.status == 200
+            with pytest.raises(ValueError):
+                json.loads(await resp.read())
         else:
             raise AssertionError(fault)
     status, payload = await post(s, base, request_body())
