@@ -26,7 +26,7 @@ from pathlib import Path
 
 from batch import __version__, report, simconfig
 from batch.checkpoint import STATE_DIR, Checkpoint
-from batch.client import DEFAULT_BASE_URL, ChatCompletionsClient, ClientConfig, Secret
+from batch.client import DEFAULT_BASE_URL, ChatCompletionsClient, ClientConfig, Provider, Secret
 from batch.cost import PriceTable, estimate
 from batch.engine import Engine, EngineConfig, StopReason
 from batch.errors import (
@@ -37,6 +37,7 @@ from batch.errors import (
     StorageError,
     UsageError,
 )
+from batch.imagecheck import DecodeChecked, Verify
 from batch.images import IMAGES_DIR
 from batch.jobs import DEFAULT_MODEL, Status
 from batch.manifest import Manifest, load_manifest, summarize
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-gallery", action="store_true",
                      help="do not rebuild DIR/index.html at the end (imgbatch report does)")
     run.add_argument("--ca-bundle", type=Path, default=None)
+    run.add_argument("--verify", type=Verify, choices=list(Verify), default=Verify.DECODE,
+                     help="decode each image before it counts (default), or structure only")
     run.add_argument("--progress-interval", type=_positive_float, default=30.0, metavar="S",
                      help="seconds between progress lines when stderr is not a terminal")
     _add_logging(run)
@@ -248,7 +251,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(
             _run(manifest, root, store, client_config, engine_config, args.grace,
-                 args.quiet, args.progress_interval, not args.no_gallery)
+                 args.quiet, args.progress_interval, not args.no_gallery, args.verify)
         )
     finally:
         store.close()
@@ -304,11 +307,14 @@ async def _run(
     quiet: bool = False,
     progress_interval_s: float = 30.0,
     gallery: bool = True,
+    verify: Verify = Verify.DECODE,
 ) -> int:
     progress = ConsoleProgress(
         sys.stderr, bar=sys.stderr.isatty() and not quiet, interval_s=progress_interval_s
     )
-    client = ChatCompletionsClient(client_config)
+    client: Provider = ChatCompletionsClient(client_config)
+    if verify is Verify.DECODE:
+        client = DecodeChecked(client)
     engine = Engine(client, store, engine_config, progress)
     received: list[signal.Signals] = []
     loop = asyncio.get_running_loop()
