@@ -43,6 +43,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from PIL import Image
 
 from batch import client
 from batch.checkpoint import Checkpoint, JobState
@@ -883,6 +884,54 @@ def test_image_claiming_huge_dimensions_is_refused(tmp_path: Path, servers: Loop
     assert image_files(out) == []
 
 
+def corrupt_jpeg() -> bytes:
+    """A JPEG whose structure is sound and whose scan is cut short before its end marker."""
+    out = io.BytesIO()
+    Image.effect_noise((128, 96), 60).convert("RGB").save(out, "JPEG", quality=90)
+    data = out.getvalue()
+    sos = data.index(b"\xff\xda")
+    start = sos + 2 + struct.unpack(">H", data[sos + 2 : sos + 4])[0]
+    end = data.rindex(b"\xff\xd9")
+    return data[: (start + end) // 2] + data[end:]
+
+
+@pytest.mark.parametrize("verify", ["decode", "structure"])
+def test_jpeg_with_corrupt_data_is_never_marked_done(
+    tmp_path: Path, servers: LoopThread, verify: str
+) -> None:
+    bad = corrupt_jpeg()
+    assert probe(bad).width == 128  # sound structure: only a decode can tell
+    body = completion("data:image/jpeg;base64," + base64.b64encode(bad).decode())
+    hits: list[int] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        hits.append(1)
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    port = servers.serve(app)
+    manifest = catalog(1, tmp_path / "m.jsonl")
+    out = tmp_path / "out"
+    args = ["run", str(manifest), "--output", str(out), "--base-url",
+            f"http://127.0.0.1:{port}/v1", "--max-attempts", "2"]
+    if verify == "structure":
+        args += ["--verify", "structure"]
+    done = cli(*args)
+    no_traceback(done)
+    (row,) = read_results(out)
+    if verify == "structure":  # what the flag gives up, stated by a test
+        assert done.returncode == 0, done.stderr
+        assert row["status"] == "succeeded"
+        assert [p.read_bytes() for p in (out / "images").iterdir()] == [bad]
+        return
+    assert done.returncode == 1, done.stderr
+    assert row["status"] == "failed" and row["attempts"] == 2 and len(hits) == 2  # retried
+    assert row["error"]["type"] == "malformed_response"
+    assert "does not decode" in row["error"]["message"]
+    assert files_under(out / "images") == []  # no temporary left either
+
+
 def test_endless_trickling_body_is_ended_by_the_timeout(
     tmp_path: Path, servers: LoopThread
 ) -> None:
@@ -1193,12 +1242,11 @@ class Cert:
         return context
 
 
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory: pytest.TempPathFactory) -> Cert:
+def make_cert(folder: Path) -> Cert:
     """A self-signed certificate for 127.0.0.1 made with the openssl command."""
     if shutil.which("openssl") is None:
         pytest.skip("no openssl command")
-    folder = tmp_path_factory.mktemp("tls")
+    folder.mkdir(parents=True, exist_ok=True)
     made = Cert(folder / "cert.pem", folder / "key.pem")
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
@@ -1207,6 +1255,11 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> Cert:
         check=True, capture_output=True,
     )
     return made
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> Cert:
+    return make_cert(tmp_path_factory.mktemp("tls"))
 
 
 def test_tls_is_verified_by_default(tmp_path: Path, servers: LoopThread, cert: Cert) -> None:
@@ -1236,6 +1289,22 @@ def test_cli_ca_bundle(tmp_path: Path, servers: LoopThread, cert: Cert) -> None:
     trusted = cli(*args, "--output", str(tmp_path / "trusted"), "--ca-bundle", str(cert.cert))
     assert trusted.returncode == 0, trusted.stderr
     assert sim.stats(cert.cert)["requests"] == 2
+
+
+def test_ca_bundle_adds_to_the_system_roots(
+    tmp_path: Path, servers: LoopThread, cert: Cert
+) -> None:
+    # OpenSSL reads the system roots from SSL_CERT_FILE when it is set: a second CA stands
+    # in for them. With --ca-bundle naming the first, both servers must be trusted.
+    system = make_cert(tmp_path / "system")
+    env = {**cli_env(), "SSL_CERT_FILE": str(system.cert)}
+    for name, server_cert in (("bundle", cert), ("system", system)):
+        sim = servers.simulator(ssl_context=server_cert.server_context())
+        manifest = catalog(1, tmp_path / f"{name}.jsonl")
+        done = cli("run", str(manifest), "--output", str(tmp_path / name), "--base-url", sim.url,
+                   "--max-attempts", "1", "--ca-bundle", str(cert.cert), env=env)
+        assert done.returncode == 0, (name, done.stderr)
+        assert sim.stats(server_cert.cert)["requests"] == 1
 
 
 @pytest.mark.parametrize("bundle", ["missing", "garbage"])
