@@ -2,15 +2,17 @@
 
 :mod:`batch.imageinfo` walks an image's structure as it streams in; it cannot see a JPEG
 scan whose entropy-coded data is garbage, or a WebP whose VP8 partition is cut short.
-This module decodes the staged file off the event loop, one image per worker thread,
-before the image is recorded:
+This module decodes the staged file in a child process, one image at a time, before
+the image is recorded:
 
 - PNG: the IDAT stream is inflated piece by piece (zlib's Adler-32 checks it) and its
   length and row filter bytes are checked against the header; no pixels are kept.
 - JPEG: libjpeg-turbo (simplejpeg) at 1/8 scale with warnings as errors. Pillow would
   hide libjpeg's "corrupt data" warnings and fill the gap with grey; the 1/8 scale still
   reads every entropy-coded bit but keeps ~1/64 of the pixels.
-- WebP, GIF: Pillow decodes the first frame (a 4K WebP holds ~70 MB while it does).
+- WebP, GIF: Pillow decodes the first frame. libwebp's decoder holds two RGBA canvases
+  and Pillow a third: a 4K WebP peaks near 300 MB, which is why decoding happens in a
+  child process that gives it back, and not in the run's own.
 
 What no decoder can see is not caught: JPEG and lossy WebP carry no checksum, so a
 change that still parses (a flipped coefficient) decodes to other pixels.
@@ -19,16 +21,19 @@ change that still parses (a flipped coefficient) decodes to other pixels.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import multiprocessing
+import os
+import signal
 import struct
+import sys
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO, Generic, Protocol, TypeVar
-
-import simplejpeg  # type: ignore[import-untyped]
-from PIL import Image
 
 from batch.imageinfo import ImageFormatError
 from batch.images import StagedImage, discard
@@ -57,8 +62,7 @@ def decode_check(path: Path, mime: str) -> None:
             elif mime == "image/jpeg":
                 _jpeg(handle.read())
             else:
-                with Image.open(handle, formats=("WEBP", "GIF")) as image:
-                    image.load()
+                _pillow(handle)
     except ImageFormatError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error) as exc:
@@ -66,7 +70,27 @@ def decode_check(path: Path, mime: str) -> None:
         raise ImageFormatError(f"{mime} does not decode: {exc}") from None
 
 
+def decode_problem(path: Path, mime: str) -> str | None:
+    """What is wrong with the image at ``path``, or None (a plain value, for a child process)."""
+    try:
+        decode_check(path, mime)
+    except ImageFormatError as exc:
+        return exc.message
+    return None
+
+
+# The decoders are imported where they are used: the child that runs a run's checks
+# starts faster when its images are all PNG.
+def _pillow(handle: BinaryIO) -> None:
+    from PIL import Image
+
+    with Image.open(handle, formats=("WEBP", "GIF")) as image:
+        image.load()
+
+
 def _jpeg(data: bytes) -> None:
+    import simplejpeg  # type: ignore[import-untyped]
+
     _, _, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     out = colorspace if colorspace in ("Gray", "CMYK") else "RGB"
     simplejpeg.decode_jpeg(data, colorspace=out, min_height=1, min_width=1, strict=True)
@@ -133,6 +157,21 @@ def _png(handle: BinaryIO) -> None:
         raise ImageFormatError("PNG image data ends before its last scanline")
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """Make this decode child end when the run does, even one killed with SIGKILL.
+
+    A pool child holds both ends of its task pipe, so it would never see the run go.
+    """
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the run ended before the line above
+        os._exit(0)
+
+
 class _Answer(Protocol):
     @property
     def images(self) -> tuple[StagedImage, ...]: ...
@@ -150,31 +189,57 @@ class _Provider(Protocol[A]):
 class DecodeChecked(Generic[A]):
     """A provider whose answers' images are decoded before they count as received.
 
-    At most ``workers`` images are decoded at once, whatever the concurrency, so the
-    memory a decode takes is paid ``workers`` times, not once per request. An image
-    that does not decode fails the request as a malformed answer (retried), and
+    Decoding happens in ``workers`` child processes (spawned on first use), so a decode's
+    memory is paid ``workers`` times whatever the concurrency, is given back between
+    images, and a decoder that crashes on hostile data takes down a child, not the run.
+    An image that does not decode fails the request as a malformed answer (retried), and
     every image of that answer is discarded.
     """
 
     def __init__(self, inner: _Provider[A], *, workers: int = 1) -> None:
         self._inner = inner
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode-check")
+        self._workers = workers
+        self._pool: ProcessPoolExecutor | None = None
 
     async def generate(self, job: Job, root: Path) -> A:
         answer = await self._inner.generate(job, root)
-        loop = asyncio.get_running_loop()
         try:
             for staged in answer.images:
-                path = root / staged.tmp_rel
-                await loop.run_in_executor(self._pool, decode_check, path, staged.info.mime)
-        except BaseException as exc:
-            if isinstance(exc, ImageFormatError):
-                exc.job_id = job.id
+                problem = await self._problem(root / staged.tmp_rel, staged.info.mime)
+                if problem is not None:
+                    raise ImageFormatError(problem, job_id=job.id)
+        except BaseException:
             for staged in answer.images:
                 discard(root, staged)
             raise
         return answer
 
+    async def _problem(self, path: Path, mime: str) -> str | None:
+        loop = asyncio.get_running_loop()
+        for _ in range(2):
+            pool = self._executor()
+            try:
+                return await loop.run_in_executor(pool, decode_problem, path, mime)
+            except BrokenProcessPool:
+                # A child died (a decoder crash, the OOM killer) and failed every image it
+                # held; each is tried once more in a fresh child before it is refused, so
+                # an image queued behind the culprit is not paid for again.
+                if self._pool is pool:
+                    self._pool = None
+                pool.shutdown(wait=False, cancel_futures=True)
+        return f"{mime} decoder crashed on it twice"
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn: the run has threads, and a forked child would inherit their locks.
+            context = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(
+                max_workers=self._workers, mp_context=context,
+                initializer=_die_with, initargs=(os.getpid(),),
+            )
+        return self._pool
+
     async def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         await self._inner.close()
