@@ -38,13 +38,34 @@ def started(out: Path, pid: int) -> bool:
     return any(record.get("pid") == pid for record in journal(out)[1])
 
 
-def wait_for(run: subprocess.Popen[bytes], condition: Callable[[], bool], timeout_s: float) -> bool:
-    """Poll ``condition`` (a file fact ``run`` changes) until it holds or ``run`` ended."""
+def wait_for(
+    condition: Callable[[], bool], timeout_s: float, run: subprocess.Popen[bytes] | None = None
+) -> bool:
+    """Poll ``condition`` (a fact another process changes) until it holds, or ``run`` ended."""
     deadline = time.monotonic() + timeout_s
-    while run.poll() is None and not condition():
+    while (run is None or run.poll() is None) and not condition():
         if time.monotonic() > deadline:
             return False
         time.sleep(0.005)
+    return True
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(p) for p in (task / "children").read_text().split()]
+    return found
+
+
+def all_gone(pids: list[int]) -> bool:
+    """Whether none of ``pids`` is still a live process (zombies count as gone)."""
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if state != "Z":
+            return False
     return True
 
 
@@ -63,6 +84,7 @@ def test_kill_9_many_times_then_resume(tmp_path: Path) -> None:
     )
     kills = 0
     during_writes = 0
+    orphans_checked = 0
     with simulator(
         "--scale",
         "0.25",
@@ -81,16 +103,20 @@ def test_kill_9_many_times_then_resume(tmp_path: Path) -> None:
             # Instants are counted from the run being under way (its own start record in
             # the journal), so a slow machine does not turn every kill into one at start-up.
             # Half the kills then wait for an image being written; the rest come at random.
-            assert wait_for(run, partial(started, out, run.pid), 60)
+            assert wait_for(partial(started, out, run.pid), 60, run)
             if kills % 2 == 0:
-                wait_for(run, partial(temporaries, out), 30)
+                wait_for(partial(temporaries, out), 30, run)
             else:
                 time.sleep(rng.uniform(0.0, 0.8))
             if run.poll() is not None:
                 break  # the batch finished before we could kill it again
             during_writes += temporaries(out)
+            kids = children(run.pid)
             run.send_signal(signal.SIGKILL)
             run.wait()
+            # Its decode child (and multiprocessing's tracker) must not outlive it.
+            assert wait_for(partial(all_gone, kids), 10), f"left running: {kids}"
+            orphans_checked += len(kids)
             kills += 1
             check_recorded_images(out, prompts)
         final = run_cli(
@@ -99,7 +125,8 @@ def test_kill_9_many_times_then_resume(tmp_path: Path) -> None:
             str(CONCURRENCY),
         )
         stats = sim.stats()
-    print(f"kills={kills} during_writes={during_writes} requests={stats['requests']}")
+    print(f"kills={kills} during_writes={during_writes} requests={stats['requests']} "
+          f"children={orphans_checked}")
     assert final.returncode == 0, final.stderr
     assert kills >= min(KILLS, 10), "the batch finished too fast to be killed enough"
     assert during_writes >= 1
