@@ -202,3 +202,33 @@ def test_wrapper_passes_sound_answers_through(tmp_path: Path) -> None:
     for staged, body in zip(result.images, bodies, strict=True):
         staged.file.close()
         assert (tmp_path / staged.tmp_rel).read_bytes() == body
+
+
+def test_a_decode_child_that_dies_is_replaced_and_the_image_checked_again(
+    tmp_path: Path,
+) -> None:
+    # A child killed mid-check (as a decoder crash or the OOM killer would) fails every
+    # image it held; a sound one must then pass in a fresh child, not be paid for again.
+    (tmp_path / "images").mkdir()
+    body = noise("PNG")
+
+    async def once() -> tuple[Answer, bool]:
+        provider = DecodeChecked(Staging([body]))
+        task = asyncio.create_task(
+            provider.generate(Job("j1", "p", DEFAULT_MODEL, "1:1", "1K"), tmp_path)
+        )
+        while provider._pool is None or not provider._pool._processes:
+            await asyncio.sleep(0)  # the child is spawned when the check is submitted
+        first = provider._pool
+        for process in list(first._processes.values()):
+            process.kill()
+        answer = await task
+        replaced = provider._pool is not first
+        await provider.close()
+        return answer, replaced
+
+    answer, replaced = asyncio.run(once())
+    assert replaced
+    (staged,) = answer.images
+    staged.file.close()
+    assert (tmp_path / staged.tmp_rel).read_bytes() == body
