@@ -65,7 +65,8 @@ def decode_check(path: Path, mime: str) -> None:
                 _pillow(handle)
     except ImageFormatError:
         raise
-    except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, struct.error,
+            zlib.error) as exc:
         # Pillow and simplejpeg raise these for data they cannot decode.
         raise ImageFormatError(f"{mime} does not decode: {exc}") from None
 
@@ -76,6 +77,9 @@ def decode_problem(path: Path, mime: str) -> str | None:
         decode_check(path, mime)
     except ImageFormatError as exc:
         return exc.message
+    except Exception as exc:  # a decoder's own bug on hostile bytes
+        # One bad answer must not end the run: the image is refused like a corrupt one.
+        return f"{mime} decoder failed: {type(exc).__name__}: {exc}"
     return None
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from batch.imagecheck import DecodeChecked, _png_rows, decode_check
+from batch.imagecheck import DecodeChecked, _png_rows, decode_check, decode_problem
 from batch.imageinfo import ImageFormatError, probe
 from batch.images import ImageWriter, StagedImage
 from batch.jobs import DEFAULT_MODEL, Job
@@ -232,3 +232,16 @@ def test_a_decode_child_that_dies_is_replaced_and_the_image_checked_again(
     (staged,) = answer.images
     staged.file.close()
     assert (tmp_path / staged.tmp_rel).read_bytes() == body
+
+
+def test_a_decoder_bug_refuses_the_image_instead_of_ending_the_run(tmp_path: Path) -> None:
+    good = noise("PNG", (8, 8))
+    at = good.index(b"IHDR") + 4 + 9  # the colour type byte
+    ihdr = bytearray(good[at - 13 : at + 4])
+    ihdr[13] = 5  # no such colour type: the PNG check's own table has no entry
+    bad = good[: at - 13] + bytes(ihdr) + struct.pack(">I", zlib.crc32(ihdr)) + good[at + 8 :]
+    (tmp_path / "bad.png").write_bytes(bad)
+    (tmp_path / "good.png").write_bytes(good)
+    assert decode_problem(tmp_path / "good.png", "image/png") is None
+    problem = decode_problem(tmp_path / "bad.png", "image/png")
+    assert problem is not None and "KeyError" in problem
