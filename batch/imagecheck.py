@@ -168,7 +168,10 @@ def _die_with(parent: int) -> None:
     """Make this decode child end when the run does, even one killed with SIGKILL.
 
     A pool child holds both ends of its task pipe, so it would never see the run go.
+    Ctrl-C reaches the whole process group: the run decides what a SIGINT stops, so
+    the child ignores it rather than drop the image it is checking.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform == "linux":
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import signal
 import struct
 import zlib
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from PIL import Image
 
 from batch.imagecheck import DecodeChecked, _png_rows, decode_check, decode_problem
 from batch.imageinfo import ImageFormatError, probe
-from batch.images import ImageWriter, StagedImage
+from batch.images import ImageWriter, StagedImage, discard
 from batch.jobs import DEFAULT_MODEL, Job
 
 MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
@@ -245,3 +247,39 @@ def test_a_decoder_bug_refuses_the_image_instead_of_ending_the_run(tmp_path: Pat
     assert decode_problem(tmp_path / "good.png", "image/png") is None
     problem = decode_problem(tmp_path / "bad.png", "image/png")
     assert problem is not None and "KeyError" in problem
+
+
+def test_ctrl_c_reaching_the_decode_child_leaves_it_to_the_run(tmp_path: Path) -> None:
+    # The terminal sends SIGINT to the whole process group; the run handles it (grace,
+    # then cancel), and the child must not die and fail the image it is checking.
+    (tmp_path / "images").mkdir()
+    job = Job("j1", "p", DEFAULT_MODEL, "1:1", "1K")
+
+    async def once() -> bool:
+        provider = DecodeChecked(Staging([noise("PNG")]))
+        (staged,) = (await provider.generate(job, tmp_path)).images
+        discard(tmp_path, staged)  # its temporary name may be reused below
+        first = provider._pool
+        assert first is not None
+        children = list(first._processes.values())
+        for process in children:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            ignored = int(status.split("SigIgn:")[1].split()[0], 16)
+            assert ignored >> (signal.SIGINT - 1) & 1, "the decode child takes SIGINT"
+            os.kill(process.pid, signal.SIGINT)
+        for process in children:  # a child that took the SIGINT dies within this
+            process.join(timeout=0.5)
+            assert process.is_alive()
+        (staged,) = (await provider.generate(job, tmp_path)).images
+        staged.file.close()
+        kept = provider._pool is first
+        await provider.close()
+        return kept
+
+    # Started in the background by a shell, this process may ignore SIGINT, and a child
+    # would inherit that: make the child start from Python's usual KeyboardInterrupt.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert asyncio.run(once())
+    finally:
+        signal.signal(signal.SIGINT, previous)
