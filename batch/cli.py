@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from batch import __version__, capabilities, report, simconfig
 from batch.checkpoint import STATE_DIR, Checkpoint
-from batch.client import DEFAULT_BASE_URL, ChatCompletionsClient, ClientConfig, Secret
+from batch.client import DEFAULT_BASE_URL, ChatCompletionsClient, ClientConfig, Provider, Secret
 from batch.cost import PriceTable, estimate
 from batch.engine import Engine, EngineConfig, StopReason
 from batch.errors import (
@@ -38,6 +38,7 @@ from batch.errors import (
     StorageError,
     UsageError,
 )
+from batch.imagecheck import DecodeChecked, Verify
 from batch.images import IMAGES_DIR
 from batch.jobs import DEFAULT_MODEL, Status
 from batch.manifest import Manifest, load_manifest, summarize
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-gallery", action="store_true",
                      help="do not rebuild DIR/index.html at the end (imgbatch report does)")
     run.add_argument("--ca-bundle", type=Path, default=None)
+    run.add_argument("--verify", type=Verify, choices=list(Verify), default=Verify.DECODE,
+                     help="decode each image before it counts (default), or structure only")
     run.add_argument("--progress-interval", type=_positive_float, default=30.0, metavar="S",
                      help="seconds between progress lines when stderr is not a terminal")
     run.add_argument("--metrics-file", type=Path, default=None, metavar="PATH",
@@ -325,7 +328,7 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
     try:
         return asyncio.run(
             _run(manifest, root, store, client_config, engine_config, deadline,
-                 args.quiet, args.progress_interval, not args.no_gallery, metrics)
+                 args.quiet, args.progress_interval, not args.no_gallery, metrics, args.verify)
         )
     finally:
         store.close()
@@ -382,11 +385,14 @@ async def _run(
     progress_interval_s: float = 30.0,
     gallery: bool = True,
     metrics: MetricsFile | None = None,
+    verify: Verify = Verify.DECODE,
 ) -> int:
     progress = ConsoleProgress(
         sys.stderr, bar=sys.stderr.isatty() and not quiet, interval_s=progress_interval_s
     )
-    client = ChatCompletionsClient(client_config)
+    client: Provider = ChatCompletionsClient(client_config)
+    if verify is Verify.DECODE:
+        client = DecodeChecked(client)
     observer = progress if metrics is None else Observers(progress, metrics)
     engine = Engine(client, store, engine_config, observer)
     received: list[signal.Signals] = []

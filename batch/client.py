@@ -103,6 +103,13 @@ class Provider(Protocol):
     async def close(self) -> None: ...
 
 
+def tls_context(ca_bundle: Path) -> ssl.SSLContext:
+    """The system's trusted roots plus the certificates in ``ca_bundle`` (added, not instead)."""
+    context = ssl.create_default_context()  # loads the default verify paths
+    context.load_verify_locations(cafile=str(ca_bundle))
+    return context
+
+
 def env_proxy(
     url: str, proxies: Mapping[str, str], bypass: Callable[[str], bool]
 ) -> tuple[str, dict[str, str]] | None:
@@ -228,7 +235,7 @@ class ChatCompletionsClient:
         if self._session is None:
             ssl_context: ssl.SSLContext | bool = True
             if self.config.ca_bundle is not None:
-                ssl_context = ssl.create_default_context(cafile=str(self.config.ca_bundle))
+                ssl_context = tls_context(self.config.ca_bundle)
             connector = aiohttp.TCPConnector(limit=self.config.max_connections, ssl=ssl_context)
             self._session = aiohttp.ClientSession(
                 connector=connector,

@@ -324,7 +324,7 @@ def _escape(match: re.Match[bytes]) -> bytes:
         code = int(body[1:], 16)
         if code in _B64_CHARS:
             return bytes((code,))
-        if code in _WHITESPACE:
+        if code < 0x80 and code in _WHITESPACE:  # bytes' "in" raises for ints over 255
             return b""
     raise MalformedResponse(f"invalid escape in data URL: \\{body.decode('latin-1')}")
 

@@ -345,7 +345,13 @@ class ImageVerifier:
             if block == 0x21:
                 yield _Need(1)  # extension label
             elif block == 0x2C:
-                packed = (yield _Need(9))[8]
+                descriptor = yield _Need(9)
+                left, top, w, h, packed = struct.unpack("<HHHHB", descriptor)
+                if left + w > width or top + h > height:
+                    # Decoders disagree on such a file's size (Pillow grows the canvas).
+                    raise ImageFormatError(
+                        f"GIF frame {w}x{h} lies outside its {width}x{height} screen"
+                    )
                 if packed & 0x80:
                     yield _Skip(3 << ((packed & 7) + 1))  # local color table
                 yield _Need(1)  # LZW minimum code size

@@ -2,8 +2,9 @@
 
 Local paths are resolved against the manifest's folder and each file is read,
 sniffed and hashed once per load, however many jobs name it; data: URLs are
-decoded and checked; http(s) URLs are passed on untouched. Problems go to the
-caller's ``bad`` callback; nothing here raises.
+decoded and checked; http(s) URLs are passed on untouched and never fetched, so
+their digest (and the job's fingerprint) is that of the URL text, not of the image
+behind it. Problems go to the caller's ``bad`` callback; nothing here raises.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import random
 import zlib
@@ -312,9 +311,72 @@ def test_truncated_body_never_passes(
         decode(split(body[:cut], chunks))
 
 
+class Pairs(list[tuple[str, Any]]):
+    """A JSON object's members in body order, duplicate keys kept."""
+
+
+def reference(body: bytes) -> tuple[list[bytes], Any] | None:
+    """What a body means by the rules the decoder documents, computed without it.
+
+    json.loads, then every string (key or value) whose first 256 characters hold an
+    ASCII ``data:...;base64,`` header is an image: its text after the comma, whitespace
+    dropped, strictly base64-decoded. None when the body is not valid JSON or such an
+    image is not base64. Raw control characters are allowed in strings (strict=False):
+    the decoder lets them pass inside data URLs (wrapped base64 has raw newlines), and
+    the rest of the body is judged by its own strict json.loads.
+    """
+    try:
+        doc = json.loads(body.decode("utf-8"), object_pairs_hook=Pairs, strict=False)
+    except (ValueError, RecursionError):
+        return None
+    images: list[bytes] = []
+
+    def text(value: str) -> str:
+        comma = value.find(",", 0, 256)
+        header = value[: comma + 1]
+        lower = header.lower()
+        if comma < 0 or not (lower.startswith("data:") and lower.endswith(";base64,")
+                             and header.isascii()):
+            return value
+        payload = value[comma + 1 :].translate({ord(c): None for c in " \t\r\n"})
+        images.append(base64.b64decode(payload, validate=True))
+        return placeholder(len(images) - 1)
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, Pairs):
+            return {text(key): walk(item) for key, item in value}
+        if isinstance(value, list):
+            return [walk(item) for item in value]
+        return text(value) if isinstance(value, str) else value
+
+    try:
+        return images, walk(doc)
+    except ValueError:  # binascii.Error: an image that is not base64
+        return None
+
+
 def decode_or_malformed(pieces: list[bytes]) -> None:
-    with contextlib.suppress(MalformedResponse):
-        decode(pieces)
+    """The decoder may refuse a body; what it accepts must mean what the reference says."""
+    try:
+        decoded, skeleton = decode(pieces)
+    except MalformedResponse:
+        return
+    expected = reference(b"".join(pieces))
+    assert expected is not None, "the decoder accepted a body the reference refuses"
+    assert ([data for _, data in decoded], skeleton) == expected
+
+
+@pytest.mark.parametrize("url", [
+    "dxta:image/png;base64,AAAA", "DATA:IMAGE/PNG;BASE64,AAAA", "data:image/png;base64 AAAA",
+    "data:image/pngé;base64,AAAA", "data:" + "x" * 260 + ";base64,AAAA",
+    "data:image/png;charset=x;base64,AAAA", "data:image/png;base64,AA\nAA", "data:,AAAA",
+    "data:image/png;base64,\u0141AAA",  # once a ValueError out of the decoder
+])
+def test_lookalike_headers_mean_what_the_reference_says(url: str) -> None:
+    for ascii_only in (False, True):  # raw UTF-8, or \u escapes
+        body = json.dumps(chat([url]), ensure_ascii=ascii_only).encode()
+        decode_or_malformed([body])
+        decode_or_malformed(split(body, [len(body) // 2]))
 
 
 @PROPERTY

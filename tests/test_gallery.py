@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import struct
-import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -161,19 +160,25 @@ def test_missing_results_and_bad_folder(tmp_path: Path) -> None:
         build_gallery(tmp_path / "nowhere")
 
 
-def test_many_images_rebuild_fast(tmp_path: Path) -> None:
-    """1,000 images: the second build reuses every thumb and is quick."""
+def test_many_images_rebuild_decodes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1,000 images: the second build reuses every thumb and opens no image at all."""
     data = [encode((64, 64), "PNG", (i % 256, i // 256 % 256, 90)) for i in range(1000)]
     rows = [row(f"job-{i:04d}", "succeeded", f"prompt {i}",
                 [image_record(tmp_path, f"job-{i:04d}.png", d, (64, 64))])
             for i, d in enumerate(data)]
     write_rows(tmp_path, rows)
     first = build_gallery(tmp_path)
-    started = time.monotonic()
+    thumbs = {p.name: p.read_bytes() for p in (tmp_path / "thumbs").iterdir()}
+    opened: list[object] = []
+    real_open = Image.open
+    # What makes a rebuild slow is decoding images; count it at Pillow, not in our code.
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
     second = build_gallery(tmp_path)
-    elapsed = time.monotonic() - started
     assert (first.thumbs_made, second.thumbs_made, second.thumbs_reused) == (1000, 0, 1000)
-    assert elapsed < 2.0, elapsed
+    assert opened == []
+    assert {p.name: p.read_bytes() for p in (tmp_path / "thumbs").iterdir()} == thumbs
 
 
 # ---------------------------------------------------------------- in a real browser
@@ -282,7 +287,7 @@ def test_gallery_of_a_real_run(browser: Any, tmp_path: Path) -> None:
                    "--seed", "5") as sim:
         done = run_cli("run", str(manifest), "--output", str(out), "--base-url", sim.url,
                        "--concurrency", "4", "--max-attempts", "3")
-    assert done.returncode != 0 or "failed" in done.stderr, done.stderr
+    assert done.returncode == 1, done.stderr  # "some jobs failed": ghost's model is unknown
     rows = read_results(out)
     failed = [r for r in rows if r["status"] == "failed"]
     assert "ghost" in [r["id"] for r in failed]

@@ -1,0 +1,252 @@
+"""Full verification of a staged image: its compressed data is decoded, not only its structure.
+
+:mod:`batch.imageinfo` walks an image's structure as it streams in; it cannot see a JPEG
+scan whose entropy-coded data is garbage, or a WebP whose VP8 partition is cut short.
+This module decodes the staged file in a child process, one image at a time, before
+the image is recorded:
+
+- PNG: the IDAT stream is inflated piece by piece (zlib's Adler-32 checks it) and its
+  length and row filter bytes are checked against the header; no pixels are kept.
+- JPEG: libjpeg-turbo (simplejpeg) at 1/8 scale with warnings as errors. Pillow would
+  hide libjpeg's "corrupt data" warnings and fill the gap with grey; the 1/8 scale still
+  reads every entropy-coded bit but keeps ~1/64 of the pixels.
+- WebP, GIF: Pillow decodes the first frame. libwebp's decoder holds two RGBA canvases
+  and Pillow a third: a 4K WebP peaks near 300 MB, which is why decoding happens in a
+  child process that gives it back, and not in the run's own.
+
+What no decoder can see is not caught: JPEG and lossy WebP carry no checksum, so a
+change that still parses (a flipped coefficient) decodes to other pixels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import multiprocessing
+import os
+import signal
+import struct
+import sys
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from enum import StrEnum
+from pathlib import Path
+from typing import BinaryIO, Generic, Protocol, TypeVar
+
+from batch.imageinfo import ImageFormatError
+from batch.images import StagedImage, discard
+from batch.jobs import Job
+
+# Decompressed PNG data is checked in pieces of this size, so memory stays flat.
+_INFLATE_PIECE = 1 << 20
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2))
+
+
+class Verify(StrEnum):
+    """How far an answer's image is checked before it counts as done."""
+
+    STRUCTURE = "structure"  # container walk and PNG chunk CRCs, while streaming
+    DECODE = "decode"  # and the compressed data decoded, before it is recorded
+
+
+def decode_check(path: Path, mime: str) -> None:
+    """Decode the image at ``path``; ImageFormatError if its data does not decode cleanly."""
+    try:
+        with path.open("rb") as handle:
+            if mime == "image/png":
+                _png(handle)
+            elif mime == "image/jpeg":
+                _jpeg(handle.read())
+            else:
+                _pillow(handle)
+    except ImageFormatError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, struct.error,
+            zlib.error) as exc:
+        # Pillow and simplejpeg raise these for data they cannot decode.
+        raise ImageFormatError(f"{mime} does not decode: {exc}") from None
+
+
+def decode_problem(path: Path, mime: str) -> str | None:
+    """What is wrong with the image at ``path``, or None (a plain value, for a child process)."""
+    try:
+        decode_check(path, mime)
+    except ImageFormatError as exc:
+        return exc.message
+    except Exception as exc:  # a decoder's own bug on hostile bytes
+        # One bad answer must not end the run: the image is refused like a corrupt one.
+        return f"{mime} decoder failed: {type(exc).__name__}: {exc}"
+    return None
+
+
+# The decoders are imported where they are used: the child that runs a run's checks
+# starts faster when its images are all PNG.
+def _pillow(handle: BinaryIO) -> None:
+    from PIL import Image
+
+    with Image.open(handle, formats=("WEBP", "GIF")) as image:
+        image.load()
+
+
+def _jpeg(data: bytes) -> None:
+    import simplejpeg  # type: ignore[import-untyped]
+
+    _, _, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    out = colorspace if colorspace in ("Gray", "CMYK") else "RGB"
+    simplejpeg.decode_jpeg(data, colorspace=out, min_height=1, min_width=1, strict=True)
+
+
+def _png_rows(width: int, height: int, bits: int, interlaced: bool) -> Iterator[int]:
+    """The byte length of each scanline after its filter byte, in stream order."""
+    passes = _ADAM7 if interlaced else ((0, 0, 1, 1),)
+    for x0, y0, dx, dy in passes:
+        w = (width - x0 + dx - 1) // dx
+        h = (height - y0 + dy - 1) // dy
+        if w > 0:
+            yield from ((w * bits + 7) // 8 for _ in range(h))
+
+
+def _png_chunks(handle: BinaryIO) -> Iterator[tuple[bytes, bytes]]:
+    """(type, data) of each chunk; IDAT data in pieces, other chunks are skipped."""
+    handle.read(8)
+    while head := handle.read(8):
+        length, ctype = struct.unpack(">I4s", head)
+        if ctype in (b"IHDR", b"IDAT"):
+            left = length
+            while left:
+                piece = handle.read(min(left, _INFLATE_PIECE))
+                if not piece:
+                    raise ImageFormatError("PNG ends inside a chunk")
+                left -= len(piece)
+                yield ctype, piece
+        else:
+            handle.seek(length, 1)
+        handle.seek(4, 1)  # CRC: checked while streaming
+        if ctype == b"IEND":
+            return
+
+
+def _png(handle: BinaryIO) -> None:
+    rows: Iterator[int] | None = None
+    inflater = zlib.decompressobj()
+    need = 0  # bytes of the current row still to come; 0: a filter byte is next
+    for ctype, data in _png_chunks(handle):
+        if ctype == b"IHDR":
+            width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", data)
+            rows = _png_rows(width, height, depth * _PNG_CHANNELS[color], interlace == 1)
+            continue
+        assert rows is not None  # the streaming walk put IHDR first
+        while data:
+            out = inflater.decompress(data, _INFLATE_PIECE)
+            data = inflater.unconsumed_tail
+            pos = 0
+            while pos < len(out):
+                if need:
+                    take = min(need, len(out) - pos)
+                    need -= take
+                    pos += take
+                    continue
+                row = next(rows, None)
+                if row is None:
+                    raise ImageFormatError("PNG image data is longer than its header says")
+                if out[pos] > 4:
+                    raise ImageFormatError(f"PNG scanline has filter type {out[pos]}")
+                need = row
+                pos += 1
+    if not inflater.eof or need or rows is None or next(rows, None) is not None:
+        raise ImageFormatError("PNG image data ends before its last scanline")
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """Make this decode child end when the run does, even one killed with SIGKILL.
+
+    A pool child holds both ends of its task pipe, so it would never see the run go.
+    Ctrl-C reaches the whole process group: the run decides what a SIGINT stops, so
+    the child ignores it rather than drop the image it is checking.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the run ended before the line above
+        os._exit(0)
+
+
+class _Answer(Protocol):
+    @property
+    def images(self) -> tuple[StagedImage, ...]: ...
+
+
+A = TypeVar("A", bound=_Answer, covariant=True)
+
+
+class _Provider(Protocol[A]):
+    async def generate(self, job: Job, root: Path) -> A: ...
+
+    async def close(self) -> None: ...
+
+
+class DecodeChecked(Generic[A]):
+    """A provider whose answers' images are decoded before they count as received.
+
+    Decoding happens in ``workers`` child processes (spawned on first use), so a decode's
+    memory is paid ``workers`` times whatever the concurrency, is given back between
+    images, and a decoder that crashes on hostile data takes down a child, not the run.
+    An image that does not decode fails the request as a malformed answer (retried), and
+    every image of that answer is discarded.
+    """
+
+    def __init__(self, inner: _Provider[A], *, workers: int = 1) -> None:
+        self._inner = inner
+        self._workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    async def generate(self, job: Job, root: Path) -> A:
+        answer = await self._inner.generate(job, root)
+        try:
+            for staged in answer.images:
+                problem = await self._problem(root / staged.tmp_rel, staged.info.mime)
+                if problem is not None:
+                    raise ImageFormatError(problem, job_id=job.id)
+        except BaseException:
+            for staged in answer.images:
+                discard(root, staged)
+            raise
+        return answer
+
+    async def _problem(self, path: Path, mime: str) -> str | None:
+        loop = asyncio.get_running_loop()
+        for _ in range(2):
+            pool = self._executor()
+            try:
+                return await loop.run_in_executor(pool, decode_problem, path, mime)
+            except BrokenProcessPool:
+                # A child died (a decoder crash, the OOM killer) and failed every image it
+                # held; each is tried once more in a fresh child before it is refused, so
+                # an image queued behind the culprit is not paid for again.
+                if self._pool is pool:
+                    self._pool = None
+                pool.shutdown(wait=False, cancel_futures=True)
+        return f"{mime} decoder crashed on it twice"
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn: the run has threads, and a forked child would inherit their locks.
+            context = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(
+                max_workers=self._workers, mp_context=context,
+                initializer=_die_with, initargs=(os.getpid(),),
+            )
+        return self._pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        await self._inner.close()

@@ -1,0 +1,285 @@
+"""Full verification: images whose structure is sound but whose data is not are refused.
+
+Every corrupt case is first shown to pass the streaming structural check (``probe``),
+so each test proves what the decode adds, not what the structure walk already caught.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from batch.imagecheck import DecodeChecked, _png_rows, decode_check, decode_problem
+from batch.imageinfo import ImageFormatError, probe
+from batch.images import ImageWriter, StagedImage, discard
+from batch.jobs import DEFAULT_MODEL, Job
+
+MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+
+
+def noise(fmt: str, size: tuple[int, int] = (96, 64), **options: object) -> bytes:
+    """An image of noise (so its compressed data is long) saved by Pillow."""
+    image = Image.effect_noise(size, 60).convert("RGB" if fmt != "GIF" else "L")
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def check(tmp_path: Path, data: bytes, mime: str) -> None:
+    path = tmp_path / "image"
+    path.write_bytes(data)
+    decode_check(path, mime)
+
+
+def jpeg_scan(data: bytes) -> tuple[int, int]:
+    """Start and end (before EOI) of a baseline JPEG's entropy-coded data."""
+    sos = data.index(b"\xff\xda")
+    start = sos + 2 + struct.unpack(">H", data[sos + 2 : sos + 4])[0]
+    return start, data.rindex(b"\xff\xd9")
+
+
+def png_with_idat(data: bytes, idat: bytes) -> bytes:
+    """``data`` with its image data replaced by ``idat`` in one chunk with a correct CRC."""
+    start = data.index(b"IDAT") - 4
+    end = data.index(b"IEND") - 4
+    chunk = struct.pack(">I", len(idat)) + b"IDAT" + idat
+    return data[:start] + chunk + struct.pack(">I", zlib.crc32(chunk[4:])) + data[end:]
+
+
+def png_raw(data: bytes) -> bytes:
+    """The inflated image data of a PNG with one IDAT chunk."""
+    start = data.index(b"IDAT")
+    (length,) = struct.unpack(">I", data[start - 4 : start])
+    return zlib.decompress(data[start + 4 : start + 4 + length])
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF"])
+def test_sound_images_pass(tmp_path: Path, fmt: str) -> None:
+    check(tmp_path, noise(fmt), MIME[fmt])
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "1", "I;16"])
+def test_png_of_every_pixel_layout_passes(tmp_path: Path, mode: str) -> None:
+    out = io.BytesIO()
+    Image.new(mode, (37, 23)).save(out, "PNG")
+    check(tmp_path, out.getvalue(), "image/png")
+
+
+@pytest.mark.parametrize(("width", "height", "bits"), [(1, 1, 8), (7, 5, 24), (37, 23, 1),
+                                                       (8, 8, 48), (3, 9, 4), (2, 1, 16)])
+def test_png_row_layout_plain_and_adam7(width: int, height: int, bits: int) -> None:
+    # Brute force from the Adam7 pattern: the pass of pixel (x, y) is looked up in the 8x8 grid.
+    grid = ["16462646", "77777777", "56565656", "77777777",
+            "36463646", "77777777", "56565656", "77777777"]
+    expected = []
+    for number in "1234567":
+        for y in range(height):
+            xs = [x for x in range(width) if grid[y % 8][x % 8] == number]
+            if xs:
+                expected.append(-(-len(xs) * bits // 8))
+    assert list(_png_rows(width, height, bits, interlaced=True)) == expected
+    plain = list(_png_rows(width, height, bits, interlaced=False))
+    assert plain == [-(-width * bits // 8)] * height
+
+
+@pytest.mark.parametrize("where", [0.2, 0.5, 0.8])
+@pytest.mark.parametrize("how", ["zeroed", "cut"])
+def test_jpeg_with_corrupt_scan_data_is_refused(tmp_path: Path, where: float, how: str) -> None:
+    data = noise("JPEG", (256, 192), quality=90)
+    start, end = jpeg_scan(data)
+    at = start + int((end - start) * where)
+    # A run of zeros inside the entropy-coded data, or the scan cut short before its EOI.
+    bad = data[:at] + bytes(64) + data[at + 64 :] if how == "zeroed" else data[:at] + data[end:]
+    assert probe(bad).width == 256  # the structure walk cannot see it
+    with pytest.raises(ImageFormatError, match="does not decode"):
+        check(tmp_path, bad, "image/jpeg")
+
+
+def test_webp_cut_short_with_consistent_sizes_is_refused(tmp_path: Path) -> None:
+    data = noise("WEBP", (256, 192), quality=80)
+    assert data[12:16] == b"VP8 "
+    keep = 20 + (len(data) - 20) // 2
+    keep += keep & 1
+    bad = bytearray(data[:keep])
+    bad[4:8] = struct.pack("<I", keep - 8)  # RIFF size
+    bad[16:20] = struct.pack("<I", keep - 20)  # VP8 chunk size
+    assert probe(bytes(bad)).width == 256
+    with pytest.raises(ImageFormatError):
+        check(tmp_path, bytes(bad), "image/webp")
+
+
+def png_cases() -> dict[str, bytes]:
+    good = noise("PNG", (40, 30))
+    raw = png_raw(good)
+    row = 1 + 40 * 3
+    garbled = bytearray(zlib.compress(raw))
+    garbled[len(garbled) // 2] ^= 0x55
+    bad_filter = bytearray(raw)
+    bad_filter[5 * row] = 7
+    return {
+        "garbled deflate data": png_with_idat(good, bytes(garbled)),
+        "one scanline short": png_with_idat(good, zlib.compress(raw[:-row])),
+        "one scanline too many": png_with_idat(good, zlib.compress(raw + raw[:row])),
+        "bad filter type": png_with_idat(good, zlib.compress(bytes(bad_filter))),
+        "deflate stream not ended": png_with_idat(good, zlib.compressobj().compress(raw)),
+    }
+
+
+@pytest.mark.parametrize("case", list(png_cases()))
+def test_png_with_bad_image_data_but_good_crcs_is_refused(tmp_path: Path, case: str) -> None:
+    bad = png_cases()[case]
+    assert probe(bad).width == 40  # chunk CRCs are all correct
+    with pytest.raises(ImageFormatError):
+        check(tmp_path, bad, "image/png")
+
+
+# -- the provider wrapper ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    images: tuple[StagedImage, ...]
+
+
+class Staging:
+    """A provider that stages fixed bytes as its answer's images, as the real client does."""
+
+    def __init__(self, bodies: list[bytes]) -> None:
+        self.bodies = bodies
+        self.closed = False
+
+    async def generate(self, job: Job, root: Path) -> Answer:
+        staged = []
+        for index, body in enumerate(self.bodies):
+            writer = ImageWriter(root, job.id, index, max_pixels=1 << 30)
+            writer.write(body)
+            staged.append(writer.finish())
+        return Answer(tuple(staged))
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def run_wrapped(tmp_path: Path, bodies: list[bytes]) -> tuple[Answer | ImageFormatError, Staging]:
+    (tmp_path / "images").mkdir(exist_ok=True)
+    inner = Staging(bodies)
+
+    async def once() -> Answer | ImageFormatError:
+        provider = DecodeChecked(inner)
+        try:
+            return await provider.generate(Job("j1", "p", DEFAULT_MODEL, "1:1", "1K"), tmp_path)
+        except ImageFormatError as exc:
+            return exc
+        finally:
+            await provider.close()
+
+    return asyncio.run(once()), inner
+
+
+def test_wrapper_refuses_an_answer_with_one_corrupt_image_and_drops_all_of_it(
+    tmp_path: Path,
+) -> None:
+    good = noise("JPEG", (256, 192))
+    start, end = jpeg_scan(good)
+    bad = good[: (start + end) // 2] + good[end:]
+    result, inner = run_wrapped(tmp_path, [good, bad])
+    assert isinstance(result, ImageFormatError) and result.job_id == "j1"
+    assert list((tmp_path / "images").iterdir()) == []  # both temporaries discarded
+    assert inner.closed
+
+
+def test_wrapper_passes_sound_answers_through(tmp_path: Path) -> None:
+    bodies = [noise("PNG"), noise("JPEG")]
+    result, _ = run_wrapped(tmp_path, bodies)
+    assert isinstance(result, Answer)
+    for staged, body in zip(result.images, bodies, strict=True):
+        staged.file.close()
+        assert (tmp_path / staged.tmp_rel).read_bytes() == body
+
+
+def test_a_decode_child_that_dies_is_replaced_and_the_image_checked_again(
+    tmp_path: Path,
+) -> None:
+    # A child killed mid-check (as a decoder crash or the OOM killer would) fails every
+    # image it held; a sound one must then pass in a fresh child, not be paid for again.
+    (tmp_path / "images").mkdir()
+    body = noise("PNG")
+
+    async def once() -> tuple[Answer, bool]:
+        provider = DecodeChecked(Staging([body]))
+        task = asyncio.create_task(
+            provider.generate(Job("j1", "p", DEFAULT_MODEL, "1:1", "1K"), tmp_path)
+        )
+        while provider._pool is None or not provider._pool._processes:
+            await asyncio.sleep(0)  # the child is spawned when the check is submitted
+        first = provider._pool
+        for process in list(first._processes.values()):
+            process.kill()
+        answer = await task
+        replaced = provider._pool is not first
+        await provider.close()
+        return answer, replaced
+
+    answer, replaced = asyncio.run(once())
+    assert replaced
+    (staged,) = answer.images
+    staged.file.close()
+    assert (tmp_path / staged.tmp_rel).read_bytes() == body
+
+
+def test_a_decoder_bug_refuses_the_image_instead_of_ending_the_run(tmp_path: Path) -> None:
+    good = noise("PNG", (8, 8))
+    at = good.index(b"IHDR") + 4 + 9  # the colour type byte
+    ihdr = bytearray(good[at - 13 : at + 4])
+    ihdr[13] = 5  # no such colour type: the PNG check's own table has no entry
+    bad = good[: at - 13] + bytes(ihdr) + struct.pack(">I", zlib.crc32(ihdr)) + good[at + 8 :]
+    (tmp_path / "bad.png").write_bytes(bad)
+    (tmp_path / "good.png").write_bytes(good)
+    assert decode_problem(tmp_path / "good.png", "image/png") is None
+    problem = decode_problem(tmp_path / "bad.png", "image/png")
+    assert problem is not None and "KeyError" in problem
+
+
+def test_ctrl_c_reaching_the_decode_child_leaves_it_to_the_run(tmp_path: Path) -> None:
+    # The terminal sends SIGINT to the whole process group; the run handles it (grace,
+    # then cancel), and the child must not die and fail the image it is checking.
+    (tmp_path / "images").mkdir()
+    job = Job("j1", "p", DEFAULT_MODEL, "1:1", "1K")
+
+    async def once() -> bool:
+        provider = DecodeChecked(Staging([noise("PNG")]))
+        (staged,) = (await provider.generate(job, tmp_path)).images
+        discard(tmp_path, staged)  # its temporary name may be reused below
+        first = provider._pool
+        assert first is not None
+        children = list(first._processes.values())
+        for process in children:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            ignored = int(status.split("SigIgn:")[1].split()[0], 16)
+            assert ignored >> (signal.SIGINT - 1) & 1, "the decode child takes SIGINT"
+            os.kill(process.pid, signal.SIGINT)
+        for process in children:  # a child that took the SIGINT dies within this
+            process.join(timeout=0.5)
+            assert process.is_alive()
+        (staged,) = (await provider.generate(job, tmp_path)).images
+        staged.file.close()
+        kept = provider._pool is first
+        await provider.close()
+        return kept
+
+    # Started in the background by a shell, this process may ignore SIGINT, and a child
+    # would inherit that: make the child start from Python's usual KeyboardInterrupt.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert asyncio.run(once())
+    finally:
+        signal.signal(signal.SIGINT, previous)
