@@ -24,9 +24,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from batch import __version__, report, simconfig
+from batch import __version__, report
 from batch.checkpoint import STATE_DIR, Checkpoint
-from batch.client import DEFAULT_BASE_URL, ChatCompletionsClient, ClientConfig, Secret
 from batch.cost import PriceTable, estimate
 from batch.engine import Engine, EngineConfig, StopReason
 from batch.errors import (
@@ -41,8 +40,11 @@ from batch.images import IMAGES_DIR
 from batch.jobs import DEFAULT_MODEL, Status
 from batch.manifest import Manifest, load_manifest, summarize
 from batch.progress import ConsoleProgress, setup_logging
+from batch.providers.base import DEFAULT_BASE_URL, ClientConfig, Secret
+from batch.providers.chat import ChatCompletionsClient
 from batch.results import RESULTS, write_results
 from batch.retry import RetryPolicy
+from batch.sim import config as simconfig
 
 log = logging.getLogger("batch")
 
@@ -143,7 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config = simconfig.config_from_args(args)
             except ValueError as exc:
                 raise UsageError(f"simulate: {exc}") from None
-            from batch import simulator  # the server (aiohttp.web) is not loaded for a run
+            from batch.sim import (
+                server as simulator,  # the server (aiohttp.web) is not loaded for a run
+            )
 
             return simulator.serve(config)
         return cmd_run(args)

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from tenacity import AsyncRetrying, RetryCallState, stop_never
 
 from batch.checkpoint import Checkpoint, FileMeta, JobState, fingerprint
-from batch.client import Generation, Provider
 from batch.commit import GroupCommitter
 from batch.cost import Budget, PriceTable
 from batch.errors import (
@@ -41,6 +40,7 @@ from batch.images import discard, remove_quietly
 from batch.jobs import ImageRecord, Job, Status
 from batch.limits import ConcurrencyMeter, FirstWave, Limits, PauseGate, RateMeter
 from batch.progress import Observer
+from batch.providers.base import Generation, Provider
 from batch.retry import Decision, RetryPolicy, decide
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The simulator's settings: what faults, latency and limits one instance injects.
 
-Apart from :mod:`batch.simulator` so the CLI can offer ``imgbatch simulate``'s
+Apart from :mod:`batch.sim.server` so the CLI can offer ``imgbatch simulate``'s
 options without importing the server (aiohttp.web) on every run.
 """
 

@@ -2,8 +2,8 @@
 
 It speaks the wire format imgbatch targets, answers with real PNGs and injects faults,
 latency and rate limits on demand, so the client can be tested and shown offline.
-Requests are checked and bodies written by :mod:`batch.simwire`; the images are
-made by :mod:`batch.simimages`.
+Requests are checked and bodies written by :mod:`batch.sim.wire`; the images are
+made by :mod:`batch.sim.images`.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import time
 
 from aiohttp import web
 
-from batch.simconfig import SimConfig
-from batch.simimages import BASE_DIMS as BASE_DIMS
-from batch.simimages import SIZE_FACTOR as SIZE_FACTOR
-from batch.simimages import TEXT_KEYWORD as TEXT_KEYWORD
-from batch.simimages import PngMaker, colour, image_dims, jpeg, request_text
-from batch.simwire import FLASH_MODEL as FLASH_MODEL
-from batch.simwire import KNOWN_MODELS as KNOWN_MODELS
-from batch.simwire import (
+from batch.sim.config import SimConfig
+from batch.sim.images import BASE_DIMS as BASE_DIMS
+from batch.sim.images import SIZE_FACTOR as SIZE_FACTOR
+from batch.sim.images import TEXT_KEYWORD as TEXT_KEYWORD
+from batch.sim.images import PngMaker, colour, image_dims, jpeg, request_text
+from batch.sim.wire import FLASH_MODEL as FLASH_MODEL
+from batch.sim.wire import KNOWN_MODELS as KNOWN_MODELS
+from batch.sim.wire import (
     Parsed,
     Reject,
     completion_body,

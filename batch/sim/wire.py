@@ -1,6 +1,6 @@
 """The simulated gateway's wire format: checking chat-completion requests, writing bodies.
 
-Pure functions and values, no server state: :mod:`batch.simulator` decides what
+Pure functions and values, no server state: :mod:`batch.sim.server` decides what
 to answer (faults, rate limits, latency) and uses these to say it.
 """
 

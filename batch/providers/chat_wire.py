@@ -2,7 +2,7 @@
 
 What a request body looks like for a job, how an HTTP status and body map
 onto the error tree, and what a decoded 200 answer means. The transport
-(:mod:`batch.client`) calls these; tests call them with tables.
+(:mod:`batch.providers.chat`) calls these; tests call them with tables.
 """
 
 from __future__ import annotations

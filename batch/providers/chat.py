@@ -1,8 +1,7 @@
-"""The provider interface and its first implementation: OpenAI-compatible chat completions.
+"""OpenAI-compatible chat completions (Qiniu AIToken, OpenRouter, ...).
 
-:class:`Provider` is all the engine knows of a provider. The chat-completions
-client sends the body laid out by :mod:`batch.protocol` (local input images
-streamed from disk into it), streams the answer through :mod:`batch.decoder`
+The client sends the body laid out by :mod:`batch.providers.chat_wire` (local input
+images streamed from disk into it), streams the answer through :mod:`batch.decoder`
 straight into temporary image files, and maps
 every aiohttp and OS exception onto :mod:`batch.errors` here and nowhere
 else. Nothing it raises or logs carries the API key: messages are built
@@ -12,26 +11,18 @@ from the status, the body and the exception's class, never request headers.
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
-import hashlib
-import ipaddress
 import logging
-import os
 import secrets
 import ssl
-import stat
 import time
 import urllib.request
-from collections.abc import AsyncGenerator, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
-from urllib.parse import unquote, urlsplit
+from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
-from batch import __version__
 from batch.decoder import BodyDecoder, ImageBegin, ImageBytes, ImageEnd, Inflater, placeholder
 from batch.errors import (
     JobError,
@@ -40,166 +31,21 @@ from batch.errors import (
     RequestTimeout,
     TransportError,
 )
-from batch.imageinfo import DEFAULT_MAX_PIXELS
 from batch.images import ImageWriter, StagedImage, discard
-from batch.jobs import InputImage, Job
-from batch.protocol import (
-    BodyParts,
-    body_parts,
-    data_url_head,
-    error_for_status,
-    interpret,
+from batch.jobs import Job
+from batch.providers.base import ClientConfig, Generation
+from batch.providers.chat_wire import body_parts, error_for_status, interpret
+from batch.providers.transport import (
+    CHUNK_BYTES,
+    ERROR_BODY_BYTES,
+    InputProblem,
+    describe,
+    env_proxy,
+    is_loopback,
+    stream_body,
 )
 
 log = logging.getLogger(__name__)
-
-DEFAULT_BASE_URL = "https://api.qnaigc.com/v1"
-CHUNK_BYTES = 64 * 1024
-# Local input images are read in pieces of this size, a multiple of 3, so the base64
-# of each piece needs no padding (a short read is carried over to the next piece).
-INPUT_CHUNK_BYTES = 3 * 256 * 1024
-ERROR_BODY_BYTES = 64 * 1024
-
-
-class Secret(str):
-    """A string that does not show itself in reprs, logs or tracebacks."""
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    base_url: str = DEFAULT_BASE_URL
-    api_key: Secret = field(default=Secret(""), repr=False)
-    timeout_s: float = 300.0
-    connect_timeout_s: float = 30.0
-    max_connections: int = 8
-    max_response_bytes: int = 200 * 1024 * 1024
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
-    ca_bundle: Path | None = None
-    user_agent: str = f"imgbatch/{__version__}"
-
-
-@dataclass(frozen=True)
-class Generation:
-    """A successful answer: its images staged on disk, and what the server said."""
-
-    images: tuple[StagedImage, ...]
-    usage: dict[str, Any] | None
-    text: str
-    latency_s: float
-
-
-class Provider(Protocol):
-    """What the engine needs from any image provider."""
-
-    async def generate(self, job: Job, root: Path) -> Generation:
-        """Send one request for ``job``; stage its images under ``root``, or raise a JobError."""
-        ...
-
-    async def close(self) -> None: ...
-
-
-def env_proxy(
-    url: str, proxies: Mapping[str, str], bypass: Callable[[str], bool]
-) -> tuple[str, dict[str, str]] | None:
-    """The proxy ``url`` goes through, and its headers, or None for a direct connection.
-
-    ``proxies`` is ``urllib.request.getproxies()`` (HTTP(S)_PROXY) and ``bypass``
-    ``urllib.request.proxy_bypass`` (NO_PROXY). Credentials in the proxy URL
-    become a Proxy-Authorization header.
-    """
-    parts = urlsplit(url)
-    proxy = proxies.get(parts.scheme)
-    if not proxy or (parts.hostname is not None and bypass(parts.hostname)):
-        return None
-    found = urlsplit(proxy)
-    if found.username is None:
-        return proxy, {}
-    login = f"{unquote(found.username)}:{unquote(found.password or '')}"
-    try:
-        raw = login.encode("latin-1")  # as aiohttp's BasicAuth does
-    except UnicodeEncodeError:
-        raw = login.encode("utf-8")
-    bare = found._replace(netloc=found.netloc.rpartition("@")[2]).geturl()
-    return bare, {"Proxy-Authorization": "Basic " + base64.b64encode(raw).decode()}
-
-
-class _InputProblem(Exception):
-    """A local input image cannot be sent as the manifest check saw it."""
-
-
-async def stream_body(parts: BodyParts, problems: list[str]) -> AsyncGenerator[bytes, None]:
-    """The body of ``parts``, each local image read and base64-encoded piece by piece.
-
-    Each image is checked against the size and sha256 the manifest check saw
-    before the rest of the body follows (and never sends more than that size), so
-    a file changed since leaves the server a body cut short of its Content-Length,
-    which it neither answers nor bills. Why is appended to ``problems`` before
-    raising, as aiohttp wraps what a body raises.
-    """
-    for piece, image in zip(parts.pieces, (*parts.files, None), strict=True):
-        yield piece
-        if image is None:
-            return
-        yield data_url_head(image)
-        try:
-            # Closed at once if the body is dropped half way, and the file with it.
-            async with contextlib.aclosing(_encoded(image)) as pieces:
-                async for encoded in pieces:
-                    yield encoded
-        except _InputProblem as exc:
-            problems.append(str(exc))
-            raise
-
-
-def _open_regular(image: InputImage) -> BinaryIO:
-    # O_NONBLOCK: a FIFO put in the file's place must not block the open forever.
-    fd = os.open(image.ref, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _InputProblem(f"input image {image.source} is no longer a regular file")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-async def _encoded(image: InputImage) -> AsyncGenerator[bytes, None]:
-    changed = f"input image {image.source} changed since the manifest was checked; not sent"
-    digest = hashlib.sha256()
-    size = 0
-    carry = b""  # bytes short of a group of 3, encoded with the next piece
-    try:
-        # Opened here, not in a thread: a thread's open that outlives a cancelled
-        # request leaks its file; O_NONBLOCK keeps a FIFO from blocking the loop.
-        with _open_regular(image) as handle:
-            while chunk := await asyncio.to_thread(handle.read, INPUT_CHUNK_BYTES):
-                digest.update(chunk)
-                size += len(chunk)
-                if size > (image.size_bytes or 0):
-                    raise _InputProblem(changed)
-                data = carry + chunk if carry else chunk
-                cut = len(data) - len(data) % 3
-                carry = data[cut:]
-                yield base64.b64encode(data[:cut])
-    except OSError as exc:
-        raise _InputProblem(f"cannot read input image {image.source}: {exc.strerror}") from None
-    if size != image.size_bytes or digest.hexdigest() != image.digest:
-        raise _InputProblem(changed)
-    yield base64.b64encode(carry)
-
-
-def is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class ChatCompletionsClient:
@@ -268,11 +114,11 @@ class ChatCompletionsClient:
                 raise RequestTimeout(
                     f"no complete answer within {self.config.timeout_s:g}s", job_id=job.id
                 ) from None
-            except (aiohttp.ClientError, _InputProblem) as exc:
+            except (aiohttp.ClientError, InputProblem) as exc:
                 if problems:
                     # The body was cut short, so nothing was generated: not worth a retry.
                     raise RejectedError(problems[0], job_id=job.id) from None
-                raise TransportError(_describe(exc), job_id=job.id) from None
+                raise TransportError(describe(exc), job_id=job.id) from None
             answer = interpret(document, streamed, job_id=job.id)
         except BaseException as exc:
             if isinstance(exc, JobError) and not exc.job_id:
@@ -371,15 +217,3 @@ class ChatCompletionsClient:
         writers.clear()
         for image in (staged or {}).values():
             discard(root, image)
-
-
-def _describe(exc: BaseException) -> str:
-    """A message for a transport failure that cannot leak headers."""
-    name = type(exc).__name__
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return f"{name}: HTTP {exc.status} {exc.message}"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"{name}: cannot connect to {exc.host}:{exc.port} ({exc.strerror or exc.os_error})"
-    text = str(exc)
-    return f"{name}: {text}" if text else name
-
