@@ -69,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--api-key-env", default="QINIU_API_KEY", metavar="VAR")
     run.add_argument("--concurrency", type=_positive_int, default=8, help="requests in flight")
     run.add_argument("--max-attempts", type=_positive_int, default=5)
-    run.add_argument("--timeout", type=_positive_float, default=300.0, metavar="S")
+    run.add_argument("--timeout", type=_positive_float, default=300.0, metavar="S",
+                     help="wait for an answer to start (the request sent, headers back)")
+    run.add_argument("--stall-timeout", type=_positive_float, default=60.0, metavar="S",
+                     help="end an answer whose body brings under 16 KiB in S seconds "
+                          "(at most --timeout)")
     run.add_argument("--rpm", type=_positive_float, default=None, help="request starts/minute")
     run.add_argument("--max-rate-limit-wait", type=_positive_float, default=900.0, metavar="S")
     run.add_argument("--max-runtime", type=_positive_float, default=None, metavar="S")
@@ -231,6 +235,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         base_url=args.base_url,
         api_key=Secret(key),
         timeout_s=args.timeout,
+        stall_timeout_s=args.stall_timeout,
         max_connections=args.concurrency,
         ca_bundle=args.ca_bundle,
     )

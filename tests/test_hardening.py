@@ -1017,7 +1017,7 @@ def test_internal_error_prints_a_clear_message_not_a_traceback(
 def test_plain_http_to_a_remote_host_warns_without_sending(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level("WARNING", logger="batch.providers.chat")
+    caplog.set_level("WARNING", logger="batch.providers.transport")
     for url, warns in [
         ("http://example.invalid/v1", True),
         ("http://203.0.113.5:8080/v1", True),
@@ -1031,7 +1031,7 @@ def test_plain_http_to_a_remote_host_warns_without_sending(
         warned = [r.getMessage() for r in caplog.records if "plain http" in r.getMessage()]
         assert bool(warned) is warns, url
         assert all(KEY not in m for m in warned)
-        assert client._session is None  # constructing sends nothing, opens nothing
+        assert client.transport._session is None  # constructing sends nothing, opens nothing
         asyncio.run(client.close())
 
 

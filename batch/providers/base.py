@@ -6,6 +6,7 @@ Each protocol (chat completions, Gemini, the OpenAI Images API) implements
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,7 +30,8 @@ class Secret(str):
 class ClientConfig:
     base_url: str = DEFAULT_BASE_URL
     api_key: Secret = field(default=Secret(""), repr=False)
-    timeout_s: float = 300.0
+    timeout_s: float = 300.0  # for the answer to start: the request sent, the headers back
+    stall_timeout_s: float = 60.0  # the longest pause while the answer's body flows
     connect_timeout_s: float = 30.0
     max_connections: int = 8
     max_response_bytes: int = 200 * 1024 * 1024
@@ -46,6 +48,16 @@ class Generation:
     usage: dict[str, Any] | None
     text: str
     latency_s: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a 200 answer holds once its images have been streamed out."""
+
+    image_indexes: tuple[int, ...]  # which streamed images are the answer's images, in order
+    text: str
+    usage: Mapping[str, Any] | None
+    finish_reason: str | None
 
 
 class Provider(Protocol):

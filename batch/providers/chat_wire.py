@@ -24,6 +24,7 @@ from batch.errors import (
     ServerError,
 )
 from batch.jobs import InputImage, InputKind, Job
+from batch.providers.base import Answer
 from batch.retry import parse_retry_after
 
 MAX_MESSAGE_CHARS = 500
@@ -167,16 +168,6 @@ def _error_for_code(
     if status in RETRYABLE_STATUSES or status >= 500:
         return ServerError(message, retry_after_s=retry_after_s, **kwargs)
     return RejectedError(message, **kwargs)
-
-
-@dataclass(frozen=True)
-class Answer:
-    """What a 200 answer holds once its images have been streamed out."""
-
-    image_indexes: tuple[int, ...]  # which streamed data URLs are the answer's images, in order
-    text: str
-    usage: Mapping[str, Any] | None
-    finish_reason: str | None
 
 
 def interpret(document: Any, streamed: Mapping[str, int], *, job_id: str) -> Answer:
