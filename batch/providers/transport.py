@@ -44,7 +44,7 @@ from batch.errors import (
 from batch.images import ImageWriter, StagedImage, discard
 from batch.jobs import InputImage, Job
 from batch.providers.base import Answer, ClientConfig, Generation
-from batch.providers.chat_wire import BodyParts, data_url_head
+from batch.providers.bodies import BodyParts
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class InputProblem(Exception):
 
 
 async def stream_body(parts: BodyParts, problems: list[str]) -> AsyncGenerator[bytes, None]:
-    """The body of ``parts``, each local image read and base64-encoded piece by piece.
+    """The body of ``parts``, each local image read (and base64-encoded) piece by piece.
 
     Each image is checked against the size and sha256 the manifest check saw
     before the rest of the body follows (and never sends more than that size), so
@@ -113,16 +113,18 @@ async def stream_body(parts: BodyParts, problems: list[str]) -> AsyncGenerator[b
     which it neither answers nor bills. Why is appended to ``problems`` before
     raising, as aiohttp wraps what a body raises.
     """
-    for piece, image in zip(parts.pieces, (*parts.files, None), strict=True):
+    for piece, image, head in zip(
+        parts.pieces, (*parts.files, None), (*parts.heads, b""), strict=True
+    ):
         yield piece
         if image is None:
             return
-        yield data_url_head(image)
+        yield head
         try:
             # Closed at once if the body is dropped half way, and the file with it.
-            async with contextlib.aclosing(_encoded(image)) as pieces:
-                async for encoded in pieces:
-                    yield encoded
+            async with contextlib.aclosing(_read(image, parts.encoded)) as pieces:
+                async for data in pieces:
+                    yield data
         except InputProblem as exc:
             problems.append(str(exc))
             raise
@@ -141,7 +143,7 @@ def _open_regular(image: InputImage) -> BinaryIO:
         raise
 
 
-async def _encoded(image: InputImage) -> AsyncGenerator[bytes, None]:
+async def _read(image: InputImage, encoded: bool) -> AsyncGenerator[bytes, None]:
     changed = f"input image {image.source} changed since the manifest was checked; not sent"
     digest = hashlib.sha256()
     size = 0
@@ -156,6 +158,12 @@ async def _encoded(image: InputImage) -> AsyncGenerator[bytes, None]:
                 if size > (image.size_bytes or 0):
                     raise InputProblem(changed)
                 data = carry + chunk if carry else chunk
+                if not encoded:
+                    # The last byte waits for the checks below: a file changed since
+                    # must leave the body short, unanswered and unbilled.
+                    carry = data[-1:]
+                    yield data[:-1]
+                    continue
                 cut = len(data) - len(data) % 3
                 carry = data[cut:]
                 yield base64.b64encode(data[:cut])
@@ -163,7 +171,7 @@ async def _encoded(image: InputImage) -> AsyncGenerator[bytes, None]:
         raise InputProblem(f"cannot read input image {image.source}: {exc.strerror}") from None
     if size != image.size_bytes or digest.hexdigest() != image.digest:
         raise InputProblem(changed)
-    yield base64.b64encode(carry)
+    yield base64.b64encode(carry) if encoded else carry
 
 
 def is_loopback(url: str) -> bool:

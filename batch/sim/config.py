@@ -77,14 +77,18 @@ class SimConfig:
     escape_slashes: bool = False
     gzip: bool = False
     jpeg_lie: float = 0.0
+    daily_quota: int = 0  # answers before every request meets a per-day quota; 0 = none
+    block_word: str = ""  # prompts holding it are refused by the safety system
 
     def __post_init__(self) -> None:
         if self.scale <= 0 or self.rate_window_s <= 0 or self.retry_after_s <= 0:
             raise ValueError("scale, rate_window_s and retry_after_s must be positive")
         if min(self.latency_s, self.latency_jitter_s, self.payload_bytes) < 0:
             raise ValueError("latency, jitter and payload_bytes must not be negative")
-        if self.fault_attempts < 0 or self.rpm_limit < 0 or self.images_per_response < 1:
-            raise ValueError("fault_attempts, rpm_limit >= 0 and images_per_response >= 1")
+        if self.fault_attempts < 0 or self.rpm_limit < 0 or self.images_per_response < 1 \
+                or self.daily_quota < 0:
+            raise ValueError("fault_attempts, rpm_limit, daily_quota >= 0 and "
+                             "images_per_response >= 1")
         if not 0.0 <= self.jpeg_lie <= 1.0:
             raise ValueError("jpeg_lie must be within 0..1")
 
@@ -121,6 +125,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--gzip", action="store_true", help="gzip bodies when the client accepts it")
     add("--jpeg-lie", type=_probability, default=0.0, metavar="P",
         help="probability of sending JPEG bytes labelled image/png")
+    add("--daily-quota", type=int, default=0, metavar="N",
+        help="after N images every request meets a per-day quota (Gemini: QuotaFailure "
+             "...PerDay...; OpenAI: insufficient_quota); 0 = none")
+    add("--block-word", default="", metavar="WORD",
+        help="refuse prompts holding WORD as the provider's safety system does")
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
@@ -135,4 +144,5 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         rate_window_s=args.rate_window, retry_after_s=args.retry_after,
         payload_bytes=args.payload_bytes, images_per_response=args.images_per_response,
         escape_slashes=args.escape_slashes, gzip=args.gzip, jpeg_lie=args.jpeg_lie,
+        daily_quota=args.daily_quota, block_word=args.block_word,
     )
