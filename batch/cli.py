@@ -24,10 +24,11 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from batch import __version__, report
+from batch import __version__, report, routing
 from batch.checkpoint import STATE_DIR, Checkpoint
 from batch.cost import PriceTable, estimate
-from batch.engine import Engine, EngineConfig, StopReason
+from batch.endpoints import CHAT, PROVIDERS
+from batch.engine import Engine, EngineConfig, Route, StopReason
 from batch.errors import (
     ImgbatchError,
     LockHeld,
@@ -37,11 +38,10 @@ from batch.errors import (
     UsageError,
 )
 from batch.images import IMAGES_DIR
-from batch.jobs import DEFAULT_MODEL, Status
+from batch.jobs import Status
 from batch.manifest import Manifest, load_manifest, summarize
+from batch.pricing import price_key
 from batch.progress import ConsoleProgress, setup_logging
-from batch.providers.base import DEFAULT_BASE_URL, ClientConfig, Secret
-from batch.providers.chat import ChatCompletionsClient
 from batch.results import RESULTS, write_results
 from batch.retry import RetryPolicy
 from batch.sim import config as simconfig
@@ -64,9 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="generate every job of a manifest (re-run to resume)")
     run.add_argument("manifest", type=Path)
     run.add_argument("--output", type=Path, help="output folder (default output/<manifest name>)")
-    run.add_argument("--base-url", default=DEFAULT_BASE_URL)
-    run.add_argument("--model", default=DEFAULT_MODEL, help="model for jobs that name none")
-    run.add_argument("--api-key-env", default="QINIU_API_KEY", metavar="VAR")
+    _add_endpoint_flags(run)
+    run.add_argument("--base-url", default=None, help="the single endpoint's base URL "
+                     "(default: the provider's own)")
+    run.add_argument("--api-key-env", default=None, metavar="VAR", help="the single "
+                     "endpoint's key variable (QINIU_API_KEY, GEMINI_API_KEY, OPENAI_API_KEY)")
     run.add_argument("--concurrency", type=_positive_int, default=8, help="requests in flight")
     run.add_argument("--max-attempts", type=_positive_int, default=5)
     run.add_argument("--timeout", type=_positive_float, default=300.0, metavar="S",
@@ -90,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a manifest and print the plan")
     validate.add_argument("manifest", type=Path)
-    validate.add_argument("--model", default=DEFAULT_MODEL)
+    _add_endpoint_flags(validate)
     _add_logging(validate)
 
     status = commands.add_parser("status", help="what an output folder holds (no network)")
@@ -169,13 +171,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INCOMPLETE
 
 
+def _add_endpoint_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--provider", choices=PROVIDERS, default=CHAT,
+                        help="the provider of a manifest that names no endpoints")
+    parser.add_argument("--endpoint", default=None, metavar="NAME",
+                        help="the endpoint for jobs that name none (default: the first)")
+    parser.add_argument("--model", default=None,
+                        help="model for jobs that name none (default: the endpoint's)")
+
+
+def _load(args: argparse.Namespace) -> Manifest:
+    return load_manifest(args.manifest, default_model=args.model, provider=args.provider,
+                         endpoint=args.endpoint)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    manifest = load_manifest(args.manifest, default_model=args.model)
+    manifest = _load(args)
     plan = summarize(manifest)
     print(f"{args.manifest}: valid, {plan['jobs']} job(s)")
     for key, value in plan.items():
         if key != "jobs":
             print(f"  {key}: {json.dumps(value, ensure_ascii=False)}")
+    for line in routing.plan_lines(manifest, PriceTable.with_overrides(manifest.pricing)):
+        print(line)
     total, unknown = estimate(manifest.jobs, PriceTable.with_overrides(manifest.pricing))
     note = f" (+{unknown} job(s) of unknown price)" if unknown else ""
     print(f"  estimated cost: ${total:.2f} for one image per job{note}")
@@ -214,14 +232,18 @@ async def _build_gallery_apart(root: Path, quiet: bool) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    manifest = load_manifest(args.manifest, default_model=args.model)
-    key = os.environ.get(args.api_key_env, "").strip()
-    if not key:
-        raise UsageError(f"no API key: set the environment variable {args.api_key_env}")
+    manifest = _load(args)
+    settings = routing.Settings(
+        provider=args.provider, base_url=args.base_url, api_key_env=args.api_key_env,
+        concurrency=args.concurrency, rpm=args.rpm, timeout_s=args.timeout,
+        stall_timeout_s=args.stall_timeout, ca_bundle=args.ca_bundle,
+    )
+    endpoints = routing.endpoints_in_use(manifest, settings)
+    keys = routing.api_keys(endpoints, os.environ)
     root: Path = args.output or Path("output") / args.manifest.stem
     prices = PriceTable.with_overrides(manifest.pricing)
     if args.max_cost is not None:
-        unpriced = sorted({(j.model, j.image_size) for j in manifest.jobs
+        unpriced = sorted({(j.model, price_key(j)) for j in manifest.jobs
                            if prices.job_price(j) is None})
         if unpriced:
             raise UsageError(
@@ -231,14 +253,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
     check_ca_bundle(args.ca_bundle)
     prepare_output(root)
-    client_config = ClientConfig(
-        base_url=args.base_url,
-        api_key=Secret(key),
-        timeout_s=args.timeout,
-        stall_timeout_s=args.stall_timeout,
-        max_connections=args.concurrency,
-        ca_bundle=args.ca_bundle,
-    )
     engine_config = EngineConfig(
         concurrency=args.concurrency,
         policy=RetryPolicy(
@@ -256,7 +270,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     gc.freeze()
     try:
         return asyncio.run(
-            _run(manifest, root, store, client_config, engine_config, args.grace,
+            _run(manifest, root, store, routing.build_routes(endpoints, keys, settings),
+                 engine_config, args.grace,
                  args.quiet, args.progress_interval, not args.no_gallery)
         )
     finally:
@@ -307,7 +322,7 @@ async def _run(
     manifest: Manifest,
     root: Path,
     store: Checkpoint,
-    client_config: ClientConfig,
+    routes: dict[str, Route],
     engine_config: EngineConfig,
     grace_s: float,
     quiet: bool = False,
@@ -317,8 +332,7 @@ async def _run(
     progress = ConsoleProgress(
         sys.stderr, bar=sys.stderr.isatty() and not quiet, interval_s=progress_interval_s
     )
-    client = ChatCompletionsClient(client_config)
-    engine = Engine(client, store, engine_config, progress)
+    engine = Engine(routes, store, engine_config, progress)
     received: list[signal.Signals] = []
     loop = asyncio.get_running_loop()
 
@@ -343,7 +357,8 @@ async def _run(
         stats = await engine.run(todo)
     finally:
         await progress.close()
-        await client.close()
+        for route in routes.values():
+            await route.provider.close()
         for signum in EXIT_SIGNAL:
             loop.remove_signal_handler(signum)
         failures: list[str] = []

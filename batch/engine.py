@@ -22,7 +22,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tenacity import AsyncRetrying, RetryCallState, stop_never
@@ -94,37 +94,52 @@ class _Stopped(Exception):
     """Raised inside a job when the run stops before its next request."""
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where one endpoint's jobs go: its provider and its own limits (a 429 stays there)."""
+
+    provider: Provider
+    limits: Limits
+    concurrency: int
+
+
+def make_limits(concurrency: int, rpm: float | None, adaptive: bool) -> Limits:
+    return Limits(
+        concurrency=ConcurrencyMeter(concurrency, adaptive=adaptive),
+        gate=PauseGate(),
+        rate=RateMeter(rpm) if rpm else None,
+        adaptive=adaptive,
+        # A known rate needs no probe: the pacing already rules out a burst.
+        first_wave=FirstWave(concurrency) if adaptive and not rpm else None,
+    )
+
+
 class Engine:
     """One run of jobs over a checkpoint; see the module docstring."""
 
     def __init__(
         self,
-        provider: Provider,
+        provider: Provider | Mapping[str, Route],
         store: Checkpoint,
         config: EngineConfig,
         observer: Observer,
     ) -> None:
-        self.provider = provider
+        """``provider`` serves every job, or ``Job.endpoint`` picks a Route by name."""
+        if isinstance(provider, Mapping):
+            self.routes = dict(provider)
+        else:
+            limits = make_limits(config.concurrency, config.rpm, config.adaptive)
+            self.routes = {"": Route(provider, limits, config.concurrency)}
         self.store = store
         self.config = config
         self.observer = observer
         self.stats = RunStats()
-        self.limits = Limits(
-            concurrency=ConcurrencyMeter(config.concurrency, adaptive=config.adaptive),
-            gate=PauseGate(),
-            rate=RateMeter(config.rpm) if config.rpm else None,
-            adaptive=config.adaptive,
-            # A known rate needs no probe: the pacing already rules out a burst.
-            first_wave=(
-                FirstWave(config.concurrency) if config.adaptive and not config.rpm else None
-            ),
-        )
         self.budget = Budget(config.max_cost_usd)
         self.committer = GroupCommitter(store)
         self._stopping = asyncio.Event()
         self._settled = asyncio.Event()  # a request's cost became known
         self._rng = random.Random(config.seed)
-        self._rate_limited_since: float | None = None
+        self._rate_limited_since: dict[int, float] = {}  # by id of the route's limits
 
         self._in_flight: set[asyncio.Task[None]] = set()
 
@@ -164,7 +179,6 @@ class Engine:
     async def run(self, todo: Sequence[tuple[Job, str]]) -> RunStats:
         """Run ``todo`` to the end or until stopped."""
         self.observer.on_plan(len(todo), self.stats.skipped)
-        pending = iter(todo)
         timer = None
         if self.config.max_runtime_s is not None:
             timer = asyncio.get_running_loop().call_later(
@@ -173,19 +187,30 @@ class Engine:
                 StopReason.RUNTIME,
                 f"--max-runtime of {self.config.max_runtime_s:g}s reached",
             )
-        # Jobs waiting out a retry hold a worker but not a request slot, so
-        # twice as many workers as slots keeps the slots busy.
-        workers = min(len(todo), 2 * self.config.concurrency)
+        # Each endpoint has its own workers, so one that is slow or rate limited never
+        # holds the workers of another. Jobs waiting out a retry hold a worker but not
+        # a request slot, so twice as many workers as slots keeps the slots busy.
+        lanes: dict[str, list[tuple[Job, str]]] = {}
+        for item in todo:
+            lanes.setdefault(item[0].endpoint if item[0].endpoint in self.routes else "",
+                             []).append(item)
         try:
             async with asyncio.TaskGroup() as group:
-                for _ in range(workers):
-                    group.create_task(self._worker(pending))
+                for name, items in lanes.items():
+                    lane = iter(items)
+                    for _ in range(min(len(items), 2 * self._route(name).concurrency)):
+                        group.create_task(self._worker(lane))
         finally:
             if timer is not None:
                 timer.cancel()
             await self.committer.close()
-            self.stats.peak_in_flight = self.limits.concurrency.peak
+            self.stats.peak_in_flight = sum(
+                route.limits.concurrency.peak for route in self.routes.values()
+            )
         return self.stats
+
+    def _route(self, endpoint: str) -> Route:
+        return self.routes.get(endpoint) or next(iter(self.routes.values()))
 
     async def _worker(self, pending: Iterator[tuple[Job, str]]) -> None:
         while not self.stopping:
@@ -251,7 +276,9 @@ class Engine:
     async def _attempt(self, job: Job, fp: str) -> Generation:
         if self.stopping:
             raise _Stopped
-        async with self.limits.slot():
+        route = self._route(job.endpoint)
+        limits = route.limits
+        async with limits.slot():
             if self.stopping:
                 raise _Stopped
             price = self.config.prices.job_price(job) or 0.0
@@ -276,28 +303,26 @@ class Engine:
             assert task is not None
             self._in_flight.add(task)
             started_at = time.monotonic()
-            self.limits.estimator.started(started_at)
+            limits.estimator.started(started_at)
             try:
-                generation = await self.provider.generate(job, self.store.root)
+                generation = await route.provider.generate(job, self.store.root)
                 spent = price * len(generation.images)
             except RateLimited as exc:
-                self.limits.estimator.refused(started_at)
-                self._on_rate_limited(exc)
+                limits.estimator.refused(started_at)
+                self._on_rate_limited(exc, limits)
                 raise
             finally:
                 self._in_flight.discard(task)
                 self.budget.settle(price, spent)
                 self._settled.set()
-        self._rate_limited_since = None
-        await self.limits.concurrency.on_success()
+        self._rate_limited_since.pop(id(limits), None)
+        await limits.concurrency.on_success()
         return generation
 
-    def _on_rate_limited(self, error: RateLimited) -> None:
+    def _on_rate_limited(self, error: RateLimited, limits: Limits) -> None:
         self.stats.rate_limited += 1
         now = time.monotonic()
-        if self._rate_limited_since is None:
-            self._rate_limited_since = now
-        waited = now - self._rate_limited_since
+        waited = now - self._rate_limited_since.setdefault(id(limits), now)
         if waited > self.config.policy.max_rate_limit_wait_s:
             self.stop(
                 StopReason.RATE_LIMIT,
@@ -309,7 +334,7 @@ class Engine:
         pause = error.retry_after_s
         if pause is None:
             pause = min(self.config.policy.cap_s, 1.0 + self._rng.random())
-        self.limits.on_rate_limited(min(pause, self.config.policy.max_server_wait_s), now)
+        limits.on_rate_limited(min(pause, self.config.policy.max_server_wait_s), now)
 
     async def _commit(
         self, job: Job, fp: str, generation: Generation, old_paths: set[str]

@@ -1,0 +1,103 @@
+"""From a manifest's endpoints to what the engine drives: one provider and limits each.
+
+The command line's single endpoint (``--provider``, ``--base-url``,
+``--api-key-env``) when the manifest names none; a key missing for any endpoint
+that has jobs is a usage error before anything is sent; ``validate``'s plan
+and cost per endpoint.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from batch.cost import PriceTable, estimate
+from batch.endpoints import Endpoint
+from batch.engine import Route, make_limits
+from batch.errors import UsageError
+from batch.jobs import Job
+from batch.manifest import Manifest
+from batch.providers import registry
+from batch.providers.base import ClientConfig, Secret
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The command line's say: the single endpoint, and defaults for every endpoint."""
+
+    provider: str
+    base_url: str | None
+    api_key_env: str | None
+    concurrency: int
+    rpm: float | None
+    timeout_s: float = 300.0
+    stall_timeout_s: float = 60.0
+    ca_bundle: Path | None = None
+
+
+def endpoints_in_use(manifest: Manifest, settings: Settings) -> dict[str, Endpoint]:
+    """The endpoints that have jobs, in manifest order, with the command line's defaults."""
+    if not manifest.endpoints:
+        single = Endpoint.default(settings.provider)
+        return {"": replace(
+            single,
+            base_url=settings.base_url or single.base_url,
+            api_key_env=settings.api_key_env or single.api_key_env,
+        )}
+    used = {job.endpoint for job in manifest.jobs}
+    return {name: ep for name, ep in manifest.endpoints.items() if name in used}
+
+
+def api_keys(endpoints: Mapping[str, Endpoint], environ: Mapping[str, str]) -> dict[str, Secret]:
+    """Each endpoint's key; UsageError naming every variable that is unset."""
+    keys, missing = {}, []
+    for name, endpoint in endpoints.items():
+        key = environ.get(endpoint.api_key_env, "").strip()
+        if key:
+            keys[name] = Secret(key)
+        else:
+            missing.append(endpoint.api_key_env + (f" (endpoint {name})" if name else ""))
+    if missing:
+        raise UsageError("no API key: set the environment variable " + ", ".join(missing))
+    return keys
+
+
+def build_routes(
+    endpoints: Mapping[str, Endpoint], keys: Mapping[str, Secret], settings: Settings
+) -> dict[str, Route]:
+    """One provider client and one set of limits per endpoint (nothing is sent yet)."""
+    routes = {}
+    for name, endpoint in endpoints.items():
+        concurrency = endpoint.concurrency or settings.concurrency
+        config = ClientConfig(
+            base_url=endpoint.base_url,
+            api_key=keys[name],
+            timeout_s=settings.timeout_s,
+            stall_timeout_s=settings.stall_timeout_s,
+            max_connections=concurrency,
+            ca_bundle=settings.ca_bundle,
+        )
+        limits = make_limits(concurrency, endpoint.rpm or settings.rpm, adaptive=True)
+        routes[name] = Route(registry.build(endpoint.provider, config), limits, concurrency)
+    return routes
+
+
+def plan_lines(manifest: Manifest, table: PriceTable) -> list[str]:
+    """``validate``'s lines per endpoint: provider, where, jobs by model, cost of one image each."""
+    if not manifest.endpoints:
+        return []
+    by_endpoint: dict[str, list[Job]] = {}
+    for job in manifest.jobs:
+        by_endpoint.setdefault(job.endpoint, []).append(job)
+    lines = []
+    for name, endpoint in manifest.endpoints.items():
+        jobs: Sequence[Job] = by_endpoint.get(name, [])
+        total, unknown = estimate(list(jobs), table)
+        models = ", ".join(f"{m} x{n}" for m, n in Counter(j.model for j in jobs).items())
+        note = f" (+{unknown} of unknown price)" if unknown else ""
+        lines.append(f"  endpoint {name}: {endpoint.provider} at {endpoint.base_url}, key "
+                     f"${endpoint.api_key_env}; {len(jobs)} job(s){': ' + models if jobs else ''}"
+                     f"; ${total:.2f}{note}")
+    return lines
