@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("manifest", type=Path)
     run.add_argument("--output", type=Path, help="output folder (default output/<manifest name>)")
     _add_endpoint_flags(run)
-    run.add_argument("--base-url", default=None, help="the single endpoint's base URL "
-                     "(default: the provider's own)")
+    run.add_argument("--base-url", action="append", default=[], metavar="[NAME=]URL",
+                     help="the single endpoint's base URL (default: the provider's own); "
+                          "NAME=URL moves the manifest's endpoint NAME")
     run.add_argument("--api-key-env", default=None, metavar="VAR", help="the single "
                      "endpoint's key variable (QINIU_API_KEY, GEMINI_API_KEY, OPENAI_API_KEY)")
     run.add_argument("--concurrency", type=_positive_int, default=8, help="requests in flight")
@@ -234,7 +235,7 @@ async def _build_gallery_apart(root: Path, quiet: bool) -> bool:
 def cmd_run(args: argparse.Namespace) -> int:
     manifest = _load(args)
     settings = routing.Settings(
-        provider=args.provider, base_url=args.base_url, api_key_env=args.api_key_env,
+        provider=args.provider, base_urls=tuple(args.base_url), api_key_env=args.api_key_env,
         concurrency=args.concurrency, rpm=args.rpm, timeout_s=args.timeout,
         stall_timeout_s=args.stall_timeout, ca_bundle=args.ca_bundle,
     )

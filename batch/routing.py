@@ -8,6 +8,7 @@ and cost per endpoint.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -28,7 +29,7 @@ class Settings:
     """The command line's say: the single endpoint, and defaults for every endpoint."""
 
     provider: str
-    base_url: str | None
+    base_urls: tuple[str, ...]  # --base-url URL (the single endpoint) or NAME=URL (repeatable)
     api_key_env: str | None
     concurrency: int
     rpm: float | None
@@ -37,17 +38,37 @@ class Settings:
     ca_bundle: Path | None = None
 
 
+_NAMED_URL = re.compile(r"([A-Za-z0-9_-]{1,64})=(.+)")
+
+
 def endpoints_in_use(manifest: Manifest, settings: Settings) -> dict[str, Endpoint]:
-    """The endpoints that have jobs, in manifest order, with the command line's defaults."""
+    """The endpoints that have jobs, in manifest order, with the command line's say.
+
+    ``--base-url NAME=URL`` moves a named endpoint (to a simulator, a proxy); a
+    plain ``--base-url URL`` is the single endpoint of a manifest that names none.
+    """
+    named = {m.group(1): m.group(2) for url in settings.base_urls
+             if (m := _NAMED_URL.fullmatch(url)) and "://" not in m.group(1)}
+    plain = [url for url in settings.base_urls if not _NAMED_URL.fullmatch(url)]
     if not manifest.endpoints:
+        if named:
+            raise UsageError(f"--base-url {next(iter(named))}=...: the manifest names no "
+                             "endpoints")
         single = Endpoint.default(settings.provider)
         return {"": replace(
             single,
-            base_url=settings.base_url or single.base_url,
+            base_url=plain[-1] if plain else single.base_url,
             api_key_env=settings.api_key_env or single.api_key_env,
         )}
+    if plain:
+        raise UsageError("the manifest names endpoints: move one with --base-url NAME=URL")
+    for name in named:
+        if name not in manifest.endpoints:
+            raise UsageError(f"--base-url {name}=...: no endpoint named {name!r} "
+                             f"(the manifest names {', '.join(manifest.endpoints)})")
     used = {job.endpoint for job in manifest.jobs}
-    return {name: ep for name, ep in manifest.endpoints.items() if name in used}
+    return {name: replace(ep, base_url=named.get(name, ep.base_url))
+            for name, ep in manifest.endpoints.items() if name in used}
 
 
 def api_keys(endpoints: Mapping[str, Endpoint], environ: Mapping[str, str]) -> dict[str, Secret]:

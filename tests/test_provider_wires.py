@@ -93,6 +93,9 @@ def test_gemini_body_is_camel_case_with_bare_base64() -> None:
     body = json.loads(piece)
     assert body["contents"] == [{"role": "user", "parts": [{"text": "a cat"}]}]
     assert body["generationConfig"]["imageConfig"] == {"aspectRatio": "16:9", "imageSize": "4K"}
+    flash = replace(job, model="gemini-2.5-flash-image", image_size="1K")
+    (piece,) = gemini_wire.body_parts(flash, "tok").pieces
+    assert json.loads(piece)["generationConfig"]["imageConfig"] == {"aspectRatio": "16:9"}
     assert body["generationConfig"]["responseModalities"] == ["TEXT", "IMAGE"]
 
 

@@ -101,7 +101,8 @@ def test_provider_end_to_end(tmp_path: Path, provider: str, faults: str) -> None
     for job in jobs:
         row = rows[str(job["id"])]
         assert row["status"] == "succeeded"
-        (image,) = row["images"]
+        (image,) = row["images"]  # a Gemini draft is not a result, nor does it take the name
+        assert image["path"].startswith(f"images/{job['id']}.")
         with Image.open(out / image["path"]) as decoded:  # an oracle apart from imgbatch's own
             decoded.load()
             assert decoded.size == expected_size(provider, job)
@@ -268,3 +269,25 @@ def test_the_simulator_refuses_what_the_real_apis_refuse() -> None:
             assert (got, said in document["error"]["message"]) == (status, True), document
         ok, document = post(gemini, json.dumps(good).encode(), {**as_json, "x-goog-api-key": KEY})
     assert ok == 200 and document["candidates"][0]["finishReason"] == "STOP"
+
+
+def test_the_readme_mixed_catalog_runs_to_the_end_against_the_simulator(tmp_path: Path) -> None:
+    """jobs/mixed.yaml, as the README runs it: three providers, faults injected, to 100%."""
+    keys = {"QINIU_API_KEY": KEY, "GEMINI_API_KEY": KEY, "OPENAI_API_KEY": KEY}
+    with simulator("--scale", SCALE, "--fault-mix", "0.5", "--retry-after", "0.05",
+                   "--seed", "3") as sim:
+        site = sim.url.removesuffix("/v1")
+        out = tmp_path / "out"
+        done = run_cli("run", "jobs/mixed.yaml", "--output", str(out), "--no-gallery",
+                       "--base-url", f"qiniu={site}/v1", "--base-url", f"google={site}/v1beta",
+                       "--base-url", f"openai={site}/v1", env={**env(), **keys})
+        again = run_cli("run", "jobs/mixed.yaml", "--output", str(out), "--no-gallery",
+                        "--base-url", f"qiniu={site}/v1", "--base-url", f"google={site}/v1beta",
+                        "--base-url", f"openai={site}/v1", env={**env(), **keys})
+        stats = sim.stats()
+    assert done.returncode == 0, done.stderr
+    assert again.returncode == 0 and "0 request(s) this run" in again.stderr
+    rows = read_results(out)
+    assert len(rows) == 6 and all(row["status"] == "succeeded" for row in rows)
+    assert stats["by_prompt"] and sum(stats["faults"].values()) > 0
+    no_key_anywhere(out, done.stdout, done.stderr, again.stderr)

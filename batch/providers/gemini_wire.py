@@ -56,7 +56,9 @@ def build_body(job: Job, file_data: Callable[[InputImage], str]) -> dict[str, An
         else:  # the provider fetches URLs into local files before the body is laid out
             raise ValueError(f"input image {image.source} must be fetched first")
         parts.append({"inlineData": {"mimeType": image.mime, "data": data}})
-    image_config = {"aspectRatio": job.aspect_ratio, "imageSize": job.image_size}
+    image_config = {"aspectRatio": job.aspect_ratio}
+    if job.image_size != "1K":  # the default; Gemini 2.5 Flash Image takes no imageSize
+        image_config["imageSize"] = job.image_size
     body: dict[str, Any] = dict(job.params)
     config = body.get("generationConfig")
     body["generationConfig"] = {

@@ -6,10 +6,8 @@ makes: send a body (local input images streamed from disk into it), wait for
 the answer to start, stream its body through :mod:`batch.decoder` into
 temporary image files, with a stall timeout while bytes flow. aiohttp and OS
 exceptions become :mod:`batch.errors` here; a protocol's own error bodies are
-mapped by the function each provider passes in.
-
-Nothing here raises or logs the API key: messages are built from the status,
-the body and the exception's class, never request headers.
+mapped by the function each provider passes in. Nothing here raises or logs the
+API key: messages come from the status, the body and the exception's class.
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import ipaddress
 import logging
@@ -41,7 +40,7 @@ from batch.errors import (
     RequestTimeout,
     TransportError,
 )
-from batch.images import ImageWriter, StagedImage, discard
+from batch.images import ImageWriter, StagedImage, discard, final_name
 from batch.jobs import InputImage, Job
 from batch.providers.base import Answer, ClientConfig, Generation
 from batch.providers.bodies import BodyParts
@@ -290,7 +289,10 @@ class Transport:
             if not isinstance(request.body, bytes):
                 # The answer can come before the whole body went (an error, a redirect).
                 await request.body.aclose()
-        keep = [staged.pop(i) for i in answer.image_indexes if i in staged]
+        # Named by their place among the answer's images, not in the body: a draft
+        # streamed before them must not push the first image to "<id>~2".
+        keep = [_renamed(staged.pop(i), job.id, n)
+                for n, i in enumerate(i for i in answer.image_indexes if i in staged)]
         _abort(root, {}, staged)  # images the answer does not count (drafts, stray data URLs)
         return Generation(
             tuple(keep),
@@ -380,6 +382,11 @@ class Transport:
                 return
             moved += len(chunk)
             yield chunk
+
+
+def _renamed(image: StagedImage, job_id: str, position: int) -> StagedImage:
+    ext = image.final_rel.rsplit(".", 1)[-1]
+    return dataclasses.replace(image, final_rel=final_name(job_id, position, ext))
 
 
 def _abort(
