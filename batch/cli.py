@@ -27,7 +27,6 @@ from pathlib import Path
 from batch import __version__, report, routing
 from batch.checkpoint import STATE_DIR, Checkpoint
 from batch.cost import PriceTable, estimate
-from batch.endpoints import CHAT, PROVIDERS
 from batch.engine import Engine, EngineConfig, Route, StopReason
 from batch.errors import (
     ImgbatchError,
@@ -39,7 +38,7 @@ from batch.errors import (
 )
 from batch.images import IMAGES_DIR
 from batch.jobs import Status
-from batch.manifest import Manifest, load_manifest, summarize
+from batch.manifest import Manifest, summarize
 from batch.pricing import price_key
 from batch.progress import ConsoleProgress, setup_logging
 from batch.results import RESULTS, write_results
@@ -64,19 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="generate every job of a manifest (re-run to resume)")
     run.add_argument("manifest", type=Path)
     run.add_argument("--output", type=Path, help="output folder (default output/<manifest name>)")
-    _add_endpoint_flags(run)
-    run.add_argument("--base-url", action="append", default=[], metavar="[NAME=]URL",
-                     help="the single endpoint's base URL (default: the provider's own); "
-                          "NAME=URL moves the manifest's endpoint NAME")
-    run.add_argument("--api-key-env", default=None, metavar="VAR", help="the single "
-                     "endpoint's key variable (QINIU_API_KEY, GEMINI_API_KEY, OPENAI_API_KEY)")
+    routing.add_arguments(run, run=True)
     run.add_argument("--concurrency", type=_positive_int, default=8, help="requests in flight")
     run.add_argument("--max-attempts", type=_positive_int, default=5)
     run.add_argument("--timeout", type=_positive_float, default=300.0, metavar="S",
                      help="wait for an answer to start (the request sent, headers back)")
     run.add_argument("--stall-timeout", type=_positive_float, default=60.0, metavar="S",
-                     help="end an answer whose body brings under 16 KiB in S seconds "
-                          "(at most --timeout)")
+                     help="end a body bringing under 16 KiB in S s (at most --timeout)")
     run.add_argument("--rpm", type=_positive_float, default=None, help="request starts/minute")
     run.add_argument("--max-rate-limit-wait", type=_positive_float, default=900.0, metavar="S")
     run.add_argument("--max-runtime", type=_positive_float, default=None, metavar="S")
@@ -93,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a manifest and print the plan")
     validate.add_argument("manifest", type=Path)
-    _add_endpoint_flags(validate)
+    routing.add_arguments(validate, run=False)
     _add_logging(validate)
 
     status = commands.add_parser("status", help="what an output folder holds (no network)")
@@ -172,22 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INCOMPLETE
 
 
-def _add_endpoint_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--provider", choices=PROVIDERS, default=CHAT,
-                        help="the provider of a manifest that names no endpoints")
-    parser.add_argument("--endpoint", default=None, metavar="NAME",
-                        help="the endpoint for jobs that name none (default: the first)")
-    parser.add_argument("--model", default=None,
-                        help="model for jobs that name none (default: the endpoint's)")
-
-
-def _load(args: argparse.Namespace) -> Manifest:
-    return load_manifest(args.manifest, default_model=args.model, provider=args.provider,
-                         endpoint=args.endpoint)
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
-    manifest = _load(args)
+    manifest = routing.load(args)
     plan = summarize(manifest)
     print(f"{args.manifest}: valid, {plan['jobs']} job(s)")
     for key, value in plan.items():
@@ -233,12 +212,8 @@ async def _build_gallery_apart(root: Path, quiet: bool) -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    manifest = _load(args)
-    settings = routing.Settings(
-        provider=args.provider, base_urls=tuple(args.base_url), api_key_env=args.api_key_env,
-        concurrency=args.concurrency, rpm=args.rpm, timeout_s=args.timeout,
-        stall_timeout_s=args.stall_timeout, ca_bundle=args.ca_bundle,
-    )
+    manifest = routing.load(args)
+    settings = routing.Settings.from_args(args)
     endpoints = routing.endpoints_in_use(manifest, settings)
     keys = routing.api_keys(endpoints, os.environ)
     root: Path = args.output or Path("output") / args.manifest.stem

@@ -140,7 +140,6 @@ class Engine:
         self._settled = asyncio.Event()  # a request's cost became known
         self._rng = random.Random(config.seed)
         self._rate_limited_since: dict[int, float] = {}  # by id of the route's limits
-
         self._in_flight: set[asyncio.Task[None]] = set()
 
     # -- control ---------------------------------------------------------------
@@ -187,13 +186,11 @@ class Engine:
                 StopReason.RUNTIME,
                 f"--max-runtime of {self.config.max_runtime_s:g}s reached",
             )
-        # Each endpoint has its own workers, so one that is slow or rate limited never
-        # holds the workers of another. Jobs waiting out a retry hold a worker but not
-        # a request slot, so twice as many workers as slots keeps the slots busy.
+        # Workers per endpoint: a slow or rate-limited one never holds another's. A job
+        # waiting out a retry holds a worker, not a slot: twice as many keeps slots busy.
         lanes: dict[str, list[tuple[Job, str]]] = {}
         for item in todo:
-            lanes.setdefault(item[0].endpoint if item[0].endpoint in self.routes else "",
-                             []).append(item)
+            lanes.setdefault(item[0].endpoint, []).append(item)
         try:
             async with asyncio.TaskGroup() as group:
                 for name, items in lanes.items():
@@ -204,9 +201,7 @@ class Engine:
             if timer is not None:
                 timer.cancel()
             await self.committer.close()
-            self.stats.peak_in_flight = sum(
-                route.limits.concurrency.peak for route in self.routes.values()
-            )
+            self.stats.peak_in_flight = sum(r.limits.concurrency.peak for r in self.routes.values())
         return self.stats
 
     def _route(self, endpoint: str) -> Route:

@@ -8,6 +8,7 @@ and cost per endpoint.
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -15,13 +16,35 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from batch.cost import PriceTable, estimate
-from batch.endpoints import Endpoint
+from batch.endpoints import CHAT, PROVIDERS, Endpoint
 from batch.engine import Route, make_limits
 from batch.errors import UsageError
 from batch.jobs import Job
-from batch.manifest import Manifest
+from batch.manifest import Manifest, load_manifest
 from batch.providers import registry
 from batch.providers.base import ClientConfig, Secret
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, run: bool) -> None:
+    """The command line's say on endpoints, for ``run`` and ``validate``."""
+    add = parser.add_argument
+    add("--provider", choices=PROVIDERS, default=CHAT,
+        help="the provider of a manifest that names no endpoints")
+    add("--endpoint", default=None, metavar="NAME",
+        help="the endpoint for jobs that name none (default: the first)")
+    add("--model", default=None, help="model for jobs that name none (default: the endpoint's)")
+    if run:
+        add("--base-url", action="append", default=[], metavar="[NAME=]URL",
+            help="the single endpoint's base URL (default: the provider's own); "
+                 "NAME=URL moves the manifest's endpoint NAME")
+        add("--api-key-env", default=None, metavar="VAR", help="the single endpoint's key "
+            "variable (QINIU_API_KEY, GEMINI_API_KEY, OPENAI_API_KEY)")
+
+
+def load(args: argparse.Namespace) -> Manifest:
+    """The manifest, its jobs resolved against the endpoint flags."""
+    return load_manifest(args.manifest, default_model=args.model, provider=args.provider,
+                         endpoint=args.endpoint)
 
 
 @dataclass(frozen=True)
@@ -36,6 +59,14 @@ class Settings:
     timeout_s: float = 300.0
     stall_timeout_s: float = 60.0
     ca_bundle: Path | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Settings:
+        return cls(
+            provider=args.provider, base_urls=tuple(args.base_url),
+            api_key_env=args.api_key_env, concurrency=args.concurrency, rpm=args.rpm,
+            timeout_s=args.timeout, stall_timeout_s=args.stall_timeout, ca_bundle=args.ca_bundle,
+        )
 
 
 _NAMED_URL = re.compile(r"([A-Za-z0-9_-]{1,64})=(.+)")
