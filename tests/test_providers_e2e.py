@@ -291,3 +291,19 @@ def test_the_readme_mixed_catalog_runs_to_the_end_against_the_simulator(tmp_path
     assert len(rows) == 6 and all(row["status"] == "succeeded" for row in rows)
     assert stats["by_prompt"] and sum(stats["faults"].values()) > 0
     no_key_anywhere(out, done.stdout, done.stderr, again.stderr)
+
+
+@pytest.mark.parametrize("provider", ["gemini", "openai-images"])
+def test_a_refused_key_stops_the_run_and_shows_nowhere(tmp_path: Path, provider: str) -> None:
+    with simulator("--scale", SCALE, "--api-key", "another-key") as sim:
+        manifest = tmp_path / "m.jsonl"
+        manifest.write_text("".join(json.dumps({"id": f"k{i}", "prompt": f"key {i}"}) + "\n"
+                                    for i in range(3)))
+        out = tmp_path / "out"
+        done = run_cli("run", str(manifest), "--output", str(out), "--provider", provider,
+                       "--base-url", base_url(sim, provider), "--concurrency", "1",
+                       env={**env(), ENV[provider]: KEY})
+    assert done.returncode == 3, done.stderr
+    assert ("API key not valid" if provider == "gemini" else "Incorrect API key") in done.stderr
+    assert {row["status"] for row in read_results(out)} == {"pending"}
+    no_key_anywhere(out, done.stdout, done.stderr)
