@@ -8,6 +8,8 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from batch.checkpoint import fingerprint
 from batch.cost import PriceTable
@@ -175,3 +177,38 @@ def test_prices_by_quality_and_size_and_the_fingerprint_ignores_the_endpoint() -
     assert fingerprint(job) != fingerprint(replace(job, options={"quality": "high"}))
     plain = Job("j", "p", "m", "1:1", "1K")
     assert fingerprint(plain) == fingerprint(replace(plain, endpoint="x"))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    images=st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=3),
+    noise=st.lists(st.text(max_size=20), max_size=4),
+    snake=st.booleans(),
+    cuts=st.lists(st.integers(min_value=1, max_value=50), min_size=1, max_size=30),
+)
+def test_bare_base64_survives_any_chunking(
+    images: list[bytes], noise: list[str], snake: bool, cuts: list[int]
+) -> None:
+    """Gemini-shaped answers cut anywhere: each image out byte for byte, the rest intact."""
+    blob = "inline_data" if snake else "inlineData"
+    parts: list[dict[str, Any]] = [{"text": text} for text in noise]
+    parts += [{blob: {"mimeType": "image/png", "data": base64.b64encode(data).decode()}}
+              for data in images]
+    body = json.dumps({"candidates": [{"content": {"parts": parts}}], "data": noise}).encode()
+    decoder = BodyDecoder(raw_keys=gemini_wire.RAW_KEYS)
+    out: list[bytearray] = []
+    pos, n = 0, 0
+    while pos < len(body):
+        step = cuts[n % len(cuts)]
+        for event in decoder.feed(body[pos:pos + step]):
+            if type(event) is ImageBytes:
+                out[-1] += event.data
+            elif type(event).__name__ == "ImageBegin":
+                out.append(bytearray())
+        pos, n = pos + step, n + 1
+    document = decoder.finish()
+    assert [bytes(image) for image in out] == images
+    got = document["candidates"][0]["content"]["parts"]
+    assert [part[blob]["data"] for part in got[len(noise):]] == \
+        [placeholder(i) for i in range(len(images))]
+    assert document["data"] == noise  # a "data" key holding a list is left alone

@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -50,16 +51,20 @@ async def urls_fetched(transport: Transport, job: Job) -> AsyncIterator[Job]:
 async def fetch(transport: Transport, image: InputImage, path: Path, job_id: str) -> InputImage:
     """Download ``image`` (a URL input) to ``path``; the local input image it becomes."""
     session = transport.open()
-    found = env_proxy(image.ref, urllib.request.getproxies(), urllib.request.proxy_bypass)
+    proxy, auth = env_proxy(image.ref, urllib.request.getproxies(),
+                            urllib.request.proxy_bypass) or (None, {})
+    # As the transport does: credentials go with the CONNECT of an https tunnel, or
+    # with the request itself to a plain-http proxy.
+    tunnel = urlsplit(image.ref).scheme == "https"
     digest, size, head = hashlib.sha256(), 0, b""
     where = f"input image {image.source}"
     try:
         async with asyncio.timeout(transport.config.timeout_s):
             async with session.get(
                 image.ref,
-                headers={"User-Agent": transport.config.user_agent},
-                proxy=found[0] if found else None,
-                proxy_headers=found[1] if found else None,
+                headers={"User-Agent": transport.config.user_agent, **({} if tunnel else auth)},
+                proxy=proxy,
+                proxy_headers=auth if tunnel and auth else None,
             ) as response:
                 if response.status != 200:
                     error = TransportError if response.status >= 500 else RejectedError
