@@ -172,7 +172,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for key, value in plan.items():
         if key != "jobs":
             print(f"  {key}: {json.dumps(value, ensure_ascii=False)}")
-    for line in routing.plan_lines(manifest, PriceTable.with_overrides(manifest.pricing)):
+    prices = PriceTable.with_overrides(manifest.pricing)
+    for line in routing.plan_lines(manifest, prices, args.provider):
         print(line)
     total, unknown = estimate(manifest.jobs, PriceTable.with_overrides(manifest.pricing))
     note = f" (+{unknown} job(s) of unknown price)" if unknown else ""

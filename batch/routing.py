@@ -136,15 +136,14 @@ def build_routes(
     return routes
 
 
-def plan_lines(manifest: Manifest, table: PriceTable) -> list[str]:
+def plan_lines(manifest: Manifest, table: PriceTable, provider: str) -> list[str]:
     """``validate``'s lines per endpoint: provider, where, jobs by model, cost of one image each."""
-    if not manifest.endpoints:
-        return []
+    endpoints = manifest.endpoints or {"(single)": Endpoint.default(provider)}
     by_endpoint: dict[str, list[Job]] = {}
     for job in manifest.jobs:
-        by_endpoint.setdefault(job.endpoint, []).append(job)
+        by_endpoint.setdefault(job.endpoint or "(single)", []).append(job)
     lines = []
-    for name, endpoint in manifest.endpoints.items():
+    for name, endpoint in endpoints.items():
         jobs: Sequence[Job] = by_endpoint.get(name, [])
         total, unknown = estimate(list(jobs), table)
         models = ", ".join(f"{m} x{n}" for m, n in Counter(j.model for j in jobs).items())
