@@ -88,7 +88,7 @@ def error_for_status(
         return redirect_error(status, headers, job_id)
     message = server_message(body, headers.get("Content-Type", "") or "")
     code = _error(body).get("code")
-    if code == "moderation_blocked":
+    if code in ("moderation_blocked", "content_policy_violation"):  # gpt-image, dall-e
         return Blocked(f"refused by the safety system: {message}", job_id=job_id,
                        http_status=status)
     if status == 429 and code == "insufficient_quota":  # credit gone: waiting will not help
