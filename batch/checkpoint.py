@@ -49,20 +49,11 @@ LOCK = "lock"
 
 
 def fingerprint(job: Job) -> str:
-    """A hash of everything that shapes the image (not the id, not the endpoint).
-
-    A job moved to another gateway serving the same model is not paid for again.
-    Provider options join the hash only when set, so older checkpoints still match.
-    """
-    shape: list[Any] = [
-        job.model,
-        job.prompt,
-        job.aspect_ratio,
-        job.image_size,
-        job.params,
-        [image.digest for image in job.images],
-    ]
-    if job.options:
+    """A hash of what shapes the image: not the id, nor the endpoint (a job moved to
+    another gateway serving the same model is not paid for again)."""
+    shape: list[Any] = [job.model, job.prompt, job.aspect_ratio, job.image_size, job.params,
+                        [image.digest for image in job.images]]
+    if job.options:  # only when set, so older checkpoints still match
         shape.append(dict(job.options))
     canonical = json.dumps(
         shape,
