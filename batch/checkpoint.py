@@ -59,16 +59,14 @@ LOCK = "lock"
 
 
 def fingerprint(job: Job) -> str:
-    """A hash of everything that shapes the request (not the id)."""
+    """A hash of what shapes the image: not the id, nor the endpoint (a job moved to
+    another gateway serving the same model is not paid for again)."""
+    shape: list[Any] = [job.model, job.prompt, job.aspect_ratio, job.image_size, job.params,
+                        [image.digest for image in job.images]]
+    if job.options:  # only when set, so older checkpoints still match
+        shape.append(dict(job.options))
     canonical = json.dumps(
-        [
-            job.model,
-            job.prompt,
-            job.aspect_ratio,
-            job.image_size,
-            job.params,
-            [image.digest for image in job.images],
-        ],
+        shape,
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,

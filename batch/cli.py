@@ -22,14 +22,13 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from batch import __version__, capabilities, report, simconfig
+from batch import __version__, capabilities, report, routing
 from batch.checkpoint import STATE_DIR, Checkpoint
-from batch.client import DEFAULT_BASE_URL, ChatCompletionsClient, ClientConfig, Provider, Secret
 from batch.cost import PriceTable, estimate
-from batch.engine import Engine, EngineConfig, StopReason
+from batch.engine import Engine, EngineConfig, Route, StopReason
 from batch.errors import (
     ImgbatchError,
     LockHeld,
@@ -40,13 +39,14 @@ from batch.errors import (
 )
 from batch.imagecheck import DecodeChecked, Verify
 from batch.images import IMAGES_DIR
-from batch.jobs import DEFAULT_MODEL, Status
-from batch.manifest import Manifest, load_manifest, summarize
+from batch.jobs import Job, Status
+from batch.manifest import Manifest, summarize
 from batch.metrics import MetricsFile
+from batch.pricing import price_key
 from batch.progress import ConsoleProgress, Observers, setup_logging
-from batch.provenance import Stamper
 from batch.results import RESULTS, write_results
 from batch.retry import RetryPolicy
+from batch.sim import config as simconfig
 
 log = logging.getLogger("batch")
 
@@ -66,12 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="generate every job of a manifest (re-run to resume)")
     run.add_argument("manifest", type=Path)
     run.add_argument("--output", type=Path, help="output folder (default output/<manifest name>)")
-    run.add_argument("--base-url", default=DEFAULT_BASE_URL)
-    run.add_argument("--model", default=DEFAULT_MODEL, help="model for jobs that name none")
-    run.add_argument("--api-key-env", default="QINIU_API_KEY", metavar="VAR")
+    routing.add_arguments(run, run=True)
     run.add_argument("--concurrency", type=_positive_int, default=8, help="requests in flight")
     run.add_argument("--max-attempts", type=_positive_int, default=5)
-    run.add_argument("--timeout", type=_positive_float, default=300.0, metavar="S")
+    run.add_argument("--timeout", type=_positive_float, default=300.0, metavar="S",
+                     help="wait for an answer to start (the request sent, headers back)")
+    run.add_argument("--stall-timeout", type=_positive_float, default=60.0, metavar="S",
+                     help="end a body bringing under 16 KiB in S s (at most --timeout)")
     run.add_argument("--rpm", type=_positive_float, default=None, help="request starts/minute")
     run.add_argument("--max-rate-limit-wait", type=_positive_float, default=900.0, metavar="S")
     run.add_argument("--max-runtime", type=_positive_float, default=None, metavar="S")
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a manifest and print the plan")
     validate.add_argument("manifest", type=Path)
-    validate.add_argument("--model", default=DEFAULT_MODEL)
+    routing.add_arguments(validate, run=False)
     _add_logging(validate)
 
     status = commands.add_parser("status", help="what an output folder holds (no network)")
@@ -162,7 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config = simconfig.config_from_args(args)
             except ValueError as exc:
                 raise UsageError(f"simulate: {exc}") from None
-            from batch import simulator  # the server (aiohttp.web) is not loaded for a run
+            from batch.sim import (
+                server as simulator,  # the server (aiohttp.web) is not loaded for a run
+            )
 
             return simulator.serve(config)
         return cmd_run(args, started)
@@ -181,13 +184,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    manifest = load_manifest(args.manifest, default_model=args.model)
-    capabilities.enforce(manifest.jobs)
+    manifest = routing.load(args)
+    enforce_capabilities(manifest, args.provider)
     plan = summarize(manifest)
     print(f"{args.manifest}: valid, {plan['jobs']} job(s)")
     for key, value in plan.items():
         if key != "jobs":
             print(f"  {key}: {json.dumps(value, ensure_ascii=False)}")
+    prices = PriceTable.with_overrides(manifest.pricing)
+    for line in routing.plan_lines(manifest, prices, args.provider):
+        print(line)
     total, unknown = estimate(manifest.jobs, PriceTable.with_overrides(manifest.pricing))
     note = f" (+{unknown} job(s) of unknown price)" if unknown else ""
     print(f"  estimated cost: ${total:.2f} for one image per job{note}")
@@ -231,7 +237,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK if facts else EXIT_INCOMPLETE
 
 
-def metrics_file(path: Path | None, root: Path, base_url: str,
+def metrics_file(path: Path | None, root: Path, endpoints: list[str],
                  interval_s: float) -> MetricsFile | None:
     """The metrics writer for --metrics-file, checked before anything is sent."""
     if path is None:
@@ -241,9 +247,9 @@ def metrics_file(path: Path | None, root: Path, base_url: str,
                          "only files ending in .prom")
     if not path.parent.is_dir():
         raise UsageError(f"--metrics-file {path}: folder {path.parent} does not exist")
-    endpoint = urlsplit(base_url).hostname or base_url
-    return MetricsFile(path, output=root.resolve().name, endpoint_of=lambda job: endpoint,
-                       endpoints=[endpoint], interval_s=interval_s)
+    return MetricsFile(path, output=root.resolve().name,
+                       endpoint_of=lambda job: job.endpoint or "default",
+                       endpoints=endpoints, interval_s=interval_s)
 
 
 async def _build_gallery_apart(
@@ -277,16 +283,26 @@ async def _build_gallery_apart(
     return code == 0
 
 
+def enforce_capabilities(manifest: Manifest, provider: str) -> None:
+    """Reject jobs their model cannot do, each checked against its endpoint's provider."""
+    by_provider: dict[str, list[Job]] = {}
+    for job in manifest.jobs:
+        endpoint = manifest.endpoints.get(job.endpoint) if manifest.endpoints else None
+        by_provider.setdefault(endpoint.provider if endpoint else provider, []).append(job)
+    for name, jobs in by_provider.items():
+        capabilities.enforce(jobs, name)
+
+
 def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
-    manifest = load_manifest(args.manifest, default_model=args.model)
-    capabilities.enforce(manifest.jobs)
-    key = os.environ.get(args.api_key_env, "").strip()
-    if not key:
-        raise UsageError(f"no API key: set the environment variable {args.api_key_env}")
+    manifest = routing.load(args)
+    enforce_capabilities(manifest, args.provider)
+    settings = routing.Settings.from_args(args)
+    endpoints = routing.endpoints_in_use(manifest, settings)
+    keys = routing.api_keys(endpoints, os.environ)
     root: Path = args.output or Path("output") / args.manifest.stem
     prices = PriceTable.with_overrides(manifest.pricing)
     if args.max_cost is not None:
-        unpriced = sorted({(j.model, j.image_size) for j in manifest.jobs
+        unpriced = sorted({(j.model, price_key(j)) for j in manifest.jobs
                            if prices.job_price(j) is None})
         if unpriced:
             raise UsageError(
@@ -297,15 +313,8 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
     check_ca_bundle(args.ca_bundle)
     prepare_output(root)
     # After the output folder exists, so the metrics file may live in it.
-    metrics = metrics_file(args.metrics_file, root, args.base_url, args.progress_interval)
-    client_config = ClientConfig(
-        base_url=args.base_url,
-        api_key=Secret(key),
-        timeout_s=args.timeout,
-        max_connections=args.concurrency,
-        ca_bundle=args.ca_bundle,
-        stamp=None if args.no_embed_metadata else Stamper("chat", args.base_url),
-    )
+    metrics = metrics_file(args.metrics_file, root, [name or "default" for name in endpoints],
+                           args.progress_interval)
     engine_config = EngineConfig(
         concurrency=args.concurrency,
         policy=RetryPolicy(
@@ -327,8 +336,9 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
     gc.freeze()
     try:
         return asyncio.run(
-            _run(manifest, root, store, client_config, engine_config, deadline,
-                 args.quiet, args.progress_interval, not args.no_gallery, metrics, args.verify)
+            _run(manifest, root, store, routing.build_routes(endpoints, keys, settings),
+                 engine_config, deadline, args.quiet, args.progress_interval,
+                 not args.no_gallery, metrics, args.verify)
         )
     finally:
         store.close()
@@ -378,7 +388,7 @@ async def _run(
     manifest: Manifest,
     root: Path,
     store: Checkpoint,
-    client_config: ClientConfig,
+    routes: dict[str, Route],
     engine_config: EngineConfig,
     deadline: float | None,
     quiet: bool = False,
@@ -390,11 +400,11 @@ async def _run(
     progress = ConsoleProgress(
         sys.stderr, bar=sys.stderr.isatty() and not quiet, interval_s=progress_interval_s
     )
-    client: Provider = ChatCompletionsClient(client_config)
     if verify is Verify.DECODE:
-        client = DecodeChecked(client)
+        routes = {name: replace(route, provider=DecodeChecked(route.provider))
+                  for name, route in routes.items()}
     observer = progress if metrics is None else Observers(progress, metrics)
-    engine = Engine(client, store, engine_config, observer)
+    engine = Engine(routes, store, engine_config, observer)
     received: list[signal.Signals] = []
     signalled = asyncio.Event()  # ends the gallery child too
     loop = asyncio.get_running_loop()
@@ -418,7 +428,8 @@ async def _run(
         stats = await engine.run(todo, runtime_left_s=left)
     finally:
         await progress.close()
-        await client.close()
+        for route in routes.values():
+            await route.provider.close()
         failures: list[str] = []
         try:
             counts = write_results(manifest.jobs, store)

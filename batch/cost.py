@@ -12,11 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from batch.jobs import Job
+from batch.pricing import NATIVE_PRICES, price_key
 
 DEFAULT_PRICES: Mapping[str, Mapping[str, float]] = {
     "gemini-3.0-pro-image-preview": {"1K": 0.134, "2K": 0.134, "4K": 0.24},
     "google/gemini-3-pro-image-preview": {"1K": 0.134, "2K": 0.134, "4K": 0.24},
     "gemini-2.5-flash-image": {"1K": 0.039},
+    **NATIVE_PRICES,
 }
 
 
@@ -38,7 +40,7 @@ class PriceTable:
         return self.prices.get(model, {}).get(image_size)
 
     def job_price(self, job: Job) -> float | None:
-        return self.price(job.model, job.image_size)
+        return self.price(job.model, price_key(job))
 
     def job_micros(self, job: Job) -> int | None:
         """One image of ``job`` in micro-dollars, or None if unknown."""

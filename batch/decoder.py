@@ -1,11 +1,14 @@
-"""Streaming decoder of chat-completions response bodies (the hot path).
+"""Streaming decoder of image API response bodies (the hot path).
 
-A body carries its images as base64 ``data:`` URLs inside JSON strings, 4-30 MB
-each. :class:`BodyDecoder` is a push parser: it copies the JSON around the
-images into a small "skeleton" (each data URL replaced by :func:`placeholder`)
-and streams every image out as decoded bytes, so neither the body nor an image
-is ever held whole. :class:`Inflater` undoes Content-Encoding in bounded pieces
-before that. Pure logic, no I/O; every failure is a MalformedResponse.
+A body carries its images as base64 inside JSON strings, 4-30 MB each: as
+``data:`` URLs (chat completions' ``message.images``), or as bare base64 under
+a known key (Gemini's ``inlineData.data``, the Images API's ``b64_json``: pass
+those keys as ``raw_keys``). :class:`BodyDecoder` is a push parser: it copies
+the JSON around the images into a small "skeleton" (each image replaced by
+:func:`placeholder`) and streams every image out as decoded bytes, so neither
+the body nor an image is ever held whole. :class:`Inflater` undoes
+Content-Encoding in bounded pieces before that. Pure logic, no I/O; every
+failure is a MalformedResponse.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ _STRING_BODY = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*', re.DOTALL)
 # string costs one linear scan. (Not possessive: CPython before 3.11.5 mismatches
 # possessive repeats, gh-106052.)
 _SKIP = re.compile(rb'(?:[^"]+|"(?![dD\\])[^"\\]*(?:\\.[^"\\]*)*")*', re.DOTALL)
+# With raw keys any string may be an image, so the scan stops at every string (the
+# JSON around the images of those protocols is small).
+_SKIP_TO_STRING = re.compile(rb'[^"]*')
 # Escapes in data URL text: fast paths for the common ones, then the general case.
 _NOT_SLASH_ESCAPE = re.compile(rb"\\(?!/)")
 _NOT_SIMPLE_ESCAPE = re.compile(rb"\\(?![/nrt])")
@@ -54,10 +60,10 @@ _OUTSIDE, _HEAD, _PLAIN, _DATA = range(4)
 
 @dataclass(frozen=True, slots=True)
 class ImageBegin:
-    """A data URL started; ``index`` counts data URLs in body order from 0."""
+    """An image started; ``index`` counts images in body order from 0."""
 
     index: int
-    declared_mime: str  # what the URL says; the bytes decide
+    declared_mime: str  # what a data URL says ("" for bare base64); the bytes decide
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +91,20 @@ def placeholder(index: int) -> str:
 class BodyDecoder:
     """Push parser: feed body bytes, get image events, then the skeleton document."""
 
-    def __init__(self, *, max_skeleton_bytes: int = DEFAULT_MAX_SKELETON_BYTES) -> None:
+    def __init__(
+        self,
+        *,
+        max_skeleton_bytes: int = DEFAULT_MAX_SKELETON_BYTES,
+        raw_keys: frozenset[str] = frozenset(),
+    ) -> None:
         self._max_skeleton = max_skeleton_bytes
+        # A string right after one of these keys is bare base64 image data.
+        self._raw_key = (
+            re.compile(rb'"(?:' + b"|".join(re.escape(k.encode()) for k in sorted(raw_keys))
+                       + rb')"\s*:\s*\Z')
+            if raw_keys else None
+        )
+        self._skip = _SKIP_TO_STRING if raw_keys else _SKIP
         self._skeleton = bytearray()
         self._state = _OUTSIDE
         self._escaped = False  # string scan: the input ended on an unpaired backslash
@@ -126,7 +144,7 @@ class BodyDecoder:
         while pos < end:
             state = self._state
             if state == _OUTSIDE:
-                match = _SKIP.match(chunk, pos)
+                match = self._skip.match(chunk, pos)
                 assert match is not None  # the pattern matches the empty string
                 quote = match.end()  # at a quote unless the chunk ended
                 self._keep(memoryview(chunk)[pos:quote])
@@ -183,6 +201,12 @@ class BodyDecoder:
         head = bytes(self._head)
         self._head.clear()
         found = _data_url_header(head)
+        if (
+            found is None
+            and self._raw_key is not None
+            and self._raw_key.search(self._skeleton, max(0, len(self._skeleton) - 64))
+        ):
+            found = ("", 0)
         if found is None:
             self._keep(b'"' + head)
             self._state = _PLAIN

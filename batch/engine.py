@@ -29,14 +29,12 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tenacity import AsyncRetrying, RetryCallState, stop_never
 
-from batch import limits
 from batch.checkpoint import Checkpoint, FileMeta, JobState, fingerprint
-from batch.client import Generation, Provider
 from batch.commit import GroupCommitter, Offload, in_thread
 from batch.cost import Budget, PriceTable, to_usd
 from batch.errors import (
@@ -48,7 +46,10 @@ from batch.errors import (
 )
 from batch.images import discard, remove_quietly
 from batch.jobs import ImageRecord, Job, Status
+from batch.limits import Limits
+from batch.limits import build as build_limits
 from batch.progress import Observer
+from batch.providers.base import Generation, Provider
 from batch.retry import Decision, RetryPolicy, decide
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,22 @@ class _OverBudget(Exception):
     """This job's price no longer fits the budget, though cheaper jobs may."""
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where one endpoint's jobs go: its provider and its own limits (a 429 stays there)."""
+
+    provider: Provider
+    limits: Limits
+    concurrency: int
+
+
+def make_limits(
+    concurrency: int, rpm: float | None, adaptive: bool, max_pause_s: float = 900.0
+) -> Limits:
+    """One endpoint's limits (see :mod:`batch.limits`)."""
+    return build_limits(concurrency, rpm=rpm, adaptive=adaptive, max_pause_s=max_pause_s)
+
+
 class Engine:
     """One run of jobs over a checkpoint; see the module docstring.
 
@@ -120,7 +137,7 @@ class Engine:
 
     def __init__(
         self,
-        provider: Provider,
+        provider: Provider | Mapping[str, Route],
         store: Checkpoint,
         config: EngineConfig,
         observer: Observer,
@@ -128,25 +145,25 @@ class Engine:
         clock: Callable[[], float] = time.monotonic,
         offload: Offload[None] = in_thread,
     ) -> None:
-        self.provider = provider
+        """``provider`` serves every job, or ``Job.endpoint`` picks a Route by name."""
+        if isinstance(provider, Mapping):
+            self.routes = dict(provider)
+        else:
+            limits = make_limits(config.concurrency, config.rpm, config.adaptive,
+                                 config.policy.max_server_wait_s)
+            self.routes = {"": Route(provider, limits, config.concurrency)}
         self.store = store
         self.config = config
         self.observer = observer
         self.stats = RunStats()
         self._clock = clock
-        self.limits = limits.build(
-            config.concurrency,
-            rpm=config.rpm,
-            adaptive=config.adaptive,
-            max_pause_s=config.policy.max_server_wait_s,
-        )
         self.budget = Budget(config.max_cost_usd)
         self.committer = GroupCommitter(store, offload)
         self._stopping = asyncio.Event()
         self._budget_changed = asyncio.Event()  # a reservation was settled
         self._cheapest = 0  # micro-dollars: the lowest price among the jobs to run
         self._rng = random.Random(config.seed)
-        self._rate_limited_since: float | None = None
+        self._rate_limited_since: dict[int, float] = {}  # by id of the route's limits
         self._workers: set[asyncio.Task[None]] = set()
         self._in_flight: set[asyncio.Task[None]] = set()  # workers inside provider.generate
         self._commits: set[asyncio.Task[None]] = set()
@@ -233,7 +250,6 @@ class Engine:
         """
         self.observer.on_plan(len(todo), self.stats.skipped)
         self._cheapest = min((self._price(job) for job, _ in todo), default=0)
-        pending = iter(todo)
         loop = asyncio.get_running_loop()
         timer = None
         left = self.config.max_runtime_s if runtime_left_s is None else runtime_left_s
@@ -245,13 +261,18 @@ class Engine:
                 timer = loop.call_later(left, self.stop, StopReason.RUNTIME, message)
         # Jobs waiting out a retry hold a worker but not a request slot, so
         # twice as many workers as slots keeps the slots busy.
-        workers = min(len(todo), 2 * self.config.concurrency)
+        # Workers per endpoint: a slow or rate-limited one never holds another's.
+        lanes: dict[str, list[tuple[Job, str]]] = {}
+        for item in todo:
+            lanes.setdefault(item[0].endpoint, []).append(item)
         try:
             async with asyncio.TaskGroup() as group:
-                for _ in range(workers):
-                    task = group.create_task(self._worker(pending))
-                    self._workers.add(task)
-                    task.add_done_callback(self._workers.discard)
+                for name, items in lanes.items():
+                    lane = iter(items)
+                    for _ in range(min(len(items), 2 * self._route(name).concurrency)):
+                        task = group.create_task(self._worker(lane))
+                        self._workers.add(task)
+                        task.add_done_callback(self._workers.discard)
         finally:
             if timer is not None:
                 timer.cancel()
@@ -261,13 +282,16 @@ class Engine:
             if self._commits:
                 await asyncio.wait(set(self._commits))
             await self.committer.close()
-            self.stats.peak_in_flight = self.limits.peak
+            self.stats.peak_in_flight = sum(r.limits.peak for r in self.routes.values())
         # A bug in a commit nobody waited for (its worker was cancelled) still ends in exit 70.
         if self._commit_bugs:
             raise self._commit_bugs[0]
         if self.committer.broken is not None:
             raise self.committer.broken
         return self.stats
+
+    def _route(self, endpoint: str) -> Route:
+        return self.routes.get(endpoint) or next(iter(self.routes.values()))
 
     async def _worker(self, pending: Iterator[tuple[Job, str]]) -> None:
         while not self.stopping:
@@ -360,7 +384,9 @@ class Engine:
     async def _attempt(self, job: Job, fp: str, old_paths: set[str]) -> asyncio.Task[None]:
         if self.stopping:
             raise _Stopped
-        async with self.limits.slot() as ticket:
+        route = self._route(job.endpoint)
+        limits = route.limits
+        async with limits.slot() as ticket:
             if self.stopping:
                 raise _Stopped
             price = await self._reserve(job)
@@ -375,11 +401,11 @@ class Engine:
                 self.observer.on_attempt(job)
                 sent = True
                 try:
-                    generation = await self.provider.generate(job, self.store.root)
+                    generation = await route.provider.generate(job, self.store.root)
                 except JobError as exc:
-                    self.limits.on_answer(ticket, exc)
+                    limits.on_answer(ticket, exc)
                     if isinstance(exc, RateLimited):
-                        self._on_rate_limited(exc)
+                        self._on_rate_limited(exc, limits)
                     raise
                 spent = price * len(generation.images)
                 # Queued in the same step as the answer: no cancellation can fall between.
@@ -388,7 +414,7 @@ class Engine:
                 )
                 self._commits.add(commit)
                 commit.add_done_callback(self._commit_done)
-                self.limits.on_answer(ticket)
+                limits.on_answer(ticket)
             finally:
                 self._in_flight.discard(task)
                 if sent:
@@ -396,7 +422,7 @@ class Engine:
                 self.budget.settle(price, spent)
                 # Wakes the jobs waiting in _reserve: they stop the run if nothing can fit now.
                 self._budget_changed.set()
-        self._rate_limited_since = None
+        self._rate_limited_since.pop(id(limits), None)
         return commit
 
     def _commit_done(self, commit: asyncio.Task[None]) -> None:
@@ -404,12 +430,10 @@ class Engine:
         if not commit.cancelled() and commit.exception() is not None:
             self._commit_bugs.append(commit.exception())  # type: ignore[arg-type]
 
-    def _on_rate_limited(self, error: RateLimited) -> None:
+    def _on_rate_limited(self, error: RateLimited, limits: Limits) -> None:
         self.stats.rate_limited += 1
         now = self._clock()
-        if self._rate_limited_since is None:
-            self._rate_limited_since = now
-        waited = now - self._rate_limited_since
+        waited = now - self._rate_limited_since.setdefault(id(limits), now)
         if waited > self.config.policy.max_rate_limit_wait_s:
             self.stop(
                 StopReason.RATE_LIMIT,

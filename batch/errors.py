@@ -25,7 +25,9 @@ boundary each: the manifest loader, the protocol client and the store.
         │   │                      or an image that is not complete
         │   └── NoImage            200 without an image (retried once, then the job fails)
         ├── RejectedError      400/404/413/422 and other 4xx: the job fails at once
+        │   └── Blocked            the provider's safety system refused it (with its reason)
         └── FatalApiError      401/402/403: the whole run stops, unfinished jobs stay pending
+            └── QuotaExhausted     a per-day quota is used up (Gemini): stop, jobs pending
 
 Messages never contain the API key: the client builds them from status, body
 and the job id only, never from request headers.
@@ -179,3 +181,15 @@ class FatalApiError(JobError):
     """The key or account is unusable: stop the whole run."""
 
     type = "fatal"
+
+
+class Blocked(RejectedError):
+    """The provider's safety system refused the prompt or the image: the job fails at once."""
+
+    type = "blocked"
+
+
+class QuotaExhausted(FatalApiError):
+    """A quota that will not clear tonight (per day): stop the run, jobs stay pending."""
+
+    type = "quota_exhausted"

@@ -54,6 +54,7 @@ Scalar = str | int | float
 Found = Iterator[tuple[str, str]]  # (field suffix, message)
 
 ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_GPT_PRICE_KEY = re.compile(r"(low|medium|high)/(1024x1024|1536x1024|1024x1536)")
 VAR_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _WORD_RE = re.compile(r"[a-z0-9]+")
 _RATIO_SEPARATOR_RE = re.compile(r"\s*[x/:×]\s*")
@@ -218,9 +219,11 @@ def check_pricing(raw: Any) -> tuple[dict[str, dict[str, float]], list[tuple[str
                 ok = not isinstance(price, bool) and math.isfinite(price) and price >= 0
             except (TypeError, OverflowError):
                 ok = False
-            if size not in IMAGE_SIZES:
+            if size not in IMAGE_SIZES and not (isinstance(size, str)
+                                                and _GPT_PRICE_KEY.fullmatch(size)):
                 found.append((f"{where}.{show(size, 20).strip(chr(39))}",
-                              "image size must be 1K, 2K or 4K"))
+                              "image size must be 1K, 2K or 4K (gpt-image: quality/size, "
+                              "e.g. low/1024x1024)"))
             elif not ok:
                 found.append((f"{where}.{size}", f"must be a number >= 0, got {describe(price)}"))
             else:

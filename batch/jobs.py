@@ -63,6 +63,9 @@ class Job:
     params: Mapping[str, Any] = field(default_factory=dict)
     index: int = 0  # position in the (expanded) manifest
     location: str = ""  # where it was written, for messages: "jobs/a.yaml: job 3"
+    endpoint: str = ""  # the manifest's endpoint that serves it ("": the only one)
+    # Settings only some providers have (gpt-image's quality, output_format, background).
+    options: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,11 +14,20 @@ import difflib
 import logging
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from batch import expand as ex
+from batch.endpoints import (
+    CHAT,
+    OPTION_FIELDS,
+    Endpoint,
+    check_job,
+    check_option,
+    parse_endpoints,
+    resolve,
+)
 from batch.errors import ManifestError
 from batch.inputs import InputImages
 from batch.inputs import probe_file as _probe_file
@@ -26,7 +35,6 @@ from batch.jobs import (
     ASPECT_RATIOS,
     DEFAULT_ASPECT_RATIO,
     DEFAULT_IMAGE_SIZE,
-    DEFAULT_MODEL,
     IMAGE_SIZES,
     InputKind,
     Job,
@@ -47,8 +55,10 @@ log = logging.getLogger(__name__)
 
 MAX_JOBS = 1_000_000  # after expansion; guards memory against a runaway cross product
 JOB_FIELDS = ("id", "prompt", "aspect_ratio", "image_size", "model", "images", "params",
-              "count", "vars")
-TOP_LEVEL_KEYS = ("defaults", "jobs", "pricing")
+              "count", "vars", "endpoint", *OPTION_FIELDS)
+TOP_LEVEL_KEYS = ("endpoints", "defaults", "jobs", "pricing")
+_FIELD_CHECKS = {**ex.FIELD_CHECKS, "endpoint": ex.check_model,
+                 **{name: check_option for name in OPTION_FIELDS}}
 
 
 @dataclass(frozen=True)
@@ -58,12 +68,24 @@ class Manifest:
     path: Path
     jobs: tuple[Job, ...]
     pricing: Mapping[str, Mapping[str, float]]  # model -> image_size -> USD per image
+    # name -> endpoint, in manifest order; empty: one endpoint from the command line
+    endpoints: Mapping[str, Endpoint] = field(default_factory=dict)
 
 
 def load_manifest(
-    path: Path, *, default_model: str = DEFAULT_MODEL, max_problems: int = 50
+    path: Path,
+    *,
+    default_model: str | None = None,
+    max_problems: int = 50,
+    provider: str = CHAT,
+    endpoint: str | None = None,
 ) -> Manifest:
-    """Read, validate and expand a manifest; raises ManifestError listing every problem."""
+    """Read, validate and expand a manifest; raises ManifestError listing every problem.
+
+    ``provider`` serves every job when the manifest names no endpoints; ``endpoint``
+    (``--endpoint``) serves the jobs that name none when it does. ``default_model``
+    (``--model``) is for jobs naming no model, else their endpoint's default.
+    """
     where = str(path)
     probs = Problems(max_problems)
     fmt = FORMATS.get(Path(path).suffix.lower())
@@ -72,6 +94,8 @@ def load_manifest(
         raise ManifestError(probs.items)
     text = read_text(Path(path), where, probs)
     builder = _Builder(Path(path), default_model, probs)
+    builder.single = Endpoint.default(provider)
+    builder.chosen = endpoint
     pricing: dict[str, dict[str, float]] = {}
     if text is not None:
         decoder = json_decoder()
@@ -83,19 +107,26 @@ def load_manifest(
                 pricing = builder.build_document(doc)
         if builder.entries == 0 and not probs:
             probs.add(where, None, "the manifest lists no jobs")
+    if endpoint is not None and endpoint not in builder.endpoints:
+        probs.add(where, "endpoints", f"--endpoint {endpoint}: the manifest names no such "
+                  "endpoint" + (f" (it names {', '.join(builder.endpoints)})"
+                                if builder.endpoints else ""))
     if probs:
         raise ManifestError(probs.items, probs.more)
     log.debug("%s: %d job(s) from %d entr(ies), %d input file(s) hashed", where,
               len(builder.jobs), builder.entries, len(builder.inputs.files))
-    return Manifest(Path(path), tuple(builder.jobs), pricing)
+    return Manifest(Path(path), tuple(builder.jobs), pricing, builder.endpoints)
 
 
 class _Builder:
     """Validates entries and turns them into Jobs; holds the per-load caches."""
 
-    def __init__(self, path: Path, default_model: str, probs: Problems) -> None:
+    def __init__(self, path: Path, default_model: str | None, probs: Problems) -> None:
         self.where = str(path)
         self.default_model = default_model
+        self.endpoints: dict[str, Endpoint] = {}
+        self.single = Endpoint.default(CHAT)  # when the manifest names no endpoints
+        self.chosen: str | None = None
         self.probs = probs
         self.jobs: list[Job] = []
         self.entries = 0
@@ -120,6 +151,10 @@ class _Builder:
             for key in doc:
                 if key not in TOP_LEVEL_KEYS:
                     self._unknown(self.where, key, TOP_LEVEL_KEYS, "top-level key")
+            if "endpoints" in doc:
+                self.endpoints, found = parse_endpoints(doc["endpoints"])
+                for field_name, message in found:
+                    self.bad(self.where, field_name, message)
             if "defaults" in doc:
                 self._defaults(doc["defaults"])
             jobs = doc.get("jobs", [])
@@ -191,16 +226,36 @@ class _Builder:
         if len(self.jobs) + size > MAX_JOBS:
             self.bad(location, None, f"expands to {size} jobs; a manifest may hold {MAX_JOBS}")
             return
+        target = self._endpoint(job.get("endpoint", ""), location)
+        if target is None:
+            return
         base = own.get("id") or self._derived_id(raw)
-        model = job.get("model", self.default_model)
+        model = job.get("model", self.default_model or target.model)
         ratio = job.get("aspect_ratio", DEFAULT_ASPECT_RATIO)
         image_size = job.get("image_size", DEFAULT_IMAGE_SIZE)
         images = job.get("images", ())
         params = job.get("params", self.no_params)
+        options = {name: job[name] for name in OPTION_FIELDS if name in job}
+        first = len(self.jobs)
         for ident, prompt in ex.expand(base, job["prompt"], template, variables, count):
             self._register(ident, location)
             self.jobs.append(Job(ident, prompt, model, ratio, image_size, images, params,
-                                 len(self.jobs), location))
+                                 len(self.jobs), location, target.name, options))
+        if len(self.jobs) > first:  # every variant asks the same of its provider
+            for field_name, message in check_job(target.provider, self.jobs[first]):
+                self.bad(location, field_name, message)
+
+    def _endpoint(self, name: str, location: str) -> Endpoint | None:
+        if not self.endpoints:
+            if name:
+                self.bad(location, "endpoint", f"names endpoint {name!r}, but the manifest "
+                         "has no endpoints: mapping")
+                return None
+            return self.single
+        found, problem = resolve(self.endpoints, name, self.chosen)
+        if found is None and name:  # a bad --endpoint is reported once, by load_manifest
+            self.bad(location, "endpoint", problem)
+        return found
 
     def _derived_id(self, raw: dict[str, Any]) -> str:
         # Hash what the user wrote (after defaults), never --model or built-ins, so
@@ -235,7 +290,7 @@ class _Builder:
                 out[key] = self.inputs.images(value, location)
                 ok = ok and out[key] is not None
             else:
-                for suffix, message in ex.FIELD_CHECKS[key](value):
+                for suffix, message in _FIELD_CHECKS[key](value):
                     self.bad(location, key + suffix, message)
                     ok = False
                 out[key] = value.strip() if key == "model" and ok else value

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from batch.checkpoint import Checkpoint, JobState
 from batch.decoder import BodyDecoder, ImageBytes
 
-CHUNK = 64 * 1024  # what batch.client reads per chunk
+CHUNK = 64 * 1024  # what batch.providers.transport reads per chunk
 
 
 def make_body(payload_bytes: int, *, escape: bool) -> tuple[bytes, bytes, bytes]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 
-from batch.simimages import PngMaker, image_dims, label_lines
+from batch.sim.images import PngMaker, image_dims, label_lines
 
 
 def per_image_ms(width: int, height: int, labelled: bool, count: int) -> float:

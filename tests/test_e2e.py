@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from batch.simulator import image_dims
+from batch.sim.server import image_dims
 from tests.conftest import KEY, cli_env, read_results, run_args, run_cli, simulator
 
 SCALE = "0.0625"

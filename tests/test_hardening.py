@@ -45,17 +45,7 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from batch import client
 from batch.checkpoint import Checkpoint, JobState
-from batch.client import (
-    INPUT_CHUNK_BYTES,
-    ChatCompletionsClient,
-    ClientConfig,
-    Generation,
-    Secret,
-    env_proxy,
-    stream_body,
-)
 from batch.errors import (
     FatalApiError,
     MalformedResponse,
@@ -65,9 +55,13 @@ from batch.errors import (
 )
 from batch.imageinfo import probe
 from batch.jobs import DEFAULT_MODEL, InputImage, InputKind, Job, Status
-from batch.protocol import body_parts
-from batch.simconfig import Faults, SimConfig
-from batch.simulator import build_app
+from batch.providers import transport
+from batch.providers.base import ClientConfig, Generation, Secret
+from batch.providers.chat import ChatCompletionsClient
+from batch.providers.chat_wire import body_parts
+from batch.providers.transport import INPUT_CHUNK_BYTES, env_proxy, stream_body
+from batch.sim.config import Faults, SimConfig
+from batch.sim.server import build_app
 from tests.conftest import KEY, ROOT, cli_env, read_results, run_cli
 from tests.oracles import check_recorded_images, decode, journal, sha256_file
 from tests.test_e2e import catalog
@@ -731,7 +725,7 @@ def test_short_reads_still_stream_the_exact_base64(
 ) -> None:
     image = input_file(tmp_path / "in.png", 60_000 + seed)
     data = Path(image.ref).read_bytes()
-    monkeypatch.setattr(client, "_open_regular", lambda image: ShortReads(data, seed))
+    monkeypatch.setattr(transport, "_open_regular", lambda image: ShortReads(data, seed))
     job = replace(a_job(), images=(image,))
     parts = body_parts(job, "tok")
 
@@ -1069,7 +1063,7 @@ def test_internal_error_prints_a_clear_message_not_a_traceback(
 def test_plain_http_to_a_remote_host_warns_without_sending(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level("WARNING", logger="batch.client")
+    caplog.set_level("WARNING", logger="batch.providers.transport")
     for url, warns in [
         ("http://example.invalid/v1", True),
         ("http://203.0.113.5:8080/v1", True),
@@ -1083,7 +1077,7 @@ def test_plain_http_to_a_remote_host_warns_without_sending(
         warned = [r.getMessage() for r in caplog.records if "plain http" in r.getMessage()]
         assert bool(warned) is warns, url
         assert all(KEY not in m for m in warned)
-        assert client._session is None  # constructing sends nothing, opens nothing
+        assert client.transport._session is None  # constructing sends nothing, opens nothing
         asyncio.run(client.close())
 
 

@@ -18,7 +18,7 @@ from batch.errors import (
     ServerError,
 )
 from batch.jobs import InputImage, InputKind, Job
-from batch.protocol import (
+from batch.providers.chat_wire import (
     body_parts,
     build_body,
     data_url_head,

@@ -17,7 +17,7 @@ from batch.errors import (
     ServerError,
     TransportError,
 )
-from batch.protocol import error_for_status
+from batch.providers.chat_wire import error_for_status
 from batch.retry import RetryPolicy, backoff_s, decide, parse_retry_after
 
 NOW = 1_700_000_000.0

@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from batch.simimages import LABEL_CHARS, PngMaker, image_dims, label_lines
+from batch.sim.images import LABEL_CHARS, PngMaker, image_dims, label_lines
 
 RGB = bytes((30, 140, 90))
 

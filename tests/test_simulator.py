@@ -28,8 +28,8 @@ import aiohttp
 import pytest
 
 from batch.imageinfo import sniff_mime
-from batch.simconfig import Faults, SimConfig, add_arguments, config_from_args
-from batch.simulator import BASE_DIMS, image_dims, start
+from batch.sim.config import Faults, SimConfig, add_arguments, config_from_args
+from batch.sim.server import BASE_DIMS, image_dims, start
 
 HEADERS = {"User-Agent": "imgbatch-test/1", "Authorization": "Bearer test-key"}
 PATH = "/v1/chat/completions"
@@ -484,8 +484,8 @@ def test_command_line_options() -> None:
 def test_serve_prints_its_address_and_stops_on_sigint() -> None:
     code = (
         "import argparse, sys\n"
-        "from batch.simconfig import add_arguments, config_from_args\n"
-        "from batch.simulator import serve\n"
+        "from batch.sim.config import add_arguments, config_from_args\n"
+        "from batch.sim.server import serve\n"
         "p = argparse.ArgumentParser(); add_arguments(p)\n"
         "sys.exit(serve(config_from_args(p.parse_args(sys.argv[1:]))))\n"
     )

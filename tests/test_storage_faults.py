@@ -43,7 +43,7 @@ import batch.cli
 from batch import fsops
 from batch.checkpoint import Checkpoint, JobState
 from batch.cli import EXIT_INCOMPLETE, EXIT_OK
-from batch.client import Generation
+from batch.providers.base import Generation
 from batch.errors import MalformedResponse, NotRecorded, RejectedError, StorageError
 from batch.images import ImageWriter, StagedImage, discard
 from batch.jobs import Job, Status

@@ -1,12 +1,13 @@
-"""The provider interface and its first implementation: OpenAI-compatible chat completions.
+"""What every provider shares on the wire, written once.
 
-:class:`Provider` is all the engine knows of a provider. The chat-completions
-client sends the body laid out by :mod:`batch.protocol` (local input images
-streamed from disk into it), streams the answer through :mod:`batch.decoder`
-straight into temporary image files, and maps
-every aiohttp and OS exception onto :mod:`batch.errors` here and nowhere
-else. Nothing it raises or logs carries the API key: messages are built
-from the status, the body and the exception's class, never request headers.
+:class:`Transport` owns the one aiohttp session of an endpoint (TLS, proxy,
+User-Agent, no redirects, the response cap) and the exchange every protocol
+makes: send a body (local input images streamed from disk into it), wait for
+the answer to start, stream its body through :mod:`batch.decoder` into
+temporary image files, with a stall timeout while bytes flow. aiohttp and OS
+exceptions become :mod:`batch.errors` here; a protocol's own error bodies are
+mapped by the function each provider passes in. Nothing here raises or logs the
+API key: messages come from the status, the body and the exception's class.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import ipaddress
 import logging
 import os
-import secrets
 import ssl
 import stat
 import time
@@ -26,12 +27,11 @@ import urllib.request
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
-from batch import __version__
 from batch.decoder import BodyDecoder, ImageBegin, ImageBytes, ImageEnd, Inflater, placeholder
 from batch.errors import (
     JobError,
@@ -40,67 +40,38 @@ from batch.errors import (
     RequestTimeout,
     TransportError,
 )
-from batch.imageinfo import DEFAULT_MAX_PIXELS
-from batch.images import ImageWriter, StagedImage, StreamTransform, discard
+from batch.images import ImageWriter, StagedImage, discard, final_name
 from batch.jobs import InputImage, Job
-from batch.protocol import (
-    BodyParts,
-    body_parts,
-    data_url_head,
-    error_for_status,
-    interpret,
-)
+from batch.providers.base import Answer, ClientConfig, Generation
+from batch.providers.bodies import BodyParts
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE_URL = "https://api.qnaigc.com/v1"
 CHUNK_BYTES = 64 * 1024
 # Local input images are read in pieces of this size, a multiple of 3, so the base64
 # of each piece needs no padding (a short read is carried over to the next piece).
 INPUT_CHUNK_BYTES = 3 * 256 * 1024
 ERROR_BODY_BYTES = 64 * 1024
+# A body that brings fewer bytes than this in a whole stall window is stalled, even
+# if it trickles a byte now and then.
+MIN_PROGRESS_BYTES = 16 * 1024
+
+# (status, headers, body, job id, now) -> the error that answer stands for
+ErrorMap = Callable[[int, Mapping[str, str], bytes, str, float], JobError]
+# (decoded skeleton, placeholder -> streamed image index, job id) -> what the answer means
+Interpret = Callable[[Any, Mapping[str, int], str], Answer]
 
 
-class Secret(str):
-    """A string that does not show itself in reprs, logs or tracebacks."""
+@dataclass
+class Request:
+    """One request as a protocol lays it out; ``problems`` collects why a streamed body stopped."""
 
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    base_url: str = DEFAULT_BASE_URL
-    api_key: Secret = field(default=Secret(""), repr=False)
-    timeout_s: float = 300.0
-    connect_timeout_s: float = 30.0
-    max_connections: int = 8
-    max_response_bytes: int = 200 * 1024 * 1024
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
-    ca_bundle: Path | None = None
-    user_agent: str = f"imgbatch/{__version__}"
-    # Per image: rewrites it as it streams (provenance); None stores the server's bytes.
-    stamp: Callable[[Job], StreamTransform] | None = None
-
-
-@dataclass(frozen=True)
-class Generation:
-    """A successful answer: its images staged on disk, and what the server said."""
-
-    images: tuple[StagedImage, ...]
-    usage: dict[str, Any] | None
-    text: str
-    latency_s: float
-
-
-class Provider(Protocol):
-    """What the engine needs from any image provider."""
-
-    async def generate(self, job: Job, root: Path) -> Generation:
-        """Send one request for ``job``; stage its images under ``root``, or raise a JobError."""
-        ...
-
-    async def close(self) -> None: ...
+    url: str
+    headers: Mapping[str, str]
+    body: bytes | AsyncGenerator[bytes, None]
+    length: int
+    raw_keys: frozenset[str] = frozenset()  # where bare base64 images sit, for the decoder
+    problems: list[str] = field(default_factory=list)
 
 
 def tls_context(ca_bundle: Path) -> ssl.SSLContext:
@@ -135,12 +106,12 @@ def env_proxy(
     return bare, {"Proxy-Authorization": "Basic " + base64.b64encode(raw).decode()}
 
 
-class _InputProblem(Exception):
+class InputProblem(Exception):
     """A local input image cannot be sent as the manifest check saw it."""
 
 
 async def stream_body(parts: BodyParts, problems: list[str]) -> AsyncGenerator[bytes, None]:
-    """The body of ``parts``, each local image read and base64-encoded piece by piece.
+    """The body of ``parts``, each local image read (and base64-encoded) piece by piece.
 
     Each image is checked against the size and sha256 the manifest check saw
     before the rest of the body follows (and never sends more than that size), so
@@ -148,17 +119,19 @@ async def stream_body(parts: BodyParts, problems: list[str]) -> AsyncGenerator[b
     which it neither answers nor bills. Why is appended to ``problems`` before
     raising, as aiohttp wraps what a body raises.
     """
-    for piece, image in zip(parts.pieces, (*parts.files, None), strict=True):
+    for piece, image, head in zip(
+        parts.pieces, (*parts.files, None), (*parts.heads, b""), strict=True
+    ):
         yield piece
         if image is None:
             return
-        yield data_url_head(image)
+        yield head
         try:
             # Closed at once if the body is dropped half way, and the file with it.
-            async with contextlib.aclosing(_encoded(image)) as pieces:
-                async for encoded in pieces:
-                    yield encoded
-        except _InputProblem as exc:
+            async with contextlib.aclosing(_read(image, parts.encoded)) as pieces:
+                async for data in pieces:
+                    yield data
+        except InputProblem as exc:
             problems.append(str(exc))
             raise
 
@@ -168,7 +141,7 @@ def _open_regular(image: InputImage) -> BinaryIO:
     fd = os.open(image.ref, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _InputProblem(f"input image {image.source} is no longer a regular file")
+            raise InputProblem(f"input image {image.source} is no longer a regular file")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -176,7 +149,7 @@ def _open_regular(image: InputImage) -> BinaryIO:
         raise
 
 
-async def _encoded(image: InputImage) -> AsyncGenerator[bytes, None]:
+async def _read(image: InputImage, encoded: bool) -> AsyncGenerator[bytes, None]:
     changed = f"input image {image.source} changed since the manifest was checked; not sent"
     digest = hashlib.sha256()
     size = 0
@@ -189,16 +162,22 @@ async def _encoded(image: InputImage) -> AsyncGenerator[bytes, None]:
                 digest.update(chunk)
                 size += len(chunk)
                 if size > (image.size_bytes or 0):
-                    raise _InputProblem(changed)
+                    raise InputProblem(changed)
                 data = carry + chunk if carry else chunk
+                if not encoded:
+                    # The last byte waits for the checks below: a file changed since
+                    # must leave the body short, unanswered and unbilled.
+                    carry = data[-1:]
+                    yield data[:-1]
+                    continue
                 cut = len(data) - len(data) % 3
                 carry = data[cut:]
                 yield base64.b64encode(data[:cut])
     except OSError as exc:
-        raise _InputProblem(f"cannot read input image {image.source}: {exc.strerror}") from None
+        raise InputProblem(f"cannot read input image {image.source}: {exc.strerror}") from None
     if size != image.size_bytes or digest.hexdigest() != image.digest:
-        raise _InputProblem(changed)
-    yield base64.b64encode(carry)
+        raise InputProblem(changed)
+    yield base64.b64encode(carry) if encoded else carry
 
 
 def is_loopback(url: str) -> bool:
@@ -211,27 +190,46 @@ def is_loopback(url: str) -> bool:
         return False
 
 
-class ChatCompletionsClient:
-    """``POST {base_url}/chat/completions`` with images streamed out of the answer."""
+
+def describe(exc: BaseException) -> str:
+    """A message for a transport failure that cannot leak headers."""
+    name = type(exc).__name__
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{name}: HTTP {exc.status} {exc.message}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"{name}: cannot connect to {exc.host}:{exc.port} ({exc.strerror or exc.os_error})"
+    text = str(exc)
+    return f"{name}: {text}" if text else name
+
+
+
+class _Stalled(Exception):
+    """The answer's body stopped flowing."""
+
+
+class Transport:
+    """One endpoint's session and the exchange every protocol makes through it."""
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
-        self.url = config.base_url.rstrip("/") + "/chat/completions"
-        if urlsplit(self.url).scheme == "http" and not is_loopback(self.url):
-            log.warning("sending the API key over plain http to %s", urlsplit(self.url).hostname)
+        base = config.base_url
+        if urlsplit(base).scheme == "http" and not is_loopback(base):
+            log.warning("sending the API key over plain http to %s", urlsplit(base).hostname)
         self._session: aiohttp.ClientSession | None = None
         # Looked up once: aiohttp's trust_env would look up the proxy and ~/.netrc
         # again for every request, in a worker thread (two thread handoffs each).
-        proxy = env_proxy(self.url, urllib.request.getproxies(), urllib.request.proxy_bypass)
+        proxy = env_proxy(base, urllib.request.getproxies(), urllib.request.proxy_bypass)
         self._proxy_url: str | None = proxy[0] if proxy else None
         auth = proxy[1] if proxy else {}
         # aiohttp sends proxy_headers only with the CONNECT of an https tunnel; a plain
         # http request goes to the proxy itself, so its credentials ride along with it.
-        tunnel = urlsplit(self.url).scheme == "https"
+        tunnel = urlsplit(base).scheme == "https"
         self._proxy_headers = auth if tunnel and auth else None
-        self._proxy_auth = {} if tunnel else auth
+        self.proxy_auth: dict[str, str] = {} if tunnel else auth
+        # A pause longer than the wait allowed for the answer to start is never right.
+        self.stall_s = min(config.stall_timeout_s, config.timeout_s)
 
-    def _open(self) -> aiohttp.ClientSession:
+    def open(self) -> aiohttp.ClientSession:
         if self._session is None:
             ssl_context: ssl.SSLContext | bool = True
             if self.config.ca_bundle is not None:
@@ -252,48 +250,57 @@ class ChatCompletionsClient:
             await self._session.close()
             self._session = None
 
-    def _headers(self) -> dict[str, str]:
+    def headers(self, own: Mapping[str, str]) -> dict[str, str]:
+        """``own`` (the protocol's auth and content type) and what every request carries."""
         return {
-            "Authorization": f"Bearer {self.config.api_key}",
-            "Content-Type": "application/json",
+            **own,
             "Accept": "application/json",
             "Accept-Encoding": "gzip, deflate",
             "User-Agent": self.config.user_agent,
-            **self._proxy_auth,
+            **self.proxy_auth,
         }
 
-    async def generate(self, job: Job, root: Path) -> Generation:
-        """Send one request for ``job``; stage its images under ``root``, or raise a JobError."""
-        problems: list[str] = []  # what stopped a local input image from being sent
-        body = self._body(job, problems)
+    async def generate(
+        self, job: Job, root: Path, request: Request, errors: ErrorMap, interpret: Interpret
+    ) -> Generation:
+        """Send ``request``; stage the images ``interpret`` names under ``root``, or raise."""
         started = time.monotonic()
         writers: dict[int, ImageWriter] = {}
         staged: dict[int, StagedImage] = {}
         try:
             try:
-                async with asyncio.timeout(self.config.timeout_s):
-                    document, streamed = await self._exchange(job, root, body, writers, staged)
+                document, streamed = await self._exchange(
+                    job, root, request, errors, writers, staged
+                )
             except TimeoutError:
                 raise RequestTimeout(
-                    f"no complete answer within {self.config.timeout_s:g}s", job_id=job.id
+                    f"no answer within {self.config.timeout_s:g}s", job_id=job.id
                 ) from None
-            except (aiohttp.ClientError, _InputProblem) as exc:
-                if problems:
+            except _Stalled:
+                raise RequestTimeout(
+                    f"the answer stalled: under {MIN_PROGRESS_BYTES // 1024} KiB in "
+                    f"{self.stall_s:g}s", job_id=job.id,
+                ) from None
+            except (aiohttp.ClientError, InputProblem) as exc:
+                if request.problems:
                     # The body was cut short, so nothing was generated: not worth a retry.
-                    raise RejectedError(problems[0], job_id=job.id) from None
-                raise TransportError(_describe(exc), job_id=job.id) from None
-            answer = interpret(document, streamed, job_id=job.id)
+                    raise RejectedError(request.problems[0], job_id=job.id) from None
+                raise TransportError(describe(exc), job_id=job.id) from None
+            answer = interpret(document, streamed, job.id)
         except BaseException as exc:
             if isinstance(exc, JobError) and not exc.job_id:
                 exc.job_id = job.id
-            self._abort(root, writers, staged)
+            _abort(root, writers, staged)
             raise
         finally:
-            if not isinstance(body[0], bytes):
+            if not isinstance(request.body, bytes):
                 # The answer can come before the whole body went (an error, a redirect).
-                await body[0].aclose()
-        keep = [staged.pop(i) for i in answer.image_indexes if i in staged]
-        self._abort(root, {}, staged)  # data URLs outside message.images
+                await request.body.aclose()
+        # Named by their place among the answer's images, not in the body: a draft
+        # streamed before them must not push the first image to "<id>~2".
+        keep = [_renamed(staged.pop(i), job.id, n)
+                for n, i in enumerate(i for i in answer.image_indexes if i in staged)]
+        _abort(root, {}, staged)  # images the answer does not count (drafts, stray data URLs)
         return Generation(
             tuple(keep),
             dict(answer.usage) if answer.usage else None,
@@ -301,50 +308,43 @@ class ChatCompletionsClient:
             time.monotonic() - started,
         )
 
-    @staticmethod
-    def _body(
-        job: Job, problems: list[str]
-    ) -> tuple[bytes | AsyncGenerator[bytes, None], int]:
-        """The request body and its length; local input images are streamed, not held."""
-        parts = body_parts(job, secrets.token_hex(16))
-        if not parts.files:
-            return parts.pieces[0], len(parts.pieces[0])
-        return stream_body(parts, problems), parts.length()
-
     async def _exchange(
         self,
         job: Job,
         root: Path,
-        body: tuple[bytes | AsyncGenerator[bytes, None], int],
+        request: Request,
+        errors: ErrorMap,
         writers: dict[int, ImageWriter],
         staged: dict[int, StagedImage],
     ) -> tuple[Any, dict[str, int]]:
-        session = self._open()
-        data, length = body
+        session = self.open()
         # A stated length, so a streamed body is not sent chunked (and is known to be cut
         # short if it fails half way).
         # The job id lets a log (and the simulator's pictures) name the job.
-        headers = {**self._headers(), "Content-Length": str(length), "X-Imgbatch-Job": job.id}
-        async with session.post(
-            self.url,
-            data=data,
-            headers=headers,
-            proxy=self._proxy_url,
-            proxy_headers=self._proxy_headers,
-            # A redirect is reported, not followed: a streamed body cannot be sent twice,
-            # and a gateway that moved should be configured where it is.
-            allow_redirects=False,
-        ) as response:
-            if response.status != 200:
-                raw = await response.content.read(ERROR_BODY_BYTES)
-                raise error_for_status(
-                    response.status, response.headers, raw, job_id=job.id, now_s=time.time()
-                )
+        headers = {**request.headers, "Content-Length": str(request.length),
+                   "X-Imgbatch-Job": job.id}
+        async with contextlib.AsyncExitStack() as stack:
+            # The wait for the answer to start (the body sent, the headers back) has
+            # its own deadline; the body then flows for as long as it keeps moving.
+            async with asyncio.timeout(self.config.timeout_s):
+                response = await stack.enter_async_context(session.post(
+                    request.url,
+                    data=request.body,
+                    headers=headers,
+                    proxy=self._proxy_url,
+                    proxy_headers=self._proxy_headers,
+                    # A redirect is reported, not followed: a streamed body cannot be
+                    # sent twice, and a gateway that moved should be configured where it is.
+                    allow_redirects=False,
+                ))
+                if response.status != 200:
+                    raw = await response.content.read(ERROR_BODY_BYTES)
+                    raise errors(response.status, response.headers, raw, job.id, time.time())
             inflater = Inflater(
                 response.headers.get("Content-Encoding"),
                 max_output_bytes=self.config.max_response_bytes,
             )
-            decoder = BodyDecoder()
+            decoder = BodyDecoder(raw_keys=request.raw_keys)
             streamed: dict[str, int] = {}
             current: list[int] = []
 
@@ -365,32 +365,45 @@ class ChatCompletionsClient:
                             staged[event.index] = writers[event.index].finish()
                             del writers[event.index]
 
-            async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+            async for chunk in self._body(response):
                 handle(inflater.feed(chunk))
             handle(inflater.finish())
             document = decoder.finish()
             if writers:
                 raise MalformedResponse("answer ended inside an image", job_id=job.id)
             return document, streamed
+        raise AssertionError("unreachable")  # mypy: the exit stack may swallow
 
-    @staticmethod
-    def _abort(
-        root: Path, writers: dict[int, ImageWriter], staged: dict[int, StagedImage] | None = None
-    ) -> None:
-        for writer in writers.values():
-            writer.abort()
-        writers.clear()
-        for image in (staged or {}).values():
-            discard(root, image)
+    async def _body(self, response: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
+        """The body's chunks; _Stalled when a stall window brings under MIN_PROGRESS_BYTES."""
+        loop = asyncio.get_running_loop()
+        window_end = loop.time() + self.stall_s
+        moved = 0
+        while True:
+            try:
+                async with asyncio.timeout_at(window_end):
+                    chunk = await response.content.read(CHUNK_BYTES)
+            except TimeoutError:
+                if moved < MIN_PROGRESS_BYTES:
+                    raise _Stalled from None
+                window_end, moved = loop.time() + self.stall_s, 0
+                continue
+            if not chunk:
+                return
+            moved += len(chunk)
+            yield chunk
 
 
-def _describe(exc: BaseException) -> str:
-    """A message for a transport failure that cannot leak headers."""
-    name = type(exc).__name__
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return f"{name}: HTTP {exc.status} {exc.message}"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"{name}: cannot connect to {exc.host}:{exc.port} ({exc.strerror or exc.os_error})"
-    text = str(exc)
-    return f"{name}: {text}" if text else name
+def _renamed(image: StagedImage, job_id: str, position: int) -> StagedImage:
+    ext = image.final_rel.rsplit(".", 1)[-1]
+    return dataclasses.replace(image, final_rel=final_name(job_id, position, ext))
 
+
+def _abort(
+    root: Path, writers: dict[int, ImageWriter], staged: dict[int, StagedImage] | None = None
+) -> None:
+    for writer in writers.values():
+        writer.abort()
+    writers.clear()
+    for image in (staged or {}).values():
+        discard(root, image)

@@ -1,9 +1,11 @@
-"""Local stand-in for an OpenAI-compatible image gateway (gemini-3-pro-image over chat completions).
+"""Local stand-in for the image APIs imgbatch speaks, all three on one port.
 
-It speaks the wire format imgbatch targets, answers with real PNGs and injects faults,
-latency and rate limits on demand, so the client can be tested and shown offline.
-Requests are checked and bodies written by :mod:`batch.simwire`; the images are
-made by :mod:`batch.simimages`.
+Chat completions at ``/v1/chat/completions`` (Qiniu, OpenRouter), Gemini's
+``/v1beta/models/{model}:generateContent`` and OpenAI's ``/v1/images/generations``
+and ``/v1/images/edits``. It answers with real PNGs and injects the same faults,
+latency and rate limits into each, in each protocol's own shapes
+(:mod:`batch.sim.protocols`), so the clients can be tested and shown offline.
+The images are made by :mod:`batch.sim.images`.
 """
 
 from __future__ import annotations
@@ -13,30 +15,21 @@ import base64
 import collections
 import gzip
 import hashlib
-import hmac
-import json
 import random
 import signal
 import time
 
 from aiohttp import web
 
-from batch.simconfig import SimConfig
-from batch.simimages import BASE_DIMS as BASE_DIMS
-from batch.simimages import SIZE_FACTOR as SIZE_FACTOR
-from batch.simimages import TEXT_KEYWORD as TEXT_KEYWORD
-from batch.simimages import PngMaker, colour, image_dims, jpeg, label_lines, request_text
-from batch.simwire import FLASH_MODEL as FLASH_MODEL
-from batch.simwire import KNOWN_MODELS as KNOWN_MODELS
-from batch.simwire import (
-    Parsed,
-    Reject,
-    completion_body,
-    error_body,
-    parse_request,
-    retry_headers,
-    server_error,
-)
+from batch.sim.config import SimConfig
+from batch.sim.images import BASE_DIMS as BASE_DIMS
+from batch.sim.images import SIZE_FACTOR as SIZE_FACTOR
+from batch.sim.images import TEXT_KEYWORD as TEXT_KEYWORD
+from batch.sim.images import PngMaker, colour, image_dims, jpeg, label_lines, request_text
+from batch.sim.protocols import Chat, Gemini, Images, Outcome, Wire
+from batch.sim.wire import FLASH_MODEL as FLASH_MODEL
+from batch.sim.wire import KNOWN_MODELS as KNOWN_MODELS
+from batch.sim.wire import Parsed, Reject, error_body, server_error
 
 CHUNK = 64 * 1024
 _BLOCKED_AGENTS = ("python-urllib", "python-requests", "python/")
@@ -51,10 +44,14 @@ class _Simulator:
         self.serial = 0
         self.in_flight = 0
         self.pngs = PngMaker(config.payload_bytes)
+        self.wires: dict[str, Wire] = {
+            "chat": Chat(config.escape_slashes), "gemini": Gemini(), "images": Images(),
+        }
         self.reset()
 
     def reset(self) -> None:
         self.requests = 0
+        self.served = 0  # answers that counted against a daily quota
         self.max_in_flight = self.in_flight
         self.by_status: collections.Counter[str] = collections.Counter()
         self.faults: collections.Counter[str] = collections.Counter()
@@ -69,6 +66,17 @@ class _Simulator:
             "max_in_flight": self.max_in_flight, "by_prompt": dict(self.by_prompt),
         })
 
+    async def input_image(self, request: web.Request) -> web.Response:
+        """A PNG to name as a URL input image: ``/_inputs/{width}x{height}.png``."""
+        try:
+            width, height = (int(side) for side in request.match_info["dims"].split("x"))
+        except ValueError:
+            raise web.HTTPNotFound() from None
+        if not (0 < width <= 4096 and 0 < height <= 4096):
+            raise web.HTTPNotFound()
+        png = self.pngs.png(width, height, bytes.fromhex("4080c0"), b"input")
+        return web.Response(body=png, content_type="image/png")
+
     async def reset_handler(self, request: web.Request) -> web.Response:
         self.reset()
         return web.json_response({"ok": True})
@@ -78,43 +86,51 @@ class _Simulator:
         return await self._gate(request) or await self._error(request, 404, "not found")
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, self.wires["chat"])
+
+    async def gemini(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, self.wires["gemini"])
+
+    async def images(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, self.wires["images"])
+
+    async def _serve(self, request: web.Request, wire: Wire) -> web.StreamResponse:
         self.requests += 1
         self.serial += 1
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            return await self._chat(request, self.serial)
+            return await self._answer(request, wire, self.serial)
         finally:
             self.in_flight -= 1
 
-    async def _chat(self, request: web.Request, n: int) -> web.StreamResponse:
+    async def _answer(self, request: web.Request, wire: Wire, n: int) -> web.StreamResponse:
         cfg = self.config
         blocked = await self._gate(request)
         if blocked is not None:
             return blocked
         if request.method != "POST":
             return await self._error(request, 404, "not found")
-        auth = request.headers.get("Authorization", "")
-        key = auth[7:].strip() if auth.startswith("Bearer ") else ""
-        if not key or (cfg.api_key is not None and not hmac.compare_digest(key, cfg.api_key)):
-            return await self._error(request, 401, "invalid api key", "invalid_api_key")
-        if request.content_type != "application/json":
-            return await self._error(request, 400, "Content-Type must be application/json")
+        refused = wire.auth(request, cfg.api_key)
+        if refused is not None:
+            return await self._out(request, refused)
         try:
-            parsed = parse_request(json.loads(await request.read()))
-        except ValueError:
-            return await self._error(request, 400, "invalid JSON body")
+            parsed = await wire.parse(request)
         except Reject as exc:
-            return await self._error(request, exc.status, exc.message, exc.code)
+            return await self._out(request, wire.reject(exc))
         if cfg.refuse_prompt and cfg.refuse_prompt.lower() in parsed.prompt.lower():
-            return await self._error(request, 400, "The prompt was blocked by the content "
-                                     "policy (PROHIBITED_CONTENT)", "content_policy_violation")
+            refusal = Reject(400, "The prompt was blocked by the content policy "
+                             "(PROHIBITED_CONTENT)", "content_policy_violation")
+            return await self._out(request, wire.reject(refusal))
         sha = hashlib.sha256(parsed.prompt.encode()).hexdigest()
         self.by_prompt[sha] += 1
+        if cfg.daily_quota and self.served >= cfg.daily_quota:
+            self.faults["daily_quota"] += 1
+            return await self._out(request, wire.rate_limited(cfg.retry_after_s, True))
         wait = self._admit()
         if wait is not None:
             self.faults["rpm_limit"] += 1
-            return await self._rate_limited(request, wait)
+            return await self._out(request, wire.rate_limited(wait, False))
         self.attempts[sha] += 1
         picked = None
         if cfg.fault_attempts == 0 or self.attempts[sha] <= cfg.fault_attempts:
@@ -123,7 +139,7 @@ class _Simulator:
         if fault:
             self.faults[fault] += 1
         if fault == "rate_limit":  # quota rejections come back at once, before any latency
-            return await self._rate_limited(request, cfg.retry_after_s)
+            return await self._out(request, wire.rate_limited(cfg.retry_after_s, False))
         delay = cfg.latency_s + cfg.latency_jitter_s * self.rng.random()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -131,14 +147,34 @@ class _Simulator:
             if request.transport is not None:
                 request.transport.abort()
             return web.Response()  # aiohttp fails to write it and drops the connection
+        if fault == "server_error_json":
+            status = 500 if where < 0.5 else 503
+            message = "internal server error" if status == 500 else "model overloaded, try later"
+            return await self._out(request, wire.server_error(status, message))
         canned = server_error(fault, where)
-        if canned is not None:
+        if canned is not None:  # what a proxy in front says, the same for every protocol
             status, body, content_type, reason = canned
             return await self._send(request, status, [body], content_type, reason=reason)
+        if cfg.block_word and cfg.block_word.lower() in parsed.prompt.lower():
+            self.faults["blocked"] += 1
+            fault = "blocked"
+        self.served += 1
+        if fault == "bad_json":  # a proxy's page served as 200
+            page = b"<html><body>upstream returned an invalid response</body></html>"
+            return await self._send(request, 200, [page], "application/json")
         label = tuple(label_lines(request.headers.get("X-Imgbatch-Job", ""), parsed.prompt))
-        pieces = self._completion(parsed, sha, n, fault, where, label)
+        images = [] if fault in ("no_image", "blocked", "error_200") else [
+            wire.image_prefix + self._image(parsed, sha, n, i, fault, where, label)
+            for i in range(cfg.images_per_response)
+        ]
+        status, pieces, headers = wire.answer(parsed, images, fault, sha, n)
         cut = where if fault == "truncate" else None
-        return await self._send(request, 200, pieces, "application/json", cut=cut)
+        return await self._send(request, status, pieces, "application/json", headers=headers,
+                                cut=cut)
+
+    async def _out(self, request: web.Request, outcome: Outcome) -> web.StreamResponse:
+        status, pieces, headers = outcome
+        return await self._send(request, status, pieces, "application/json", headers=headers)
 
     async def _gate(self, request: web.Request) -> web.StreamResponse | None:
         agent = request.headers.get("User-Agent", "").strip().lower()
@@ -158,11 +194,6 @@ class _Simulator:
             return self.window[0] + window - now
         self.window.append(now)
         return None
-
-    async def _rate_limited(self, request: web.Request, seconds: float) -> web.StreamResponse:
-        body = error_body("Rate limit exceeded", "rate_limit_error", 429)
-        return await self._send(request, 429, [body], "application/json",
-                                headers=retry_headers(seconds))
 
     async def _error(self, request: web.Request, status: int, message: str,
                      code: str | None = None) -> web.StreamResponse:
@@ -204,35 +235,29 @@ class _Simulator:
             pass  # the client left; aiohttp notices on write_eof and drops the connection
         return resp
 
-    def _completion(self, parsed: Parsed, sha: str, n: int, fault: str,
-                    where: float, label: tuple[str, ...] = ()) -> list[bytes]:
-        if fault == "error_200":
-            return [json.dumps({"error": {"message": "upstream error", "code": 502}}).encode()]
-        if fault == "bad_json":  # a proxy's page served as 200
-            return [b"<html><body>upstream returned an invalid response</body></html>"]
-        urls = [] if fault == "no_image" else [
-            self._data_url(parsed, sha, n, i, fault, where, label)
-            for i in range(self.config.images_per_response)
-        ]
-        return completion_body(parsed, sha, n, urls, self.config.escape_slashes)
-
-    def _data_url(self, parsed: Parsed, sha: str, n: int, index: int, fault: str,
-                  where: float, label: tuple[str, ...] = ()) -> bytes:
+    def _image(self, parsed: Parsed, sha: str, n: int, index: int, fault: str,
+               where: float, label: tuple[str, ...] = ()) -> bytes:
+        """One answer image's base64."""
         meta = request_text(sha, n)
         cfg = self.config
-        if cfg.jpeg_lie and self.rng.random() < cfg.jpeg_lie:
+        if parsed.output_format == "jpeg":
+            data = jpeg(meta)
+        elif cfg.jpeg_lie and self.rng.random() < cfg.jpeg_lie:
             self.faults["jpeg_lie"] += 1
             data = jpeg(meta)
         else:
-            dims = image_dims(parsed.aspect_ratio, parsed.image_size, cfg.scale)
-            data = self.pngs.png(*dims, colour(sha, index), meta, label)
+            if parsed.pixels is not None:
+                dims = tuple(max(1, round(side * cfg.scale)) for side in parsed.pixels)
+            else:
+                dims = image_dims(parsed.aspect_ratio, parsed.image_size, cfg.scale)
+            data = self.pngs.png(dims[0], dims[1], colour(sha, index), meta, label)
         if fault == "incomplete_image":  # somewhere after the header, always before the end
             data = data[:33 + int(where * (len(data) - 45))]
         b64 = base64.b64encode(data)
         if fault == "bad_base64":
             middle = len(b64) // 2
             b64 = b64[:middle] + b"***" + b64[middle:]
-        return b"data:image/png;base64," + b64
+        return b64
 
 
 def build_app(config: SimConfig) -> web.Application:
@@ -241,7 +266,11 @@ def build_app(config: SimConfig) -> web.Application:
     app = web.Application(client_max_size=256 * 1024 * 1024)
     app.router.add_get("/_stats", sim.stats)
     app.router.add_post("/_reset", sim.reset_handler)
+    app.router.add_get(r"/_inputs/{dims:\d+x\d+}.png", sim.input_image)
     app.router.add_route("*", "/v1/chat/completions", sim.chat)
+    app.router.add_route("*", "/v1beta/models/{tail}", sim.gemini)
+    app.router.add_route("*", "/v1/images/generations", sim.images)
+    app.router.add_route("*", "/v1/images/edits", sim.images)
     app.router.add_route("*", "/{tail:.*}", sim.not_found)
     return app
 

@@ -1,6 +1,6 @@
 """The simulator's settings: what faults, latency and limits one instance injects.
 
-Apart from :mod:`batch.simulator` so the CLI can offer ``imgbatch simulate``'s
+Apart from :mod:`batch.sim.server` so the CLI can offer ``imgbatch simulate``'s
 options without importing the server (aiohttp.web) on every run.
 """
 
@@ -80,14 +80,18 @@ class SimConfig:
     gzip: bool = False
     jpeg_lie: float = 0.0
     refuse_prompt: str = ""  # refuse (400, content policy) prompts containing this text
+    daily_quota: int = 0  # answers before every request meets a per-day quota; 0 = none
+    block_word: str = ""  # prompts holding it are refused by the safety system
 
     def __post_init__(self) -> None:
         if self.scale <= 0 or self.rate_window_s <= 0 or self.retry_after_s <= 0:
             raise ValueError("scale, rate_window_s and retry_after_s must be positive")
         if min(self.latency_s, self.latency_jitter_s, self.payload_bytes) < 0:
             raise ValueError("latency, jitter and payload_bytes must not be negative")
-        if self.fault_attempts < 0 or self.rpm_limit < 0 or self.images_per_response < 1:
-            raise ValueError("fault_attempts, rpm_limit >= 0 and images_per_response >= 1")
+        if self.fault_attempts < 0 or self.rpm_limit < 0 or self.images_per_response < 1 \
+                or self.daily_quota < 0:
+            raise ValueError("fault_attempts, rpm_limit, daily_quota >= 0 and "
+                             "images_per_response >= 1")
         if not 0.0 <= self.jpeg_lie <= 1.0:
             raise ValueError("jpeg_lie must be within 0..1")
 
@@ -126,6 +130,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="probability of sending JPEG bytes labelled image/png")
     add("--refuse-prompt", default="", metavar="TEXT",
         help="refuse prompts containing TEXT (any case) with a 400 content-policy error")
+    add("--daily-quota", type=int, default=0, metavar="N",
+        help="after N images every request meets a per-day quota (Gemini: QuotaFailure "
+             "...PerDay...; OpenAI: insufficient_quota); 0 = none")
+    add("--block-word", default="", metavar="WORD",
+        help="refuse prompts holding WORD as the provider's safety system does")
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
@@ -141,4 +150,5 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         payload_bytes=args.payload_bytes, images_per_response=args.images_per_response,
         escape_slashes=args.escape_slashes, gzip=args.gzip, jpeg_lie=args.jpeg_lie,
         refuse_prompt=args.refuse_prompt,
+        daily_quota=args.daily_quota, block_word=args.block_word,
     )

@@ -2,33 +2,27 @@
 
 What a request body looks like for a job, how an HTTP status and body map
 onto the error tree, and what a decoded 200 answer means. The transport
-(:mod:`batch.client`) calls these; tests call them with tables.
+(:mod:`batch.providers.chat`) calls these; tests call them with tables.
 """
 
 from __future__ import annotations
 
-import html
 import json
-import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from batch.errors import (
-    FatalApiError,
     JobError,
     MalformedResponse,
     NoImage,
-    RateLimited,
-    RejectedError,
     ServerError,
 )
 from batch.jobs import InputImage, InputKind, Job
+from batch.providers.base import Answer
+from batch.providers.bodies import BodyParts, base64_length, cut_json, local_files
+from batch.providers.http_errors import clip, error_for_code, redirect_error
+from batch.providers.http_errors import server_message as server_message
 from batch.retry import parse_retry_after
-
-MAX_MESSAGE_CHARS = 500
-FATAL_STATUSES = frozenset({401, 402, 403})
-RETRYABLE_STATUSES = frozenset({408, 409})
 
 
 def build_body(job: Job, file_url: Callable[[InputImage], str]) -> dict[str, Any]:
@@ -61,77 +55,14 @@ def data_url_head(image: InputImage) -> bytes:
 
 def data_url_length(image: InputImage) -> int:
     """Bytes of a local image's data URL, from the size it had when the manifest was read."""
-    return len(data_url_head(image)) + 4 * (((image.size_bytes or 0) + 2) // 3)
-
-
-@dataclass(frozen=True, slots=True)
-class BodyParts:
-    """A request body as JSON text around the local input images it inlines.
-
-    The body is ``pieces[0]``, the data URL of ``files[0]``, ``pieces[1]`` and so
-    on: the client streams each image from disk into its data URL, so the body of a
-    job with 14 inputs of 7 MB is never held in memory.
-    """
-
-    pieces: tuple[bytes, ...]  # one more than files
-    files: tuple[InputImage, ...]
-
-    def length(self) -> int:
-        return sum(map(len, self.pieces)) + sum(map(data_url_length, self.files))
+    return len(data_url_head(image)) + base64_length(image.size_bytes or 0)
 
 
 def body_parts(job: Job, token: str) -> BodyParts:
     """``job``'s body cut where its local images go; ``token`` is a random marker."""
-    files = tuple(image for image in job.images if image.kind is InputKind.FILE)
-    marks = iter(range(len(files)))  # build_body asks for the files in order
-    document = build_body(job, lambda image: f"{token}-{next(marks)}")
-    rest = json.dumps(document, ensure_ascii=False).encode("utf-8")
-    pieces = []
-    for i in range(len(files)):
-        # Quotes included: inside a JSON string a quote is always escaped.
-        before, found, rest = rest.partition(f'"{token}-{i}"'.encode("ascii"))
-        if not found:
-            raise ValueError(f"marker {i} is missing from the body")
-        pieces.append(before + b'"')
-        rest = b'"' + rest
-    pieces.append(rest)
-    return BodyParts(tuple(pieces), files)
-
-
-def server_message(body: bytes, content_type: str) -> str:
-    """A short human message from an error body: JSON, HTML or plain text."""
-    text = body.decode("utf-8", errors="replace").strip()
-    if not text:
-        return "(empty body)"
-    try:
-        document = json.loads(text)
-    except ValueError:
-        document = None
-    if isinstance(document, dict):
-        error = document.get("error", document)
-        if isinstance(error, dict):
-            for key in ("message", "msg", "detail"):
-                value = error.get(key)
-                if isinstance(value, str) and value:
-                    return _clip(value)
-        elif isinstance(error, str) and error:
-            return _clip(error)
-        return _clip(json.dumps(document, ensure_ascii=False))
-    if "html" in content_type.lower() or text.lstrip().startswith("<"):
-        title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
-        if title is None:
-            title = re.search(r"<h1[^>]*>(.*?)</h1>", text, re.IGNORECASE | re.DOTALL)
-        if title is not None:
-            return _clip(html.unescape(re.sub(r"\s+", " ", title.group(1)).strip()))
-        return _clip(re.sub(r"<[^>]+>", " ", text))
-    return _clip(text)
-
-
-def _clip(text: str) -> str:
-    text = re.sub(r"\s+", " ", text).strip()
-    if len(text) > MAX_MESSAGE_CHARS:
-        return text[: MAX_MESSAGE_CHARS - 3] + "..."
-    return text
+    files = local_files(job)
+    heads = tuple(data_url_head(image) for image in files)
+    return cut_json(lambda name: build_body(job, name), files, heads, token)
 
 
 def error_for_status(
@@ -143,40 +74,11 @@ def error_for_status(
     now_s: float,
 ) -> JobError:
     """The error a non-200 answer stands for."""
-    if 300 <= status < 400:  # not followed, see the client: every job would meet it
-        where = headers.get("Location") or "an address it does not give"
-        return FatalApiError(
-            f"the gateway answers with a redirect to {where}; set the base URL to the "
-            "address that answers itself",
-            job_id=job_id,
-            http_status=status,
-        )
+    if 300 <= status < 400:
+        return redirect_error(status, headers, job_id)
     message = server_message(body, headers.get("Content-Type", "") or "")
     retry_after = parse_retry_after(headers, now_s)
-    return _error_for_code(status, message, job_id=job_id, retry_after_s=retry_after)
-
-
-def _error_for_code(
-    status: int, message: str, *, job_id: str, retry_after_s: float | None = None
-) -> JobError:
-    kwargs: dict[str, Any] = {"job_id": job_id, "http_status": status}
-    if status == 429:
-        return RateLimited(message, retry_after_s=retry_after_s, **kwargs)
-    if status in FATAL_STATUSES:
-        return FatalApiError(message, **kwargs)
-    if status in RETRYABLE_STATUSES or status >= 500:
-        return ServerError(message, retry_after_s=retry_after_s, **kwargs)
-    return RejectedError(message, **kwargs)
-
-
-@dataclass(frozen=True)
-class Answer:
-    """What a 200 answer holds once its images have been streamed out."""
-
-    image_indexes: tuple[int, ...]  # which streamed data URLs are the answer's images, in order
-    text: str
-    usage: Mapping[str, Any] | None
-    finish_reason: str | None
+    return error_for_code(status, message, job_id=job_id, retry_after_s=retry_after)
 
 
 def interpret(document: Any, streamed: Mapping[str, int], *, job_id: str) -> Answer:
@@ -193,7 +95,7 @@ def interpret(document: Any, streamed: Mapping[str, int], *, job_id: str) -> Ans
         code = error.get("code") if isinstance(error, dict) else None
         status = code if isinstance(code, int) and 400 <= code <= 599 else 502
         said = server_message(json.dumps({"error": error}).encode(), "application/json")
-        raise _error_for_code(status, f"error in a 200 answer: {said}", job_id=job_id)
+        raise error_for_code(status, f"error in a 200 answer: {said}", job_id=job_id)
     choices = document.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise MalformedResponse("answer has no choices", job_id=job_id, http_status=200)
@@ -209,7 +111,7 @@ def interpret(document: Any, streamed: Mapping[str, int], *, job_id: str) -> Ans
     usage = usage if isinstance(usage, dict) else None
     if finish == "error":
         raise ServerError(
-            f"generation failed: {_clip(text) or 'finish_reason error'}",
+            f"generation failed: {clip(text) or 'finish_reason error'}",
             job_id=job_id,
             http_status=200,
         )
@@ -229,7 +131,7 @@ def interpret(document: Any, streamed: Mapping[str, int], *, job_id: str) -> Ans
                     http_status=200,
                 )
     if not indexes:
-        said = _clip(text) or f"finish_reason {finish or 'missing'}"
+        said = clip(text) or f"finish_reason {finish or 'missing'}"
         raise NoImage(f"no image in the answer: {said}", job_id=job_id, http_status=200)
     return Answer(tuple(indexes), text, usage, finish)
 

@@ -1,6 +1,6 @@
 """The simulated gateway's wire format: checking chat-completion requests, writing bodies.
 
-Pure functions and values, no server state: :mod:`batch.simulator` decides what
+Pure functions and values, no server state: :mod:`batch.sim.server` decides what
 to answer (faults, rate limits, latency) and uses these to say it.
 """
 
@@ -38,6 +38,9 @@ class Parsed:
     input_images: int
     aspect_ratio: str
     image_size: str
+    wants_image: bool = True  # Gemini draws only when responseModalities has IMAGE
+    pixels: tuple[int, int] | None = None  # the Images API's size, in place of ratio and size
+    output_format: str = "png"
 
 
 class Reject(Exception):

@@ -1,0 +1,1 @@
+"""Image providers: one module per protocol over one shared transport."""

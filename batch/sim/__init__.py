@@ -1,0 +1,1 @@
+"""The local gateway simulator: server, wire formats, images and fault settings."""
