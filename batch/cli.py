@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from batch import __version__, capabilities, report, routing
 from batch.checkpoint import STATE_DIR, Checkpoint
@@ -237,7 +238,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK if facts else EXIT_INCOMPLETE
 
 
-def metrics_file(path: Path | None, root: Path, endpoints: list[str],
+def metrics_file(path: Path | None, root: Path, labels: dict[str, str],
                  interval_s: float) -> MetricsFile | None:
     """The metrics writer for --metrics-file, checked before anything is sent."""
     if path is None:
@@ -248,8 +249,8 @@ def metrics_file(path: Path | None, root: Path, endpoints: list[str],
     if not path.parent.is_dir():
         raise UsageError(f"--metrics-file {path}: folder {path.parent} does not exist")
     return MetricsFile(path, output=root.resolve().name,
-                       endpoint_of=lambda job: job.endpoint or "default",
-                       endpoints=endpoints, interval_s=interval_s)
+                       endpoint_of=lambda job: labels.get(job.endpoint, job.endpoint),
+                       endpoints=labels.values(), interval_s=interval_s)
 
 
 async def _build_gallery_apart(
@@ -313,8 +314,10 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
     check_ca_bundle(args.ca_bundle)
     prepare_output(root)
     # After the output folder exists, so the metrics file may live in it.
-    metrics = metrics_file(args.metrics_file, root, [name or "default" for name in endpoints],
-                           args.progress_interval)
+    # Each endpoint's label: its name, or the single endpoint's host.
+    labels = {name: name or urlsplit(ep.base_url).hostname or ep.base_url
+              for name, ep in endpoints.items()}
+    metrics = metrics_file(args.metrics_file, root, labels, args.progress_interval)
     engine_config = EngineConfig(
         concurrency=args.concurrency,
         policy=RetryPolicy(

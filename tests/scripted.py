@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batch.providers.base import Generation
 from batch.cost import PriceTable
 from batch.errors import FatalApiError, RateLimited, RejectedError, ServerError
 from batch.imageinfo import DEFAULT_MAX_PIXELS
 from batch.images import ImageWriter
 from batch.jobs import Job
+from batch.providers.base import Generation
 from batch.sim.images import PngMaker
 
 PNG = PngMaker(0).png(2, 2, b"\x10\x20\x30", b"scripted")

@@ -43,10 +43,11 @@ import batch.cli
 from batch import fsops
 from batch.checkpoint import Checkpoint, JobState
 from batch.cli import EXIT_INCOMPLETE, EXIT_OK
-from batch.providers.base import Generation
 from batch.errors import MalformedResponse, NotRecorded, RejectedError, StorageError
 from batch.images import ImageWriter, StagedImage, discard
 from batch.jobs import Job, Status
+from batch.providers import registry
+from batch.providers.base import Generation
 
 SOAK = int(os.environ.get("IMGBATCH_SOAK_EXAMPLES", "0"))
 EXAMPLES = SOAK or 300
@@ -270,7 +271,7 @@ def run(folder: Path, out: Path, provider: Scripted, concurrency: int) -> int:
             "--max-attempts", "1", "--no-gallery", "--quiet"]
     with pytest.MonkeyPatch.context() as mp, quiet_logging():
         mp.setenv(KEY_ENV, "sk-test")
-        mp.setattr(batch.cli, "ChatCompletionsClient", lambda config: provider)
+        mp.setattr(registry, "build", lambda name, config: provider)
         return batch.cli.main(argv)
 
 
