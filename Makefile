@@ -37,6 +37,9 @@ SOAK_EXAMPLES ?= 20000
 soak: $(STAMP)
 	IMGBATCH_SOAK_EXAMPLES=$(SOAK_EXAMPLES) $(VENV)/bin/pytest -q -p no:randomly \
 		--hypothesis-show-statistics tests/test_engine_random.py
+	IMGBATCH_SOAK_EXAMPLES=$(SOAK_EXAMPLES) $(VENV)/bin/pytest -q -p no:randomly \
+		tests/test_storage_faults.py -k randomized
+	IMGBATCH_SCENARIO_SEEDS=30 $(VENV)/bin/pytest -q -p no:randomly tests/test_congestion.py
 
 # The benchmark's extras (openai for the peer script, psutil), installed once.
 BENCH_STAMP := $(VENV)/.bench-installed
