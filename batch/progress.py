@@ -101,6 +101,10 @@ class Observers(Observer):
         for o in self.observers:
             o.on_attempt(job)
 
+    def on_answer(self, job: Job) -> None:
+        for o in self.observers:
+            o.on_answer(job)
+
     def on_retry(self, job: Job, error: JobError, wait_s: float) -> None:
         for o in self.observers:
             o.on_retry(job, error, wait_s)

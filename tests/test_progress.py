@@ -108,3 +108,30 @@ def test_on_a_terminal_a_bar(tmp_path: Path) -> None:
     assert "\r" in text  # redrawn in place
     assert re.search(r"8/8 \[", text)  # tqdm's counter
     assert "ok 8 fail 0" in text and "$1.07" in text
+
+
+def test_observers_forward_every_hook_of_the_observer_interface() -> None:
+    """A hook added to Observer and not forwarded would leave, e.g., "in flight" counting up."""
+    import inspect
+
+    from batch.progress import Observer, Observers
+
+    class Recorder(Observer):
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def __getattribute__(self, name: str) -> object:
+            if name.startswith("on_"):
+                return lambda *args: object.__getattribute__(self, "calls").append(name)
+            return object.__getattribute__(self, name)
+
+    hooks = [name for name, _ in inspect.getmembers(Observer, inspect.isfunction)
+             if name.startswith("on_")]
+    assert "on_answer" in hooks
+    first, second = Recorder(), Recorder()
+    fan = Observers(first, second)
+    for name in hooks:
+        arity = len(inspect.signature(getattr(Observer, name)).parameters) - 1
+        getattr(fan, name)(*([None] * arity))
+    assert first.calls == hooks
+    assert second.calls == hooks
