@@ -424,11 +424,15 @@ async def _run(
     stats = engine.stats
     counts: Counter[str] = Counter()
     code = EXIT_INCOMPLETE
+    crashed = False
     try:
         todo = engine.plan(manifest.jobs)
         # What is left of the process's deadline once the manifest is loaded and planned.
         left = None if deadline is None else deadline - time.monotonic()
         stats = await engine.run(todo, runtime_left_s=left)
+    except Exception:
+        crashed = True  # entry() exits 70: the records below must say so too
+        raise
     finally:
         await progress.close()
         for route in routes.values():
@@ -438,7 +442,9 @@ async def _run(
             counts = write_results(manifest.jobs, store)
         except StorageError as exc:
             failures.append(str(exc))
-        if received:
+        if crashed:
+            code = EXIT_INTERNAL
+        elif received:
             code = EXIT_SIGNAL[received[0]]
         elif stats.stop is StopReason.FATAL:
             code = EXIT_FATAL

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import logging
 import multiprocessing
 import os
 import signal
@@ -38,6 +39,8 @@ from typing import BinaryIO, Generic, Protocol, TypeVar
 from batch.imageinfo import ImageFormatError
 from batch.images import StagedImage, discard
 from batch.jobs import Job
+
+log = logging.getLogger(__name__)
 
 # Decompressed PNG data is checked in pieces of this size, so memory stays flat.
 _INFLATE_PIECE = 1 << 20
@@ -215,6 +218,19 @@ class DecodeChecked(Generic[A]):
                 problem = await self._problem(root / staged.tmp_rel, staged.info.mime)
                 if problem is not None:
                     raise ImageFormatError(problem, job_id=job.id)
+        except asyncio.CancelledError:
+            # The run is being aborted (a second signal, the end of --grace) while a paid,
+            # fully received answer waits for its decode. Dropping it would pay for it again
+            # next run; it already passed the streaming structure check, so it is handed on
+            # with the decode skipped, and the cancellation re-armed for the caller's next
+            # await (the engine queues the commit in the same step as the answer).
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+                task.cancel()
+            log.warning("%s: run aborted during the decode check; its image is kept with the "
+                        "structure check only", job.id)
+            return answer
         except BaseException:
             for staged in answer.images:
                 discard(root, staged)

@@ -283,3 +283,40 @@ def test_ctrl_c_reaching_the_decode_child_leaves_it_to_the_run(tmp_path: Path) -
         assert asyncio.run(once())
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_an_abort_during_the_decode_keeps_the_paid_answer(tmp_path: Path) -> None:
+    """A second signal while a received answer waits for its decode must not delete it:
+    the caller gets the answer (to commit it) and the cancellation at its next await."""
+    (tmp_path / "images").mkdir()
+    inner = Staging([noise("PNG")])
+    received: list[Answer] = []
+
+    async def once() -> None:
+        provider = DecodeChecked(inner)
+        entered = asyncio.Event()
+
+        async def stuck(path: Path, mime: str) -> str | None:
+            entered.set()
+            await asyncio.Future()  # a decode that never ends
+            return None
+
+        provider._problem = stuck  # type: ignore[method-assign]
+
+        async def caller() -> None:
+            received.append(await provider.generate(
+                Job("j1", "p", DEFAULT_MODEL, "1:1", "1K"), tmp_path))
+            await asyncio.Future()  # the caller's next await sees the cancellation
+
+        task = asyncio.create_task(caller())
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await provider.close()
+
+    asyncio.run(once())
+    (answer,) = received
+    (staged,) = answer.images
+    staged.file.close()
+    assert (tmp_path / staged.tmp_rel).read_bytes() == inner.bodies[0]

@@ -228,6 +228,9 @@ def test_a_bug_in_the_group_commit_ends_the_run_with_exit_70(tmp_path: Path) -> 
         message = [line for line in done.stderr.splitlines() if "internal error" in line]
         assert len(message) == 1 and "injected bug in commit_batch" in message[0]
         assert "re-run" in message[0] and "Traceback" not in done.stderr
+        # What the run records of itself says 70 too (summary.json, read by alerting).
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["runs"][-1]["exit_code"] == 70, summary["runs"][-1]
         rows = read_results(out)
         statuses = [r["status"] for r in rows]
         assert "pending" in statuses and set(statuses) <= {"succeeded", "pending"}
