@@ -27,7 +27,13 @@ from batch.errors import (
 from batch.jobs import InputImage, InputKind, Job
 from batch.providers.base import Answer
 from batch.providers.bodies import BodyParts, cut_json, local_files
-from batch.providers.http_errors import clip, error_for_code, redirect_error, server_message
+from batch.providers.http_errors import (
+    clip,
+    error_for_code,
+    error_object,
+    redirect_error,
+    server_message,
+)
 from batch.retry import parse_retry_after
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"
@@ -117,12 +123,8 @@ def error_for_status(
     if 300 <= status < 400:
         return redirect_error(status, headers, job_id)
     message = server_message(body, headers.get("Content-Type", "") or "")
-    try:
-        document = json.loads(body)
-    except ValueError:
-        document = None
-    error = document.get("error") if isinstance(document, dict) else None
-    delay, quotas = _details(error) if isinstance(error, dict) else (None, [])
+    error = error_object(body)
+    delay, quotas = _details(error) if error else (None, [])
     # Gemini sends no Retry-After; a proxy in front of it may.
     wait = delay if delay is not None else parse_retry_after(headers, now_s)
     if "reason:API_KEY_INVALID" in quotas:  # a 400, yet no job can succeed with this key

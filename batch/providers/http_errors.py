@@ -35,6 +35,16 @@ def redirect_error(status: int, headers: Mapping[str, str], job_id: str) -> JobE
     )
 
 
+def error_object(body: bytes) -> dict[str, Any]:
+    """The ``error`` object of a JSON error body (OpenAI's and Google's shape), or {}."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return {}
+    error = document.get("error") if isinstance(document, dict) else None
+    return error if isinstance(error, dict) else {}
+
+
 def server_message(body: bytes, content_type: str) -> str:
     """A short human message from an error body: JSON, HTML or plain text."""
     text = body.decode("utf-8", errors="replace").strip()

@@ -17,7 +17,7 @@ from batch.jobs import InputKind, Job
 from batch.providers.base import Answer
 from batch.providers.bodies import BodyParts, cut_json, local_files, multipart
 from batch.providers.chat_wire import data_url_head
-from batch.providers.http_errors import error_for_code, redirect_error, server_message
+from batch.providers.http_errors import error_for_code, error_object, redirect_error, server_message
 from batch.retry import parse_retry_after
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -71,15 +71,6 @@ def body_parts(job: Job, token: str) -> tuple[BodyParts, str]:
     return parts, f"multipart/form-data; boundary={token}"
 
 
-def _error(body: bytes) -> dict[str, Any]:
-    try:
-        document = json.loads(body)
-    except ValueError:
-        return {}
-    error = document.get("error") if isinstance(document, dict) else None
-    return error if isinstance(error, dict) else {}
-
-
 def error_for_status(
     status: int, headers: Mapping[str, str], body: bytes, job_id: str, now_s: float
 ) -> JobError:
@@ -87,7 +78,7 @@ def error_for_status(
     if 300 <= status < 400:
         return redirect_error(status, headers, job_id)
     message = server_message(body, headers.get("Content-Type", "") or "")
-    code = _error(body).get("code")
+    code = error_object(body).get("code")
     if code in ("moderation_blocked", "content_policy_violation"):  # gpt-image, dall-e
         return Blocked(f"refused by the safety system: {message}", job_id=job_id,
                        http_status=status)
