@@ -30,7 +30,7 @@ import struct
 import sys
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from enum import StrEnum
 from pathlib import Path
@@ -167,6 +167,12 @@ def _png(handle: BinaryIO) -> None:
 _PR_SET_PDEATHSIG = 1
 
 
+def _preload() -> None:
+    """Import the decoders in the child before the first image needs them."""
+    import simplejpeg  # noqa: F401
+    from PIL import Image  # noqa: F401
+
+
 def _die_with(parent: int) -> None:
     """Make this decode child end when the run does, even one killed with SIGKILL.
 
@@ -210,8 +216,14 @@ class DecodeChecked(Generic[A]):
         self._inner = inner
         self._workers = workers
         self._pool: ProcessPoolExecutor | None = None
+        self.warming: Future[None] | None = None  # the child's start, begun with the first request
 
     async def generate(self, job: Job, root: Path) -> A:
+        if self._pool is None:
+            # Spawning the child and importing its decoders takes about a second of CPU;
+            # started with the first request it is ready by the first answer, instead of
+            # delaying every answer of the first wave by that second.
+            self.warming = self._executor().submit(_preload)
         answer = await self._inner.generate(job, root)
         try:
             for staged in answer.images:

@@ -320,3 +320,31 @@ def test_an_abort_during_the_decode_keeps_the_paid_answer(tmp_path: Path) -> Non
     (staged,) = answer.images
     staged.file.close()
     assert (tmp_path / staged.tmp_rel).read_bytes() == inner.bodies[0]
+
+
+def test_the_decode_child_starts_with_the_first_request_not_its_answer(tmp_path: Path) -> None:
+    """Spawning the child costs about a second; begun at the first answer, it delayed every
+    answer of a latency-bound first wave (bench workload 2 was 1.14x its ideal)."""
+    (tmp_path / "images").mkdir()
+    body = noise("PNG")
+
+    async def once() -> None:
+        provider: DecodeChecked[Answer]
+
+        class Slow(Staging):
+            async def generate(self, job: Job, root: Path) -> Answer:
+                # The request is in flight: the child must already be starting, and be ready
+                # before this answer comes back.
+                assert provider.warming is not None
+                await asyncio.wait_for(asyncio.wrap_future(provider.warming), 60)
+                return await super().generate(job, root)
+
+        provider = DecodeChecked(Slow([body]))
+        try:
+            answer = await provider.generate(Job("j1", "p", DEFAULT_MODEL, "1:1", "1K"), tmp_path)
+        finally:
+            await provider.close()
+        (staged,) = answer.images
+        staged.file.close()
+
+    asyncio.run(once())
