@@ -392,6 +392,7 @@ class Engine:
             price = await self._reserve(job)
             spent = 0
             sent = False
+            answer_error: JobError | None = None
             task = asyncio.current_task()
             assert task is not None
             self._in_flight.add(task)
@@ -403,6 +404,7 @@ class Engine:
                 try:
                     generation = await route.provider.generate(job, self.store.root)
                 except JobError as exc:
+                    answer_error = exc
                     limits.on_answer(ticket, exc)
                     if isinstance(exc, RateLimited):
                         self._on_rate_limited(exc, limits)
@@ -418,7 +420,7 @@ class Engine:
             finally:
                 self._in_flight.discard(task)
                 if sent:
-                    self.observer.on_answer(job)
+                    self.observer.on_answer(job, answer_error)
                 self.budget.settle(price, spent)
                 # Wakes the jobs waiting in _reserve: they stop the run if nothing can fit now.
                 self._budget_changed.set()

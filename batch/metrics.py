@@ -205,8 +205,11 @@ class MetricsFile(Observer):
     def on_retry(self, job: Job, error: JobError, wait_s: float) -> None:
         counts = self._counts(job)
         counts.retries[error.type] += 1
+
+    def on_answer(self, job: Job, error: JobError | None = None) -> None:
+        # Counted on the answer, not the retry: the last 429 before a stop is never retried.
         if isinstance(error, RateLimited):
-            counts.rate_limited += 1
+            self._counts(job).rate_limited += 1
 
     def on_success(self, job: Job, state: JobState, cost_usd: float) -> None:
         counts = self._counts(job)

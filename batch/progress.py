@@ -75,8 +75,8 @@ class Observer:
 
     def on_attempt(self, job: Job) -> None: ...
 
-    def on_answer(self, job: Job) -> None:
-        """The request of ``on_attempt`` ended (answered, failed or abandoned)."""
+    def on_answer(self, job: Job, error: JobError | None = None) -> None:
+        """The request of ``on_attempt`` ended: answered, failed with ``error``, or abandoned."""
 
     def on_retry(self, job: Job, error: JobError, wait_s: float) -> None: ...
 
@@ -101,9 +101,9 @@ class Observers(Observer):
         for o in self.observers:
             o.on_attempt(job)
 
-    def on_answer(self, job: Job) -> None:
+    def on_answer(self, job: Job, error: JobError | None = None) -> None:
         for o in self.observers:
-            o.on_answer(job)
+            o.on_answer(job, error)
 
     def on_retry(self, job: Job, error: JobError, wait_s: float) -> None:
         for o in self.observers:
@@ -163,7 +163,7 @@ class ConsoleProgress(Observer):
         self.retrying.discard(job.id)
         self._show()
 
-    def on_answer(self, job: Job) -> None:
+    def on_answer(self, job: Job, error: JobError | None = None) -> None:
         # A job waiting for its commit is no longer in flight: its request is over.
         self.in_flight = max(0, self.in_flight - 1)
 

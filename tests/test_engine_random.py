@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from batch.checkpoint import Checkpoint
 from batch.cost import PriceTable
 from batch.engine import Engine, EngineConfig, RunStats, StopReason
-from batch.errors import StorageError
+from batch.errors import JobError, StorageError
 from batch.images import IMAGES_DIR
 from batch.jobs import Job, Status
 from batch.progress import Observer
@@ -165,7 +165,7 @@ class Counting(Observer):
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
 
-    def on_answer(self, job: Job) -> None:
+    def on_answer(self, job: Job, error: JobError | None = None) -> None:
         self.in_flight -= 1
         assert self.in_flight >= 0
 

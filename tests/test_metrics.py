@@ -105,3 +105,21 @@ def test_a_bad_metrics_path_is_a_usage_error_before_anything_is_sent(
                                  str(tmp_path / name)))
         assert sim.stats()["requests"] == 0
     assert done.returncode == 2 and message in done.stderr
+
+
+def test_every_429_is_counted_also_the_last_one_before_a_stop(tmp_path: Path) -> None:
+    """A run that ends on endless 429s never retries the last ones; they still count."""
+    manifest = tmp_path / "nightly.yaml"
+    manifest.write_text("jobs:\n" + "".join(
+        f"  - {{id: j{i}, prompt: picture {i}}}\n" for i in range(4)))
+    prom = tmp_path / "imgbatch.prom"
+    with simulator("--scale", "0.05", "--fault-rate-limit", "1.0", "--fault-attempts", "1000",
+                   "--retry-after", "0.05", "--seed", "2") as sim:
+        done = run_cli(*run_args(manifest, tmp_path / "out", sim, "--metrics-file", str(prom),
+                                 "--max-rate-limit-wait", "0.3", "--no-gallery"))
+        seen = sim.stats()
+    assert done.returncode == 1, done.stderr
+    found = samples(prom.read_text())
+    refused = seen["by_status"].get("429", 0)
+    assert refused > 0 and value(found, "imgbatch_requests_total") == seen["requests"]
+    assert value(found, "imgbatch_rate_limited_total") == refused
