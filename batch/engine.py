@@ -122,10 +122,12 @@ class Route:
 
 
 def make_limits(
-    concurrency: int, rpm: float | None, adaptive: bool, max_pause_s: float = 900.0
+    concurrency: int, rpm: float | None, adaptive: bool, max_pause_s: float = 900.0,
+    name: str = "",
 ) -> Limits:
     """One endpoint's limits (see :mod:`batch.limits`)."""
-    return build_limits(concurrency, rpm=rpm, adaptive=adaptive, max_pause_s=max_pause_s)
+    return build_limits(concurrency, rpm=rpm, adaptive=adaptive, max_pause_s=max_pause_s,
+                        name=name)
 
 
 class Engine:

@@ -73,8 +73,10 @@ class Ticket:
 class Limits:
     """See the module docstring."""
 
-    def __init__(self, config: ControlConfig, clock: Clock | None = None) -> None:
+    def __init__(self, config: ControlConfig, clock: Clock | None = None, *,
+                 name: str = "") -> None:
         self.config = config
+        self.name = name  # the endpoint's, named in the log when a run has several
         self.controller = Controller(config)
         self._clock: Clock = clock or LoopClock()
         self._waiters: set[asyncio.Future[None]] = set()
@@ -147,7 +149,7 @@ class Limits:
     def _log_events(self) -> None:
         events = self.controller.events
         for event in events:
-            log.info("%s", event)
+            log.info("%s%s", f"endpoint {self.name}: " if self.name else "", event)
         events.clear()
 
 
@@ -157,10 +159,10 @@ def _wake(future: asyncio.Future[None]) -> None:
 
 
 def build(concurrency: int, *, rpm: float | None, adaptive: bool, max_pause_s: float,
-          clock: Clock | None = None) -> Limits:
+          clock: Clock | None = None, name: str = "") -> Limits:
     """The limits of one endpoint, from the run's options."""
     return Limits(
         ControlConfig(max_limit=concurrency, adaptive=adaptive, rpm=rpm,
                       max_pause_s=max_pause_s),
-        clock,
+        clock, name=name,
     )

@@ -136,7 +136,7 @@ def build_routes(
             stamp=(Stamper(endpoint.provider, endpoint.base_url)
                    if settings.embed_metadata else None),
         )
-        limits = make_limits(concurrency, endpoint.rpm or settings.rpm, adaptive=True)
+        limits = make_limits(concurrency, endpoint.rpm or settings.rpm, adaptive=True, name=name)
         routes[name] = Route(registry.build(endpoint.provider, config), limits, concurrency)
     return routes
 

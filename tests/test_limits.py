@@ -192,3 +192,21 @@ def test_answering_twice_counts_once() -> None:
         return limits.in_flight
 
     assert asyncio.run(scenario()) == 0
+
+
+def test_the_log_of_a_shared_limit_names_its_endpoint(caplog: pytest.LogCaptureFixture) -> None:
+    """With several endpoints, the operator must see which one is rate limited."""
+
+    async def scenario() -> None:
+        limits = Limits(ControlConfig(max_limit=8, adaptive=False), VirtualClock(), name="eu")
+        holds = [limits.slot() for _ in range(4)]
+        tickets = [await hold.__aenter__() for hold in holds]
+        for ticket in tickets:
+            limits.on_answer(ticket, RateLimited("slow down", retry_after_s=30.0))
+        for hold in holds:
+            await hold.__aexit__(None, None, None)
+
+    with caplog.at_level("INFO", logger="batch.limits"):
+        asyncio.run(scenario())
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines and all(line.startswith("endpoint eu: ") for line in lines), lines
