@@ -94,6 +94,7 @@ class RunStats:
     images_written: int = 0
     peak_in_flight: int = 0
     cost_usd: float = 0.0
+    broken_cost_usd: float = 0.0  # 200s whose image came broken: most likely billed, not kept
     unpriced_images: int = 0
     tokens: Counter[str] = field(default_factory=Counter)
     stop: StopReason = StopReason.NONE
@@ -172,6 +173,7 @@ class Engine:
         self._commit_bugs: list[BaseException] = []
         self._signals = 0
         self._cost = 0  # micro-dollars of committed images
+        self._broken = 0  # micro-dollars of answers that came broken, most likely billed
         self._grace: asyncio.TimerHandle | None = None
 
     # -- control ---------------------------------------------------------------
@@ -408,6 +410,10 @@ class Engine:
                 except JobError as exc:
                     answer_error = exc
                     limits.on_answer(ticket, exc)
+                    if exc.billed:
+                        spent = price
+                        self._broken += price
+                        self.stats.broken_cost_usd = to_usd(self._broken)
                     if isinstance(exc, RateLimited):
                         self._on_rate_limited(exc, limits)
                     raise

@@ -112,6 +112,9 @@ class JobError(ImgbatchError):
     """
 
     type = "error"
+    # The provider most likely charged for this attempt: it answered 200 and generated an
+    # image that reached us broken. Counted as spent, so --max-cost and the summary say so.
+    billed = False
 
     def __init__(
         self,
@@ -163,6 +166,7 @@ class RateLimited(RetryableError):
 
 class MalformedResponse(RetryableError):
     type = "malformed_response"
+    billed = True
 
 
 class NoImage(RetryableError):

@@ -47,6 +47,7 @@ def run_record(
         "bytes_written": stats.bytes_written,
         "tokens": dict(sorted(stats.tokens.items())),
         "estimated_cost_usd": round(stats.cost_usd, 4),
+        "broken_answers_cost_usd": round(stats.broken_cost_usd, 4),
         "unpriced_images": stats.unpriced_images,
         "peak_in_flight": stats.peak_in_flight,
         "stopped": None if stats.stop is StopReason.NONE else stats.stop.value,
@@ -102,6 +103,9 @@ def details(record: Mapping[str, Any]) -> list[str]:
     if record["retries"]:
         causes = ", ".join(f"{n} {cause}" for cause, n in record["retries"].items())
         lines.append(f"retries by cause: {causes}")
+    if record.get("broken_answers_cost_usd"):
+        lines.append(f"~${record['broken_answers_cost_usd']:.2f} more was most likely billed for "
+                     "answers whose image came broken (retried; not in the cost above)")
     if record["skipped_already_done"]:
         lines.append(f"{record['skipped_already_done']} job(s) already done, not sent again")
     return lines

@@ -113,6 +113,24 @@ def test_max_cost_that_does_not_divide_the_price_stops_at_once_and_resumes(
     assert {r["status"] for r in read_results(out)} == {"succeeded"}
 
 
+def test_answers_that_came_broken_are_counted_as_most_likely_billed(tmp_path: Path) -> None:
+    """A 200 whose image is broken was generated, and most providers charge for it: the
+    summary says what it probably cost, and --max-cost counts it as spent."""
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text("jobs:\n" + "".join(
+        f"  - {{id: j{i}, prompt: picture {i}}}\n" for i in range(8)))
+    out = tmp_path / "out"
+    with simulator("--scale", "0.05", "--fault-bad-base64", "0.5", "--seed", "3") as sim:
+        done = run_cli(*run_args(manifest, out, sim), "--no-gallery")
+        broken = sim.stats()["faults"].get("bad_base64", 0)
+    assert done.returncode == 0, done.stderr
+    assert broken > 0
+    summary = json.loads((out / "summary.json").read_text())["runs"][-1]
+    assert summary["estimated_cost_usd"] == pytest.approx(8 * 0.134)
+    assert summary["broken_answers_cost_usd"] == pytest.approx(broken * 0.134)
+    assert "most likely billed" in done.stderr
+
+
 def test_max_cost_refuses_unpriced_models(tmp_path: Path) -> None:
     manifest = tmp_path / "m.yaml"
     manifest.write_text("- {prompt: x, model: mystery-model}\n")
