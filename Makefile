@@ -10,7 +10,7 @@ DEMO_PORT ?= 8765
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,s3,test-s3]'
 	touch $(STAMP)
 
 venv: $(STAMP)
