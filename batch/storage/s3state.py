@@ -340,7 +340,7 @@ class S3State:
         from obstore.exceptions import AlreadyExistsError
 
         key = self.location.key(rel)
-        for _ in range(3):
+        for _ in range(5):
             try:
                 obstore.put(self._store, key, data, mode="create")
                 return
