@@ -136,3 +136,21 @@ def test_a_changed_object_is_not_done_under_verify(location: S3Location,
         assert not reader.is_done(job, fingerprint(job), verify=True)
     finally:
         reader.close()
+
+
+def test_a_lease_taken_over_stops_every_write(location: S3Location, moto: S3Server) -> None:
+    from batch.errors import NotRecorded
+    from batch.storage.s3lease import LEASE, Lease
+
+    store = S3State.open(location)
+    assert store._lease is not None
+    store._lease.release()
+    short = Lease(store._store, location.key(LEASE), location.url, ttl_s=0.3)
+    short.acquire()
+    store._lease = short
+    obstore.put(moto.store(location.bucket), location.key(LEASE), b'{"holder": "thief"}')
+    assert short.lost.wait(30)  # its next renewal finds someone else's etag
+    with pytest.raises(NotRecorded):
+        store.record(JobState("job-9", "fp", Status.FAILED, 1), durable=True)
+    store.close()
+    assert moto.read(location.bucket, location.key(LEASE)) == b'{"holder": "thief"}'
