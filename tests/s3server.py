@@ -102,7 +102,7 @@ def s3_server() -> Iterator[S3Server]:
         process.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def moto() -> Iterator[S3Server]:
     pytest.importorskip("obstore")
     pytest.importorskip("moto")

@@ -30,8 +30,8 @@ from tests.s3server import S3Server
 from tests.test_e2e import catalog
 from tests.test_s3_e2e import check_bucket, results
 
-JOBS = int(os.environ.get("IMGBATCH_S3_CRASH_JOBS", "60"))
-KILLS = int(os.environ.get("IMGBATCH_S3_CRASH_KILLS", "4"))
+JOBS = int(os.environ.get("IMGBATCH_S3_CRASH_JOBS", "40"))
+KILLS = int(os.environ.get("IMGBATCH_S3_CRASH_KILLS", "3"))
 CONCURRENCY = 6
 _NAME = re.compile(r"g(\d{8})-(a-snapshot|w-.+)\.jsonl$")
 

@@ -154,3 +154,20 @@ def test_a_lease_taken_over_stops_every_write(location: S3Location, moto: S3Serv
         store.record(JobState("job-9", "fp", Status.FAILED, 1), durable=True)
     store.close()
     assert moto.read(location.bucket, location.key(LEASE)) == b'{"holder": "thief"}'
+
+
+def test_shard_writers_under_one_lease(location: S3Location, moto: S3Server) -> None:
+    driver = S3State.open(location)
+    shards = [S3State.open(location, writer=f"shard{n}", shard_of=driver.gen) for n in range(2)]
+    for n, shard in enumerate(shards):
+        shard.record(JobState(f"job-{n}", "fp", Status.FAILED, n + 1), durable=True)
+        shard.close()
+    driver.close()
+    reader = S3State.read(location)
+    try:
+        assert {s.id: s.attempts for s in reader.states.values()} == {"job-0": 1, "job-1": 2}
+    finally:
+        reader.close()
+    names = [k.rsplit("/", 1)[-1] for k in moto.objects(location.bucket, "out/.imgbatch/journal")]
+    assert sorted(names) == ["g00000001-w-shard0-00000001.jsonl",
+                             "g00000001-w-shard1-00000001.jsonl"]

@@ -58,6 +58,8 @@ class S3State:
     """The :class:`~batch.storage.base.StateStore` of an ``s3://`` output."""
 
     def __init__(self, location: S3Location, store: Any, *, writer: str = "main") -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.]+", writer):
+            raise ValueError(f"writer {writer!r}: letters, digits, '_' and '.' only")
         self.location = location
         self._store = store
         self.writer = writer
@@ -78,18 +80,26 @@ class S3State:
     # -- opening ---------------------------------------------------------------------
 
     @classmethod
-    def open(cls, location: S3Location, *, writer: str = "main", lease: bool = True) -> S3State:
+    def open(cls, location: S3Location, *, writer: str = "main",
+             shard_of: int | None = None) -> S3State:
         """Take the lease, load the journal, finish interrupted publications, clean up.
 
-        ``lease=False`` is for shard writers under a driver that holds the lease.
+        ``shard_of=GEN`` opens a shard writer under a driver that holds the lease
+        and opened generation ``GEN``: no lease, no compaction and no clean-up
+        (they would delete or abort what other shards are writing); ``writer``
+        must then be unique among the driver's shards.
         """
         state = cls(location, s3client.open_store(location), writer=writer)
         try:
-            if lease:
+            if shard_of is None:
                 state._lease = Lease(state._store, location.key(LEASE), location.url)
                 state._lease.acquire()
-            state._load(writable=True)
-            state._recover()
+                state._load(writable=True)
+                state._recover()
+            else:
+                state._load(writable=False)
+                state._use_generation(shard_of)
+                state._list_images()
             state._download(MIRRORED)
         except BaseException:
             state.close()
@@ -109,6 +119,11 @@ class S3State:
             raise
         return state
 
+    def _use_generation(self, gen: int) -> None:
+        self.gen = gen
+        self.sink = S3Images(self._store, self.location, self.root / ".spool",
+                             f"g{self.gen:08d}-{self.writer}")
+
     def _list(self, rel: str) -> list[Any]:
         import obstore
 
@@ -126,15 +141,13 @@ class S3State:
             if match:
                 names.append((name, int(match.group(1)), match.group(2) == "a-snapshot"))
         names.sort()
-        self.gen = 1 + max((gen for _, gen, _ in names), default=0)
+        self._use_generation(1 + max((gen for _, gen, _ in names), default=0))
         snapshots = [gen for _, gen, snap in names if snap]
         floor = max(snapshots, default=0)
         live = [name for name, gen, _ in names if gen >= floor]
         for name, data in zip(live, self._fetch_all(live), strict=True):
             for number, line in enumerate(data.splitlines(), 1):
                 self._load_line(line, name, number)
-        self.sink = S3Images(self._store, self.location, self.root / ".spool",
-                             f"g{self.gen:08d}-{self.writer}")
         if not writable:
             return
         stale = [name for name, gen, _ in names if gen < floor]
@@ -391,7 +404,7 @@ class S3State:
             return
         self._closed = True
         try:
-            if self._pending and self._lease is not None and not self._lease.lost.is_set():
+            if self._pending and not (self._lease is not None and self._lease.lost.is_set()):
                 self._closed = False
                 try:
                     self._flush(b"")
