@@ -217,6 +217,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if outputs.is_s3_url(args.output):
         store = outputs.read_s3(args.output, args.s3_endpoint)
         try:
+            if not store.states and not store.runs:
+                raise UsageError(f"{args.output} holds no imgbatch checkpoint")
             print("\n".join(report.status_lines(store.root, store, shown=args.output)))
         finally:
             store.close()

@@ -185,3 +185,26 @@ def _send(location: S3Location, method: str, key: str | None,
         raise OSError(f"{method} {location.url}: HTTP {exc.code} {detail}") from None
     except (urllib.error.URLError, TimeoutError, ET.ParseError) as exc:
         raise OSError(f"{method} {location.url}: {exc}") from None
+
+
+def describe(exc: BaseException) -> str:
+    """obstore's error in one line: what was asked, the status, the server's code and message.
+
+    Its own text runs to dozens of lines (a Rust debug dump, the XML body).
+    """
+    text = str(exc).split("\n", 1)[0]
+    head = text.partition(": <?xml")[0]
+    rest = str(exc)
+    code = _between(rest, "<Code>", "</Code>")
+    message = _between(rest, "<Message>", "</Message>")
+    if code or message:
+        head += f" ({code}: {message})" if code and message else f" ({code or message})"
+    return head or type(exc).__name__
+
+
+def _between(text: str, start: str, end: str) -> str:
+    left = text.find(start)
+    if left < 0:
+        return ""
+    right = text.find(end, left)
+    return text[left + len(start):right] if right > 0 else ""

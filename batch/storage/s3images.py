@@ -42,7 +42,7 @@ from batch.images import (
     StreamTransform,
     remove_quietly,
 )
-from batch.storage.s3client import S3Location
+from batch.storage.s3client import S3Location, describe
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class S3Images:
                 )
             except Exception as exc:
                 raise StorageError(
-                    f"uploading {staged.final_rel} to {self.location.url} failed: {exc}"
+                    f"uploading {staged.final_rel} to {self.location.url} failed: {describe(exc)}"
                 ) from None
         staged.file.close()
         remove_quietly(staged.spool)
@@ -169,7 +169,7 @@ class S3Images:
                 # edited prompt): the record just written says the new one replaces it.
                 obstore.copy(self._store, source, target, overwrite=True)
         except Exception as exc:
-            raise StorageError(f"publishing {final_rel} failed: {exc}") from None
+            raise StorageError(f"publishing {final_rel} failed: {describe(exc)}") from None
 
     def _delete(self, rel: str) -> None:
         import obstore
@@ -177,4 +177,4 @@ class S3Images:
         try:
             obstore.delete(self._store, self.location.key(rel))
         except Exception as exc:  # a stray the next open removes
-            log.warning("could not delete %s: %s", self.location.key(rel), exc)
+            log.warning("could not delete %s: %s", self.location.key(rel), describe(exc))

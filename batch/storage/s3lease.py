@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batch.errors import LockHeld, OutputError
+from batch.storage.s3client import describe
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,8 @@ class Lease:
             except AlreadyExistsError:
                 pass
             except Exception as exc:
-                raise OutputError(f"cannot take the lease on {self._url}: {exc}") from None
+                raise OutputError(f"cannot take the lease on {self._url}: {describe(exc)}"
+                                  ) from None
             try:
                 found = obstore.get(self._store, self._key)
                 etag = found.meta["e_tag"]
@@ -108,7 +110,8 @@ class Lease:
             except FileNotFoundError:
                 continue
             except Exception as exc:
-                raise OutputError(f"cannot read the lease on {self._url}: {exc}") from None
+                raise OutputError(f"cannot read the lease on {self._url}: {describe(exc)}"
+                                  ) from None
             if info is not None and not info.dead(time.time(), self.host):
                 raise LockHeld(self._url, info.pid if info.host == self.host else None)
             try:
@@ -117,7 +120,8 @@ class Lease:
             except (PreconditionError, FileNotFoundError):
                 continue  # another run took it (or it was released) in between
             except Exception as exc:
-                raise OutputError(f"cannot take the lease on {self._url}: {exc}") from None
+                raise OutputError(f"cannot take the lease on {self._url}: {describe(exc)}"
+                                  ) from None
             if info is not None:
                 log.warning("%s: took over the lease of process %d on %s, which is gone",
                             self._url, info.pid, info.host)
@@ -144,7 +148,7 @@ class Lease:
                 self.lost.set()
                 return
             except Exception as exc:  # a blip: the next renewal may get through
-                log.warning("%s: renewing the lease failed: %s", self._url, exc)
+                log.warning("%s: renewing the lease failed: %s", self._url, describe(exc))
 
     def release(self) -> None:
         """Stop renewing and delete the lease if it is still ours."""
@@ -164,5 +168,5 @@ class Lease:
             obstore.delete(self._store, self._key)
         except Exception as exc:
             log.warning("%s: could not release the lease (it expires in %gs): %s",
-                        self._url, self.ttl_s, exc)
+                        self._url, self.ttl_s, describe(exc))
         self._etag = None

@@ -42,7 +42,7 @@ from batch.errors import NotRecorded, OutputError, StorageError, Unpublished
 from batch.images import StagedImage
 from batch.jobs import Job, Status
 from batch.storage import s3client
-from batch.storage.s3client import S3Location
+from batch.storage.s3client import S3Location, describe
 from batch.storage.s3images import STAGING, S3Images
 from batch.storage.s3lease import LEASE, Lease
 
@@ -131,7 +131,7 @@ class S3State:
             return [meta for batch in obstore.list(self._store, self.location.key(rel) + "/")
                     for meta in batch]
         except Exception as exc:
-            raise OutputError(f"cannot list {self.location.url}/{rel}: {exc}") from None
+            raise OutputError(f"cannot list {self.location.url}/{rel}: {describe(exc)}") from None
 
     def _load(self, *, writable: bool) -> None:
         names = []
@@ -174,7 +174,8 @@ class S3State:
         try:
             return asyncio.run(fetch()) if names else []
         except Exception as exc:
-            raise OutputError(f"cannot read the journal of {self.location.url}: {exc}") from None
+            raise OutputError(f"cannot read the journal of {self.location.url}: "
+                              f"{describe(exc)}") from None
 
     def _load_line(self, line: bytes, name: str, number: int) -> None:
         if not line.strip():
@@ -231,7 +232,7 @@ class S3State:
                 log.info("aborted an incomplete multipart upload of %s", key)
         except OSError as exc:
             log.warning("could not abort incomplete multipart uploads under %s (%s); a "
-                        "lifecycle rule removes them", self.location.url, exc)
+                        "lifecycle rule removes them", self.location.url, describe(exc))
 
     def _download(self, names: Iterable[str]) -> None:
         import obstore
@@ -242,7 +243,8 @@ class S3State:
             except FileNotFoundError:
                 continue
             except Exception as exc:
-                raise OutputError(f"cannot read {self.location.url}/{name}: {exc}") from None
+                raise OutputError(f"cannot read {self.location.url}/{name}: "
+                                  f"{describe(exc)}") from None
             (self.root / name).write_bytes(data)
 
     # -- questions --------------------------------------------------------------------
@@ -360,7 +362,8 @@ class S3State:
             except AlreadyExistsError:
                 pass
             except Exception as exc:
-                raise StorageError(f"writing {self.location.url}/{rel} failed: {exc}") from None
+                raise StorageError(f"writing {self.location.url}/{rel} failed: "
+                                   f"{describe(exc)}") from None
             # Only this writer names this object, so it is most likely a retry finding
             # its own first try; a 412 from a confused gateway is not believed unread.
             try:
@@ -368,7 +371,7 @@ class S3State:
             except FileNotFoundError:
                 continue
             except Exception as exc:
-                raise StorageError(f"checking {self.location.url}/{rel} failed: {exc}"
+                raise StorageError(f"checking {self.location.url}/{rel} failed: {describe(exc)}"
                                    ) from None
             if found == data:
                 return
@@ -383,7 +386,7 @@ class S3State:
         try:
             obstore.delete(self._store, self.location.key(rel))
         except Exception as exc:
-            log.warning("could not delete %s: %s", self.location.key(rel), exc)
+            log.warning("could not delete %s: %s", self.location.key(rel), describe(exc))
 
     def sync_out(self, names: Iterable[str]) -> None:
         """Upload ``names`` from ``root`` to the bucket (each replaced whole)."""
@@ -396,7 +399,7 @@ class S3State:
             try:
                 obstore.put(self._store, self.location.key(name), path)
             except Exception as exc:
-                raise StorageError(f"uploading {self.location.url}/{name} failed: {exc}"
+                raise StorageError(f"uploading {self.location.url}/{name} failed: {describe(exc)}"
                                    ) from None
 
     def close(self) -> None:
