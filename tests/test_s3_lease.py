@@ -158,3 +158,31 @@ def test_a_killed_holder_on_this_host_is_replaced_at_once(tmp_path: Path,
         again = run_cli(*args, env=env)  # no 45 s wait: its pid is gone on this host
         assert again.returncode == 0, again.stderr
     check_bucket(moto, bucket, "p", 6)
+
+
+@pytest.mark.parametrize(
+    ("names", "next_gen", "live", "stale"),
+    [
+        ([], 1, [], []),
+        (["g00000001-w-main-00000002.jsonl", "g00000001-w-main-00000001.jsonl"], 2,
+         ["g00000001-w-main-00000001.jsonl", "g00000001-w-main-00000002.jsonl"], []),
+        # A snapshot sorts before its own generation's segments; older generations go.
+        (["g00000002-w-main-00000001.jsonl", "g00000002-a-snapshot.jsonl",
+          "g00000001-w-main-00000001.jsonl", "g00000001-a-snapshot.jsonl"], 3,
+         ["g00000002-a-snapshot.jsonl", "g00000002-w-main-00000001.jsonl"],
+         ["g00000001-a-snapshot.jsonl", "g00000001-w-main-00000001.jsonl"]),
+        # Shards of one generation, and names that are not segments at all.
+        (["g00000003-w-shard1-00000001.jsonl", "g00000003-w-shard0-00000001.jsonl",
+          "notes.txt", "g3-w-x-1.jsonl"], 4,
+         ["g00000003-w-shard0-00000001.jsonl", "g00000003-w-shard1-00000001.jsonl"], []),
+    ],
+)
+def test_journal_order(names: list[str], next_gen: int, live: list[str],
+                       stale: list[str]) -> None:
+    from batch.storage import s3journal
+
+    journal = s3journal.plan(names)
+    where = s3journal.JOURNAL_DIR + "/"
+    assert journal.next_gen == next_gen
+    assert journal.live == tuple(where + n for n in live)
+    assert journal.stale == tuple(where + n for n in stale)

@@ -15,7 +15,8 @@ from batch.images import StagedImage
 from batch.jobs import DEFAULT_MODEL, ImageRecord, Job, Status
 from batch.sim.images import PngMaker
 from batch.storage.s3client import S3Location
-from batch.storage.s3state import COMPACT_AFTER, S3State
+from batch.storage.s3journal import COMPACT_AFTER
+from batch.storage.s3state import S3State
 from tests.s3server import CREDENTIALS, S3Server
 
 

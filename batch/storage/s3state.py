@@ -22,12 +22,10 @@ summary.json and the gallery, copied to the bucket by :meth:`sync_out`.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -42,16 +40,13 @@ from batch.checkpoint import JobState
 from batch.errors import NotRecorded, OutputError, StorageError, Unpublished
 from batch.images import StagedImage
 from batch.jobs import Job, Status
-from batch.storage import s3client
+from batch.storage import s3client, s3journal
 from batch.storage.s3client import S3Location, describe
 from batch.storage.s3images import STAGING, S3Images
 from batch.storage.s3lease import LEASE, Lease
 
 log = logging.getLogger(__name__)
 
-JOURNAL_DIR = ".imgbatch/journal"
-COMPACT_AFTER = 32
-_SEGMENT = re.compile(r"g(\d{8})-(a-snapshot|w-[A-Za-z0-9_.]+-\d{8})\.jsonl$")
 MIRRORED = ("summary.json",)  # downloaded at open: the run appends to it
 
 
@@ -59,7 +54,7 @@ class S3State:
     """The :class:`~batch.storage.base.StateStore` of an ``s3://`` output."""
 
     def __init__(self, location: S3Location, store: Any, *, writer: str = "main") -> None:
-        if not re.fullmatch(r"[A-Za-z0-9_.]+", writer):
+        if not s3journal.WRITER.fullmatch(writer):
             raise ValueError(f"writer {writer!r}: letters, digits, '_' and '.' only")
         self.location = location
         self._store = store
@@ -135,48 +130,26 @@ class S3State:
             raise OutputError(f"cannot list {self.location.url}/{rel}: {describe(exc)}") from None
 
     def _load(self, *, writable: bool) -> None:
-        names = []
-        for meta in self._list(JOURNAL_DIR):
-            name = meta["path"].rsplit("/", 1)[-1]
-            match = _SEGMENT.match(name)
-            if match:
-                names.append((name, int(match.group(1)), match.group(2) == "a-snapshot"))
-        names.sort()
-        self._use_generation(1 + max((gen for _, gen, _ in names), default=0))
-        snapshots = [gen for _, gen, snap in names if snap]
-        floor = max(snapshots, default=0)
-        live = [name for name, gen, _ in names if gen >= floor]
-        for name, data in zip(live, self._fetch_all(live), strict=True):
+        journal = s3journal.plan(meta["path"].rsplit("/", 1)[-1]
+                                 for meta in self._list(s3journal.JOURNAL_DIR))
+        self._use_generation(journal.next_gen)
+        live = list(journal.live)
+        try:
+            segments = s3journal.fetch_all(self._store, self.location, live)
+        except Exception as exc:
+            raise OutputError(f"cannot read the journal of {self.location.url}: "
+                              f"{describe(exc)}") from None
+        for name, data in zip(live, segments, strict=True):
             for number, line in enumerate(data.splitlines(), 1):
                 self._load_line(line, name, number)
         if not writable:
             return
-        stale = [name for name, gen, _ in names if gen < floor]
-        if len(live) > COMPACT_AFTER:
+        stale = journal.stale
+        if journal.compact:
             self._compact()
-            stale = [name for name, _, _ in names]
-        for name in stale:
-            self._delete(f"{JOURNAL_DIR}/{name}")
-
-    def _fetch_all(self, names: list[str]) -> list[bytes]:
-        import obstore
-
-        async def fetch() -> list[bytes]:
-            gate = asyncio.Semaphore(16)
-
-            async def one(name: str) -> bytes:
-                async with gate:
-                    got = await obstore.get_async(
-                        self._store, self.location.key(f"{JOURNAL_DIR}/{name}"))
-                    return bytes(await got.bytes_async())
-
-            return list(await asyncio.gather(*(one(name) for name in names)))
-
-        try:
-            return asyncio.run(fetch()) if names else []
-        except Exception as exc:
-            raise OutputError(f"cannot read the journal of {self.location.url}: "
-                              f"{describe(exc)}") from None
+            stale = journal.stale + journal.live
+        for rel in stale:
+            self._delete(rel)
 
     def _load_line(self, line: bytes, name: str, number: int) -> None:
         if not line.strip():
@@ -195,7 +168,7 @@ class S3State:
         self.runs = self.runs[-50:]
         lines = [json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in self.runs]
         lines += [state.to_line() for state in self.states.values()]
-        self._put(f"{JOURNAL_DIR}/g{self.gen:08d}-a-snapshot.jsonl", b"".join(lines))
+        self._put(s3journal.snapshot_name(self.gen), b"".join(lines))
 
     def _list_images(self) -> None:
         prefix = self.location.key("")
@@ -359,7 +332,7 @@ class S3State:
         with self._lock:
             pending, self._pending = self._pending, []
             self._seq += 1
-            name = f"{JOURNAL_DIR}/g{self.gen:08d}-w-{self.writer}-{self._seq:08d}.jsonl"
+            name = s3journal.segment_name(self.gen, self.writer, self._seq)
         self._put(name, b"".join(pending) + data)
 
     def _put(self, rel: str, data: bytes) -> None:
