@@ -172,3 +172,19 @@ def test_shard_writers_under_one_lease(location: S3Location, moto: S3Server) -> 
     names = [k.rsplit("/", 1)[-1] for k in moto.objects(location.bucket, "out/.imgbatch/journal")]
     assert sorted(names) == ["g00000001-w-shard0-00000001.jsonl",
                              "g00000001-w-shard1-00000001.jsonl"]
+
+
+def test_nothing_is_published_unless_recorded(location: S3Location, moto: S3Server) -> None:
+    from batch.errors import NotRecorded
+
+    job = a_job(5)
+    store = S3State.open(location)
+    staged = stage(store, job, png(5))
+    (uploaded,) = asyncio.run(store.sink.prepare([staged]))
+    assert store._lease is not None
+    store._lease.lost.set()  # the record cannot be written now
+    with pytest.raises(NotRecorded):
+        store.commit_batch([succeeded(store, job, uploaded)], [uploaded])
+    assert location.key(uploaded.final_rel) not in moto.objects(location.bucket, "out")
+    store._lease.lost.clear()
+    store.close()
