@@ -10,7 +10,7 @@ DEMO_PORT ?= 8765
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,s3,test-s3]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -40,6 +40,9 @@ soak: $(STAMP)
 	IMGBATCH_SOAK_EXAMPLES=$(SOAK_EXAMPLES) $(VENV)/bin/pytest -q -p no:randomly \
 		tests/test_storage_faults.py -k randomized
 	IMGBATCH_SCENARIO_SEEDS=30 $(VENV)/bin/pytest -q -p no:randomly tests/test_congestion.py
+	# issue 14's Done-when: 200 jobs into s3:// (moto), 30% faults, SIGKILL four times, resumed
+	IMGBATCH_S3_CRASH_JOBS=200 IMGBATCH_S3_CRASH_KILLS=4 $(VENV)/bin/pytest -q -s -p no:randomly \
+		tests/test_s3_crash.py
 
 # The benchmark's extras (openai for the peer script, psutil), installed once.
 BENCH_STAMP := $(VENV)/.bench-installed

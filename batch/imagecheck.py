@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import BinaryIO, Generic, Protocol, TypeVar
 
 from batch.imageinfo import ImageFormatError
-from batch.images import StagedImage, discard
+from batch.images import StagedImage
 from batch.jobs import Job
+from batch.storage.base import ImageSink
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ A = TypeVar("A", bound=_Answer, covariant=True)
 
 
 class _Provider(Protocol[A]):
-    async def generate(self, job: Job, root: Path) -> A: ...
+    async def generate(self, job: Job, sink: ImageSink) -> A: ...
 
     async def close(self) -> None: ...
 
@@ -218,16 +219,16 @@ class DecodeChecked(Generic[A]):
         self._pool: ProcessPoolExecutor | None = None
         self.warming: Future[None] | None = None  # the child's start, begun with the first request
 
-    async def generate(self, job: Job, root: Path) -> A:
+    async def generate(self, job: Job, sink: ImageSink) -> A:
         if self._pool is None:
             # Spawning the child and importing its decoders takes about a second of CPU;
             # started with the first request it is ready by the first answer, instead of
             # delaying every answer of the first wave by that second.
             self.warming = self._executor().submit(_preload)
-        answer = await self._inner.generate(job, root)
+        answer = await self._inner.generate(job, sink)
         try:
             for staged in answer.images:
-                problem = await self._problem(root / staged.tmp_rel, staged.info.mime)
+                problem = await self._problem(sink.local_path(staged), staged.info.mime)
                 if problem is not None:
                     raise ImageFormatError(problem, job_id=job.id)
         except asyncio.CancelledError:
@@ -245,7 +246,7 @@ class DecodeChecked(Generic[A]):
             return answer
         except BaseException:
             for staged in answer.images:
-                discard(root, staged)
+                sink.discard(staged)
             raise
         return answer
 
