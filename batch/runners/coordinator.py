@@ -226,7 +226,7 @@ class Reporter(Observer):
     """A shard's observer: batches its events to the coordinator and applies the stop."""
 
     def __init__(self, remote: CoordinatorRemote, worker: str, *, interval_s: float = 0.5,
-                 orphan_s: float = 20.0) -> None:
+                 orphan_s: float = 10.0) -> None:
         self._remote = remote
         self._worker = worker
         self._interval_s = interval_s

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from batch import report, routing
 from batch.checkpoint import JobState, fingerprint
@@ -91,9 +92,14 @@ class LimitsActor(LimitsServer):
 
 
 def _actor(cls: type[Any], name: str) -> Any:
-    """An async actor class, restarted whenever its process dies, placed anywhere."""
-    return ray.remote(cls).options(name=name, num_cpus=0, max_restarts=-1,
-                                   max_task_retries=-1, max_concurrency=1000)
+    """An async actor class, restarted whenever its process dies.
+
+    Placed on the driver's node if it can be (soft): losing a worker node then
+    never costs the run its budget or limits' memory.
+    """
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(cls).options(name=name, num_cpus=0, max_restarts=-1, max_task_retries=-1,
+                                   max_concurrency=1000, scheduling_strategy=here)
 
 
 class _Remote:
