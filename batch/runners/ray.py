@@ -323,6 +323,10 @@ async def _finish(
     counts: Counter[str] = Counter()
     try:
         store.fold_segments()
+        if outcome.crashed is None:
+            # Every shard task has ended: finish renames a dead worker cut short and drop
+            # the temporaries it left (what a single machine does at its next open).
+            store.recover()
         counts = write_results(manifest.jobs, store)
     except StorageError as exc:
         failures.append(str(exc))

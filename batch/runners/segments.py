@@ -147,6 +147,10 @@ class DriverCheckpoint(Checkpoint):
             log.info("folded %d record(s) from %d journal segment(s)", folded, len(paths))
         return folded
 
+    def recover(self) -> None:
+        """Crash recovery now that no shard task writes: renames finished, strays removed."""
+        self._recover()
+
     def states_of(self, ids: Iterable[str]) -> list[JobState]:
         """The known states of ``ids`` (what a shard task starts from)."""
         found: Mapping[str, JobState] = self.states
