@@ -49,6 +49,8 @@ from batch.progress import ConsoleProgress, Observers, setup_logging
 from batch.results import RESULTS, write_results
 from batch.retry import RetryPolicy
 from batch.sim import config as simconfig
+from batch.storage import outputs
+from batch.storage.base import StateStore
 
 log = logging.getLogger("batch")
 
@@ -67,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="generate every job of a manifest (re-run to resume)")
     run.add_argument("manifest", type=Path)
-    run.add_argument("--output", type=Path, help="output folder (default output/<manifest name>)")
+    run.add_argument("--output", help="output folder, or s3://bucket/prefix "
+                     "(default output/<manifest name>)")
+    _add_s3(run)
     routing.add_arguments(run, run=True)
     run.add_argument("--concurrency", type=_positive_int, default=8, help="requests in flight")
     run.add_argument("--max-attempts", type=_positive_int, default=5)
@@ -109,11 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_logging(validate)
 
     status = commands.add_parser("status", help="what an output folder holds (no network)")
-    status.add_argument("output", type=Path)
+    status.add_argument("output", help="output folder or s3://bucket/prefix")
+    _add_s3(status)
     _add_logging(status)
 
     report_cmd = commands.add_parser("report", help="rebuild DIR/index.html, the gallery")
-    report_cmd.add_argument("output", type=Path)
+    report_cmd.add_argument("output", help="output folder or s3://bucket/prefix")
+    _add_s3(report_cmd)
     _add_logging(report_cmd)
 
     inspect = commands.add_parser("inspect", help="what an image says about itself")
@@ -125,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     simconfig.add_arguments(simulate)
     _add_logging(simulate)
     return parser
+
+
+def _add_s3(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--s3-endpoint", default=None, metavar="URL",
+                        help="S3-compatible endpoint for s3:// outputs (default "
+                        "AWS_ENDPOINT_URL, else AWS); http:// allowed")
 
 
 def _add_logging(parser: argparse.ArgumentParser) -> None:
@@ -210,7 +222,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    root: Path = args.output
+    if outputs.is_s3_url(args.output):
+        store = outputs.read_s3(args.output, args.s3_endpoint)
+        try:
+            print("\n".join(report.status_lines(store.root, store, shown=args.output)))
+        finally:
+            store.close()
+        return EXIT_OK
+    root = Path(args.output)
     if not (root / STATE_DIR).is_dir():
         raise UsageError(f"{root} holds no imgbatch checkpoint")
     print("\n".join(report.status_lines(root, Checkpoint.read(root))))
@@ -220,7 +239,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from batch.gallery import build_gallery  # Pillow: only the report needs it
 
-    stats = build_gallery(args.output)
+    if outputs.is_s3_url(args.output):
+        stats = outputs.build_s3_gallery(args.output, args.s3_endpoint)
+    else:
+        stats = build_gallery(Path(args.output))
     print(f"{stats.path}: {stats.images} image(s), {stats.failed_jobs} failed and "
           f"{stats.pending_jobs} pending job(s); {stats.thumbs_made} thumbnail(s) made, "
           f"{stats.thumbs_reused} reused")
@@ -246,7 +268,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK if facts else EXIT_INCOMPLETE
 
 
-def metrics_file(path: Path | None, root: Path, labels: dict[str, str],
+def metrics_file(path: Path | None, name: str, labels: dict[str, str],
                  interval_s: float) -> MetricsFile | None:
     """The metrics writer for --metrics-file, checked before anything is sent."""
     if path is None:
@@ -256,13 +278,14 @@ def metrics_file(path: Path | None, root: Path, labels: dict[str, str],
                          "only files ending in .prom")
     if not path.parent.is_dir():
         raise UsageError(f"--metrics-file {path}: folder {path.parent} does not exist")
-    return MetricsFile(path, output=root.resolve().name,
+    return MetricsFile(path, output=name,
                        endpoint_of=lambda job: labels.get(job.endpoint, job.endpoint),
                        endpoints=labels.values(), interval_s=interval_s)
 
 
 async def _build_gallery_apart(
-    root: Path, quiet: bool, stop: asyncio.Event, timeout_s: float | None
+    output: str, quiet: bool, stop: asyncio.Event, timeout_s: float | None,
+    s3_endpoint: str | None = None,
 ) -> bool:
     """Rebuild the gallery in a child process: decoding 4K images for thumbnails takes
     tens of MB each, which must not count against the run's own flat memory.
@@ -272,7 +295,9 @@ async def _build_gallery_apart(
     """
     if stop.is_set() or (timeout_s is not None and timeout_s <= 0):
         return False
-    argv = [sys.executable, "-m", "batch", "report", str(root)]
+    argv = [sys.executable, "-m", "batch", "report", output]
+    if s3_endpoint:
+        argv += ["--s3-endpoint", s3_endpoint]
     if quiet:
         argv.append("--quiet")
     # Its one line goes with the run's other messages, on stderr.
@@ -309,7 +334,8 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
     endpoints = routing.endpoints_in_use(manifest, settings)
     # On a cluster the workers read the keys from their own environment.
     keys = routing.api_keys(endpoints, os.environ) if args.cluster is None else {}
-    root: Path = args.output or Path("output") / args.manifest.stem
+    output: str = args.output or str(Path("output") / args.manifest.stem)
+    s3 = outputs.is_s3_url(output)
     prices = PriceTable.with_overrides(manifest.pricing)
     if args.max_cost is not None:
         unpriced = sorted({(j.model, price_key(j)) for j in manifest.jobs
@@ -321,12 +347,14 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
                 + " (add them under pricing: in the manifest)"
             )
     check_ca_bundle(args.ca_bundle)
-    prepare_output(root)
+    if not s3:
+        prepare_output(Path(output))
     # After the output folder exists, so the metrics file may live in it.
     # Each endpoint's label: its name, or the single endpoint's host.
     labels = {name: name or urlsplit(ep.base_url).hostname or ep.base_url
               for name, ep in endpoints.items()}
-    metrics = metrics_file(args.metrics_file, root, labels, args.progress_interval)
+    name = output.rstrip("/").rsplit("/", 1)[-1] if s3 else Path(output).resolve().name
+    metrics = metrics_file(args.metrics_file, name, labels, args.progress_interval)
     engine_config = EngineConfig(
         concurrency=args.concurrency,
         policy=RetryPolicy(
@@ -345,17 +373,21 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
     if args.cluster is not None:
         if metrics is not None:
             raise UsageError("--metrics-file is not available with --cluster yet")
-        return cmd_run_cluster(args, manifest, root, endpoints, settings, engine_config,
-                               deadline)
-    store = Checkpoint.open(root)
+        if s3:
+            raise UsageError("--cluster writes to a shared folder (NFS) for now; an s3:// "
+                             "output on a cluster is not available yet")
+        return cmd_run_cluster(args, manifest, Path(output), endpoints, settings,
+                               engine_config, deadline)
+    store: StateStore = (outputs.open_s3(output, args.s3_endpoint) if s3
+                         else Checkpoint.open(Path(output)))
     # The manifest and checkpoint are live for the whole run; keep the cyclic
     # GC from walking 100,000 jobs over and over (it showed in profiles).
     gc.freeze()
     try:
         return asyncio.run(
-            _run(manifest, root, store, routing.build_routes(endpoints, keys, settings),
+            _run(manifest, output, store, routing.build_routes(endpoints, keys, settings),
                  engine_config, deadline, args.quiet, args.progress_interval,
-                 not args.no_gallery, metrics, args.verify)
+                 not args.no_gallery, metrics, args.verify, args.s3_endpoint)
         )
     finally:
         store.close()
@@ -376,7 +408,7 @@ def cmd_run_cluster(
                                interval_s=args.progress_interval)
 
     async def gallery(stop: asyncio.Event, limit_s: float | None) -> bool:
-        return await _build_gallery_apart(root, args.quiet, stop, limit_s)
+        return await _build_gallery_apart(str(root), args.quiet, stop, limit_s)
 
     code, line = asyncio.run(ray_runner.run_cluster(
         manifest, root, endpoints, settings, engine_config, options, deadline=deadline,
@@ -428,8 +460,8 @@ def check_ca_bundle(path: Path | None) -> None:
 
 async def _run(
     manifest: Manifest,
-    root: Path,
-    store: Checkpoint,
+    output: str,
+    store: StateStore,
     routes: dict[str, Route],
     engine_config: EngineConfig,
     deadline: float | None,
@@ -438,7 +470,9 @@ async def _run(
     gallery: bool = True,
     metrics: MetricsFile | None = None,
     verify: Verify = Verify.DECODE,
+    s3_endpoint: str | None = None,
 ) -> int:
+    root = store.root  # results and summary are written here, then synced to the output
     progress = ConsoleProgress(
         sys.stderr, bar=sys.stderr.isatty() and not quiet, interval_s=progress_interval_s
     )
@@ -497,17 +531,23 @@ async def _run(
             report.append_run(root, record)
         except StorageError as exc:
             failures.append(str(exc))
+        try:
+            store.sync_out([RESULTS, report.SUMMARY])
+        except StorageError as exc:
+            failures.append(str(exc))
         if metrics is not None:
             await metrics.close(exit_code=code, jobs=counts)
-        line = report.one_line(record, root / RESULTS)
+        line = report.one_line(record, f"{output.rstrip('/')}/{RESULTS}"
+                               if outputs.is_s3_url(output) else Path(output) / RESULTS)
         try:
             store.record_run("end", summary=line, exit_code=code)
         except StorageError as exc:
             failures.append(str(exc))
         # The gallery may take what is left of the deadline and its grace, no more.
         limit = None if deadline is None else deadline + engine_config.grace_s - time.monotonic()
-        if gallery and not await _build_gallery_apart(root, quiet, signalled, limit):
-            failures.append(f"the gallery was not rebuilt; try: imgbatch report {root}")
+        if gallery and not await _build_gallery_apart(output, quiet, signalled, limit,
+                                                       s3_endpoint):
+            failures.append(f"the gallery was not rebuilt; try: imgbatch report {output}")
         for signum in EXIT_SIGNAL:
             loop.remove_signal_handler(signum)
         for extra in report.details(record):

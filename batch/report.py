@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from batch.checkpoint import Checkpoint
 from batch.engine import RunStats, StopReason
 from batch.images import write_atomic
 from batch.jobs import Status
+from batch.storage.base import StateStore
 
 SUMMARY = "summary.json"
 KEEP_RUNS = 50
@@ -76,7 +76,7 @@ def append_run(root: Path, record: Mapping[str, Any]) -> None:
     write_atomic(root / SUMMARY, [text.encode("utf-8")])
 
 
-def one_line(record: Mapping[str, Any], results_path: Path) -> str:
+def one_line(record: Mapping[str, Any], results_path: Path | str) -> str:
     """The summary line printed on stderr at the end of a run."""
     jobs = record["jobs"]
     total = sum(jobs.values())
@@ -107,8 +107,11 @@ def details(record: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def status_lines(root: Path, store: Checkpoint) -> list[str]:
-    """What ``imgbatch status`` prints: counts, failures by type, the last runs."""
+def status_lines(root: Path, store: StateStore, shown: str | None = None) -> list[str]:
+    """What ``imgbatch status`` prints: counts, failures by type, the last runs.
+
+    ``shown`` names the output when ``root`` is a local copy (an ``s3://`` output).
+    """
     counts: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     attempts = 0
@@ -117,7 +120,7 @@ def status_lines(root: Path, store: Checkpoint) -> list[str]:
         attempts += state.attempts
         if state.status is Status.FAILED and state.error:
             errors[str(state.error.get("type"))] += 1
-    lines = [f"{root}: {len(store.states)} job(s): "
+    lines = [f"{shown or root}: {len(store.states)} job(s): "
              + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
              + f"; {attempts} request(s) in all"]
     lines += [f"  failed with {kind}: {n}" for kind, n in errors.most_common()]

@@ -11,14 +11,15 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from batch.checkpoint import Checkpoint, JobState, fingerprint
+from batch.checkpoint import JobState, fingerprint
 from batch.images import write_atomic
 from batch.jobs import Job, Status
+from batch.storage.base import StateStore
 
 RESULTS = "results.jsonl"
 
 
-def row(job: Job, state: JobState | None, fp: str, store: Checkpoint) -> dict[str, Any]:
+def row(job: Job, state: JobState | None, fp: str, store: StateStore) -> dict[str, Any]:
     """The results.jsonl line of ``job``, given its checkpoint state."""
     current = state is not None and state.fingerprint == fp
     status = state.status if state is not None and current else Status.PENDING
@@ -41,12 +42,12 @@ def row(job: Job, state: JobState | None, fp: str, store: Checkpoint) -> dict[st
     }
 
 
-def rows(jobs: Sequence[Job], store: Checkpoint) -> Iterator[dict[str, Any]]:
+def rows(jobs: Sequence[Job], store: StateStore) -> Iterator[dict[str, Any]]:
     for job in jobs:
         yield row(job, store.states.get(job.id), fingerprint(job), store)
 
 
-def write_results(jobs: Sequence[Job], store: Checkpoint) -> Counter[str]:
+def write_results(jobs: Sequence[Job], store: StateStore) -> Counter[str]:
     """Write ``DIR/results.jsonl`` atomically; return the counts by status."""
     counts: Counter[str] = Counter()
 

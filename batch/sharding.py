@@ -31,7 +31,7 @@ class Shard:
 def shard_id(index: int, job_ids: Sequence[str]) -> str:
     """A stable, file-name-safe id: position and a hash of the job ids it holds."""
     digest = hashlib.sha256("\n".join(job_ids).encode("utf-8")).hexdigest()[:12]
-    return f"s{index:05d}-{digest}"
+    return f"s{index:05d}_{digest}"
 
 
 def make_shards(job_ids: Sequence[str], shard_size: int = DEFAULT_SHARD_SIZE) -> list[Shard]:

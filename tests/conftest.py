@@ -108,3 +108,6 @@ def write_manifest(tmp_path: Path) -> Any:
         return path
 
     return write
+
+
+from tests.s3server import moto  # noqa: E402, F401  (the S3 server fixture, for tests/test_s3_*.py)

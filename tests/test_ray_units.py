@@ -60,7 +60,7 @@ def test_shards_cover_every_job_once_in_order(ids: list[str], size: int, sizes: 
 def test_shard_ids_name_position_and_content() -> None:
     first = make_shards(IDS, 3)[0]
     assert first == Shard(shard_id(0, IDS[:3]), (0, 1, 2))
-    assert first.id.startswith("s00000-")
+    assert first.id.startswith("s00000_")
     assert make_shards(["x", *IDS[1:]], 3)[0].id != first.id  # other jobs, other shard
 
 
@@ -71,7 +71,7 @@ def test_shard_size_must_be_positive(size: int) -> None:
 
 
 @pytest.mark.parametrize(("parts", "ok"), [
-    (("r1", "s00000-ab", "a1"), True),
+    (("r1", "s00000_ab", "a1"), True),
     (("r.1", "s", "a"), False),
     (("r", "s/x", "a"), False),
     (("", "s", "a"), False),

@@ -1,0 +1,165 @@
+"""Images of an ``s3://`` output: spooled, verified, uploaded to a staging key, then published.
+
+Path of one image (the local rule, with keys for names):
+
+1. The decoder streams it into a temporary file in a local spool folder,
+   verified (structure, dimensions, sha256) as it comes, exactly as for a
+   local output; the decode check reads that file.
+2. :meth:`S3Images.prepare` uploads it to ``prefix/.imgbatch/staging/...``
+   (a multipart upload streamed from the file, parts of 5 MiB, two at a
+   time, at most ``upload_slots`` uploads at once) and deletes the spool
+   file. A failed upload leaves no object: obstore aborts the multipart
+   upload, and one a kill cut short is aborted by the next open.
+3. The state store records the job, with the staging key beside it.
+4. :meth:`S3Images.publish` copies the staging key to the final key
+   server-side, create-only (``If-None-Match: *`` on the completion), then
+   deletes the staging key. A crash before that is finished by the next open.
+
+A spool was measured against streaming each answer straight into a
+multipart upload: the spool holds an image on disk, not in memory, so memory
+per image in flight is the 64 KiB the decoder hands over, whatever the image
+size, and the decode check keeps reading a local file (see
+docs/storage-s3.md for the figures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from batch.errors import StorageError
+from batch.images import (
+    IMAGES_DIR,
+    ImageWriter,
+    StagedImage,
+    StreamTransform,
+    remove_quietly,
+)
+from batch.storage.s3client import S3Location
+
+log = logging.getLogger(__name__)
+
+STAGING = ".imgbatch/staging"
+PART_BYTES = 5 * 1024 * 1024
+PARTS_IN_FLIGHT = 2
+
+
+class _SpoolWriter:
+    """An ImageWriter into the spool whose staged name is a staging key."""
+
+    def __init__(self, inner: ImageWriter, spool_root: Path, staging_rel: str) -> None:
+        self._inner = inner
+        self._spool_root = spool_root
+        self._staging_rel = staging_rel
+
+    def write(self, data: bytes) -> None:
+        self._inner.write(data)
+
+    def finish(self) -> StagedImage:
+        staged = self._inner.finish()
+        return dataclasses.replace(staged, tmp_rel=self._staging_rel, mtime_ns=None,
+                                   spool=self._spool_root / staged.tmp_rel)
+
+    def abort(self) -> None:
+        self._inner.abort()
+
+
+class S3Images:
+    """The :class:`~batch.storage.base.ImageSink` of an ``s3://`` output."""
+
+    def __init__(self, store: Any, location: S3Location, spool_root: Path, tag: str,
+                 upload_slots: int = 4) -> None:
+        self._store = store
+        self.location = location
+        self._spool_root = spool_root
+        (spool_root / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+        self._tag = tag  # unique to this writer: staging keys never collide across runs
+        self._count = 0
+        self._slots = upload_slots
+        self._gate: asyncio.Semaphore | None = None
+
+    def open(
+        self, job_id: str, index: int, *, max_pixels: int,
+        transform: StreamTransform | None = None,
+    ) -> _SpoolWriter:
+        self._count += 1
+        staging = f"{STAGING}/{self._tag}/{job_id}~{index}.{self._count}"
+        inner = ImageWriter(self._spool_root, job_id, index, max_pixels=max_pixels,
+                            transform=transform)
+        return _SpoolWriter(inner, self._spool_root, staging)
+
+    def local_path(self, staged: StagedImage) -> Path:
+        if staged.spool is None:
+            raise StorageError(f"{staged.tmp_rel} is no longer spooled on this machine")
+        return staged.spool
+
+    async def prepare(self, staged: Sequence[StagedImage]) -> tuple[StagedImage, ...]:
+        if self._gate is None:
+            self._gate = asyncio.Semaphore(self._slots)
+        return tuple(await asyncio.gather(*(self._upload(image) for image in staged)))
+
+    async def _upload(self, staged: StagedImage) -> StagedImage:
+        import obstore
+
+        if staged.spool is None:
+            return staged
+        assert self._gate is not None
+        async with self._gate:
+            try:
+                await obstore.put_async(
+                    self._store, self.location.key(staged.tmp_rel), staged.spool,
+                    chunk_size=PART_BYTES, max_concurrency=PARTS_IN_FLIGHT,
+                    attributes={"Content-Type": staged.info.mime},
+                )
+            except Exception as exc:
+                raise StorageError(
+                    f"uploading {staged.final_rel} to {self.location.url} failed: {exc}"
+                ) from None
+        staged.file.close()
+        remove_quietly(staged.spool)
+        return dataclasses.replace(staged, spool=None)
+
+    def discard(self, staged: StagedImage) -> None:
+        staged.file.close()
+        if staged.spool is not None:
+            remove_quietly(staged.spool)
+        else:
+            self._delete(staged.tmp_rel)
+
+    def release(self, staged: StagedImage) -> None:
+        staged.file.close()
+
+    def remove(self, rel: str) -> None:
+        self._delete(rel)
+
+    def publish(self, staged: StagedImage) -> None:
+        """Copy the staging key to the final key (create-only where it can), drop staging."""
+        self.copy_to_final(staged.tmp_rel, staged.final_rel)
+        self._delete(staged.tmp_rel)
+
+    def copy_to_final(self, staging_rel: str, final_rel: str) -> None:
+        import obstore
+        from obstore.exceptions import AlreadyExistsError
+
+        source, target = self.location.key(staging_rel), self.location.key(final_rel)
+        try:
+            try:
+                obstore.copy(self._store, source, target, overwrite=False)
+            except AlreadyExistsError:
+                # The key holds this job's image of an earlier fingerprint (--force, an
+                # edited prompt): the record just written says the new one replaces it.
+                obstore.copy(self._store, source, target, overwrite=True)
+        except Exception as exc:
+            raise StorageError(f"publishing {final_rel} failed: {exc}") from None
+
+    def _delete(self, rel: str) -> None:
+        import obstore
+
+        try:
+            obstore.delete(self._store, self.location.key(rel))
+        except Exception as exc:  # a stray the next open removes
+            log.warning("could not delete %s: %s", self.location.key(rel), exc)

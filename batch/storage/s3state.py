@@ -1,0 +1,387 @@
+"""The state of an ``s3://`` output: journal segments in the bucket, under a lease.
+
+S3 has no append, so every group commit writes one immutable object,
+``prefix/.imgbatch/journal/g<gen>-w-<writer>-<seq>.jsonl``, create-only,
+holding the same JSON lines as a local journal (job states and run records;
+the last line for an id wins). ``gen`` is one more than the highest
+generation found at open, so a later run's segments sort after an earlier
+one's; ``writer`` names a writer of that generation (``main``, or a shard
+under one driver's lease), ``seq`` counts its segments. An open reads the
+segments in name order. When it finds more than 32 it writes a snapshot,
+``g<gen>-a-snapshot.jsonl`` (one line per job and the last 50 run records),
+which sorts before the segments of its own generation, makes every older
+generation redundant, and lets them be deleted; a crash in between leaves
+them ignored.
+
+A success is recorded before its image is copied from its staging key to
+its final key (:mod:`batch.storage.s3images`); an open copies what a crash
+left unpublished, deletes staging keys nobody needs, and aborts multipart
+uploads left under the prefix. ``root`` is a local folder for results.jsonl,
+summary.json and the gallery, copied to the bucket by :meth:`sync_out`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from batch.checkpoint import JobState
+from batch.errors import NotRecorded, OutputError, StorageError, Unpublished
+from batch.images import StagedImage
+from batch.jobs import Job, Status
+from batch.storage import s3client
+from batch.storage.s3client import S3Location
+from batch.storage.s3images import STAGING, S3Images
+from batch.storage.s3lease import LEASE, Lease
+
+log = logging.getLogger(__name__)
+
+JOURNAL_DIR = ".imgbatch/journal"
+COMPACT_AFTER = 32
+_SEGMENT = re.compile(r"g(\d{8})-(a-snapshot|w-[A-Za-z0-9_.]+-\d{8})\.jsonl$")
+MIRRORED = ("summary.json",)  # downloaded at open: the run appends to it
+
+
+class S3State:
+    """The :class:`~batch.storage.base.StateStore` of an ``s3://`` output."""
+
+    def __init__(self, location: S3Location, store: Any, *, writer: str = "main") -> None:
+        self.location = location
+        self._store = store
+        self.writer = writer
+        self.root = Path(tempfile.mkdtemp(prefix="imgbatch-s3-"))
+        self.states: dict[str, JobState] = {}
+        self.runs: list[dict[str, Any]] = []
+        self.gen = 1
+        self._seq = 0
+        self._pending: list[bytes] = []  # records not yet durable (attempt counts)
+        self._lock = threading.Lock()
+        self._objects: dict[str, int] = {}  # published image rel -> size
+        self._intact: set[str] = set()
+        self._lease: Lease | None = None
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="imgbatch-s3")
+        self.sink = S3Images(store, location, self.root / ".spool", f"g{self.gen:08d}-{writer}")
+        self._closed = False
+
+    # -- opening ---------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, location: S3Location, *, writer: str = "main", lease: bool = True) -> S3State:
+        """Take the lease, load the journal, finish interrupted publications, clean up.
+
+        ``lease=False`` is for shard writers under a driver that holds the lease.
+        """
+        state = cls(location, s3client.open_store(location), writer=writer)
+        try:
+            if lease:
+                state._lease = Lease(state._store, location.key(LEASE), location.url)
+                state._lease.acquire()
+            state._load(writable=True)
+            state._recover()
+            state._download(MIRRORED)
+        except BaseException:
+            state.close()
+            raise
+        return state
+
+    @classmethod
+    def read(cls, location: S3Location) -> S3State:
+        """Load the journal without the lease or any change (for ``status``, ``report``)."""
+        state = cls(location, s3client.open_store(location))
+        try:
+            state._load(writable=False)
+            state._list_images()
+            state._download(MIRRORED)
+        except BaseException:
+            state.close()
+            raise
+        return state
+
+    def _list(self, rel: str) -> list[Any]:
+        import obstore
+
+        try:
+            return [meta for batch in obstore.list(self._store, self.location.key(rel) + "/")
+                    for meta in batch]
+        except Exception as exc:
+            raise OutputError(f"cannot list {self.location.url}/{rel}: {exc}") from None
+
+    def _load(self, *, writable: bool) -> None:
+        names = []
+        for meta in self._list(JOURNAL_DIR):
+            name = meta["path"].rsplit("/", 1)[-1]
+            match = _SEGMENT.match(name)
+            if match:
+                names.append((name, int(match.group(1)), match.group(2) == "a-snapshot"))
+        names.sort()
+        self.gen = 1 + max((gen for _, gen, _ in names), default=0)
+        snapshots = [gen for _, gen, snap in names if snap]
+        floor = max(snapshots, default=0)
+        live = [name for name, gen, _ in names if gen >= floor]
+        for name, data in zip(live, self._fetch_all(live), strict=True):
+            for number, line in enumerate(data.splitlines(), 1):
+                self._load_line(line, name, number)
+        self.sink = S3Images(self._store, self.location, self.root / ".spool",
+                             f"g{self.gen:08d}-{self.writer}")
+        if not writable:
+            return
+        stale = [name for name, gen, _ in names if gen < floor]
+        if len(live) > COMPACT_AFTER:
+            self._compact()
+            stale = [name for name, _, _ in names]
+        for name in stale:
+            self._delete(f"{JOURNAL_DIR}/{name}")
+
+    def _fetch_all(self, names: list[str]) -> list[bytes]:
+        import obstore
+
+        async def fetch() -> list[bytes]:
+            gate = asyncio.Semaphore(16)
+
+            async def one(name: str) -> bytes:
+                async with gate:
+                    got = await obstore.get_async(
+                        self._store, self.location.key(f"{JOURNAL_DIR}/{name}"))
+                    return bytes(await got.bytes_async())
+
+            return list(await asyncio.gather(*(one(name) for name in names)))
+
+        try:
+            return asyncio.run(fetch()) if names else []
+        except Exception as exc:
+            raise OutputError(f"cannot read the journal of {self.location.url}: {exc}") from None
+
+    def _load_line(self, line: bytes, name: str, number: int) -> None:
+        if not line.strip():
+            return
+        try:
+            record = json.loads(line)
+            if "run" in record:
+                self.runs.append(record)
+            else:
+                state = JobState.from_record(record)
+                self.states[state.id] = state
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("%s:%d: skipping an unreadable record (%s)", name, number, exc)
+
+    def _compact(self) -> None:
+        self.runs = self.runs[-50:]
+        lines = [json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in self.runs]
+        lines += [state.to_line() for state in self.states.values()]
+        self._put(f"{JOURNAL_DIR}/g{self.gen:08d}-a-snapshot.jsonl", b"".join(lines))
+
+    def _list_images(self) -> None:
+        prefix = self.location.key("")
+        for meta in self._list("images"):
+            self._objects[meta["path"][len(prefix):]] = int(meta["size"])
+
+    def _recover(self) -> None:
+        """Publish what a crash left staged, then drop staging keys and multipart leftovers."""
+        self._list_images()
+        staged = {self.location.rel(meta["path"]) for meta in self._list(STAGING)}
+        for state in self.states.values():
+            if state.status is not Status.SUCCEEDED:
+                continue
+            intact = True
+            for image, meta in zip(state.images, state.image_meta, strict=True):
+                if self._objects.get(image.path) == image.bytes:
+                    continue
+                if meta.tmp and meta.tmp in staged:
+                    self.sink.copy_to_final(meta.tmp, image.path)
+                    self._objects[image.path] = image.bytes
+                    log.info("recovered %s from an interrupted run", image.path)
+                    continue
+                intact = False
+            if intact:
+                self._intact.add(state.id)
+        for rel in staged:
+            self._delete(rel)
+        self._abort_uploads()
+
+    def _abort_uploads(self) -> None:
+        try:
+            uploads = s3client.incomplete_uploads(self.location, self.location.key(""))
+            for key, upload_id in uploads:
+                s3client.abort_upload(self.location, key, upload_id)
+                log.info("aborted an incomplete multipart upload of %s", key)
+        except OSError as exc:
+            log.warning("could not abort incomplete multipart uploads under %s (%s); a "
+                        "lifecycle rule removes them", self.location.url, exc)
+
+    def _download(self, names: Iterable[str]) -> None:
+        import obstore
+
+        for name in names:
+            try:
+                data = bytes(obstore.get(self._store, self.location.key(name)).bytes())
+            except FileNotFoundError:
+                continue
+            except Exception as exc:
+                raise OutputError(f"cannot read {self.location.url}/{name}: {exc}") from None
+            (self.root / name).write_bytes(data)
+
+    # -- questions --------------------------------------------------------------------
+
+    def is_done(self, job: Job, fp: str, *, verify: bool = False) -> bool:
+        state = self.states.get(job.id)
+        if state is None or state.status is not Status.SUCCEEDED or state.fingerprint != fp:
+            return False
+        return self.intact(state, verify=verify)
+
+    def intact(self, state: JobState, *, verify: bool = False) -> bool:
+        """Every image of ``state`` is published with its recorded size (content if ``verify``)."""
+        if not verify and state.id in self._intact:
+            return True
+        for image in state.images:
+            if self._objects.get(image.path) != image.bytes:
+                return False
+            if verify and self.sha256_of(image.path) != image.sha256:
+                return False
+        return True
+
+    def sha256_of(self, rel: str) -> str | None:
+        import obstore
+
+        digest = hashlib.sha256()
+        try:
+            for chunk in obstore.get(self._store, self.location.key(rel)).stream():
+                digest.update(chunk)
+        except Exception:
+            return None
+        return digest.hexdigest()
+
+    def attempts(self, job_id: str) -> int:
+        state = self.states.get(job_id)
+        return state.attempts if state else 0
+
+    # -- writing ----------------------------------------------------------------------
+
+    def mark_attempt(self, job: Job, fp: str) -> JobState:
+        state = JobState(id=job.id, fingerprint=fp, status=Status.PENDING,
+                         attempts=self.attempts(job.id) + 1)
+        # Not written now: an attempt count rides with the next segment.
+        self.record(state, durable=False)
+        return state
+
+    def record(self, state: JobState, *, durable: bool) -> None:
+        with self._lock:
+            self._pending.append(state.to_line())
+            self._remember([state])
+        if durable:
+            self._flush(b"")
+
+    def commit_batch(self, states: list[JobState], staged: list[StagedImage]) -> None:
+        """One segment for ``states``, then each staged image copied to its final key."""
+        data = b"".join(state.to_line() for state in states)
+        try:
+            self._flush(data)
+        except NotRecorded:
+            raise
+        except StorageError as exc:
+            with self._lock:
+                self._remember(states)
+            raise Unpublished(f"{exc}; its images wait under staging keys for the next run"
+                              ) from None
+        with self._lock:
+            self._remember(states)
+        failures = [str(exc) for exc in self._pool.map(self._publish, staged) if exc]
+        if failures:
+            more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+            raise Unpublished(
+                f"{failures[0]}{more}; recorded, the next run publishes it without paying again"
+            )
+
+    def _publish(self, staged: StagedImage) -> StorageError | None:
+        try:
+            self.sink.publish(staged)
+        except StorageError as exc:
+            return exc
+        with self._lock:
+            self._objects[staged.final_rel] = staged.bytes
+        return None
+
+    def record_run(self, event: str, **fields: Any) -> None:
+        record = {"run": event, "t": time.time(), "pid": os.getpid(), **fields}
+        self.runs.append(record)
+        self._flush(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+
+    def _remember(self, states: list[JobState]) -> None:
+        for state in states:
+            self._intact.discard(state.id)
+            self.states[state.id] = state
+
+    def _flush(self, data: bytes) -> None:
+        """Write the pending records and ``data`` as the next segment (create-only)."""
+        if self._closed:
+            raise NotRecorded("the state store is closed")
+        if self._lease is not None and self._lease.lost.is_set():
+            raise NotRecorded(f"the lease on {self.location.url} was taken over by another run")
+        with self._lock:
+            pending, self._pending = self._pending, []
+            self._seq += 1
+            name = f"{JOURNAL_DIR}/g{self.gen:08d}-w-{self.writer}-{self._seq:08d}.jsonl"
+        self._put(name, b"".join(pending) + data)
+
+    def _put(self, rel: str, data: bytes) -> None:
+        import obstore
+        from obstore.exceptions import AlreadyExistsError
+
+        try:
+            obstore.put(self._store, self.location.key(rel), data, mode="create")
+        except AlreadyExistsError:
+            # Only this writer names this segment: a retry found its own first try.
+            pass
+        except Exception as exc:
+            raise StorageError(f"writing {self.location.url}/{rel} failed: {exc}") from None
+
+    def _delete(self, rel: str) -> None:
+        import obstore
+
+        try:
+            obstore.delete(self._store, self.location.key(rel))
+        except Exception as exc:
+            log.warning("could not delete %s: %s", self.location.key(rel), exc)
+
+    def sync_out(self, names: Iterable[str]) -> None:
+        """Upload ``names`` from ``root`` to the bucket (each replaced whole)."""
+        import obstore
+
+        for name in names:
+            path = self.root / name
+            if not path.is_file():
+                continue
+            try:
+                obstore.put(self._store, self.location.key(name), path)
+            except Exception as exc:
+                raise StorageError(f"uploading {self.location.url}/{name} failed: {exc}"
+                                   ) from None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._pending and self._lease is not None and not self._lease.lost.is_set():
+                self._closed = False
+                try:
+                    self._flush(b"")
+                except StorageError as exc:
+                    log.warning("attempt counts not saved: %s", exc)
+                self._closed = True
+        finally:
+            self._pool.shutdown(wait=True)
+            if self._lease is not None:
+                self._lease.release()
+            shutil.rmtree(self.root, ignore_errors=True)
