@@ -373,11 +373,8 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
     if args.cluster is not None:
         if metrics is not None:
             raise UsageError("--metrics-file is not available with --cluster yet")
-        if s3:
-            raise UsageError("--cluster writes to a shared folder (NFS) for now; an s3:// "
-                             "output on a cluster is not available yet")
-        return cmd_run_cluster(args, manifest, Path(output), endpoints, settings,
-                               engine_config, deadline)
+        return cmd_run_cluster(args, manifest, output, endpoints, settings, engine_config,
+                               deadline)
     store: StateStore = (outputs.open_s3(output, args.s3_endpoint) if s3
                          else Checkpoint.open(Path(output)))
     # The manifest and checkpoint are live for the whole run; keep the cyclic
@@ -394,7 +391,7 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
 
 
 def cmd_run_cluster(
-    args: argparse.Namespace, manifest: Manifest, root: Path,
+    args: argparse.Namespace, manifest: Manifest, output: str,
     endpoints: dict[str, Endpoint], settings: routing.Settings, engine_config: EngineConfig,
     deadline: float | None,
 ) -> int:
@@ -408,11 +405,12 @@ def cmd_run_cluster(
                                interval_s=args.progress_interval)
 
     async def gallery(stop: asyncio.Event, limit_s: float | None) -> bool:
-        return await _build_gallery_apart(str(root), args.quiet, stop, limit_s)
+        return await _build_gallery_apart(output, args.quiet, stop, limit_s, args.s3_endpoint)
 
     code, line = asyncio.run(ray_runner.run_cluster(
-        manifest, root, endpoints, settings, engine_config, options, deadline=deadline,
-        verify=args.verify, progress=progress, gallery=None if args.no_gallery else gallery))
+        manifest, output, endpoints, settings, engine_config, options, deadline=deadline,
+        verify=args.verify, progress=progress, gallery=None if args.no_gallery else gallery,
+        s3_endpoint=args.s3_endpoint))
     if not args.quiet or code != EXIT_OK:
         print(f"imgbatch: {line}", file=sys.stderr)
     return code

@@ -26,8 +26,10 @@ ray_cluster_utils = pytest.importorskip("ray.cluster_utils")
 
 from tests.conftest import KEY, ROOT, cli_env, imgbatch_argv, read_results, simulator  # noqa: E402
 from tests.oracles import check_recorded_images  # noqa: E402
+from tests.s3server import CREDENTIALS, S3Server  # noqa: E402
 from tests.test_crash import prompts_of  # noqa: E402
 from tests.test_e2e import catalog, check_outputs  # noqa: E402
+from tests.test_s3_e2e import check_bucket  # noqa: E402
 
 SCALE = "0.0625"
 
@@ -37,7 +39,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     temp = tmp_path_factory.mktemp("ray")
     saved = dict(os.environ)
     # The nodes (and so the workers) inherit these; Ray's files stay in the test's folder.
-    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=str(temp), QINIU_API_KEY=KEY)
+    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=str(temp), QINIU_API_KEY=KEY,
+                      **CREDENTIALS)
     (temp / "ray").mkdir()
     cluster = ray_cluster_utils.Cluster(
         initialize_head=True,
@@ -153,6 +156,24 @@ def test_driver_killed_then_rerun(cluster: Any, tmp_path: Path) -> None:
     assert check_recorded_images(out, prompts_of(manifest)) == jobs
     # The re-run adopted what was committed: at most the requests in flight were lost.
     assert stats["requests"] <= jobs + 2 * concurrency
+
+
+def test_catalog_into_s3_from_the_cluster(cluster: Any, moto: S3Server, tmp_path: Path) -> None:
+    jobs = 30
+    bucket = moto.bucket("cluster")
+    manifest = catalog(jobs, tmp_path / "cat.jsonl")
+    url = f"s3://{bucket}/nightly"
+    marker = tmp_path / "died"
+    with simulator("--scale", SCALE, "--latency", "0.1", "--fault-mix", "0.1") as sim:
+        argv = imgbatch_argv("run", str(manifest), "--output", url, "--s3-endpoint",
+                             moto.endpoint, "--base-url", sim.url, "--cluster", "ray",
+                             "--shard-size", "8", "--concurrency", "4", "--no-gallery")
+        done = run_driver(cluster, argv, IMGBATCH_RAY_TEST_EXIT=f"2:{marker}")
+        stats = sim.stats()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert marker.exists()  # a worker died mid-shard; its retry finished the shard
+    check_bucket(moto, bucket, "nightly", jobs)
+    assert sum(n - 1 for n in stats["paid_by_prompt"].values()) <= 4
 
 
 def test_node_removed_mid_run(cluster: Any, tmp_path: Path) -> None:

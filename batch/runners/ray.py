@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -41,7 +41,7 @@ from batch.checkpoint import JobState, fingerprint
 from batch.congestion import ControlConfig
 from batch.endpoints import Endpoint
 from batch.engine import EngineConfig, RunStats, StopReason
-from batch.errors import ImgbatchError, JobError, StorageError, UsageError
+from batch.errors import ImgbatchError, JobError, OutputError, StorageError, UsageError
 from batch.imagecheck import Verify
 from batch.jobs import Job, Status
 from batch.manifest import Manifest
@@ -52,6 +52,8 @@ from batch.runners.segments import DriverCheckpoint
 from batch.runners.shard import ShardSpec, run_shard
 from batch.runners.shared_limits import LimitsServer
 from batch.sharding import DEFAULT_SHARD_SIZE, make_shards
+from batch.storage import outputs
+from batch.storage.base import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,18 @@ def _exit_seam() -> tuple[int, str] | None:
     return int(count), marker
 
 
+@dataclass(frozen=True)
+class Output:
+    """Where the run writes: a folder every node mounts at the same path, or s3://."""
+
+    url: str
+    s3_endpoint: str | None
+
+    @property
+    def s3(self) -> bool:
+        return outputs.is_s3_url(self.url)
+
+
 @dataclass
 class Outcome:
     """What the cluster did, for the exit code."""
@@ -139,16 +153,25 @@ class Outcome:
 
 
 async def run_cluster(
-    manifest: Manifest, root: Path, endpoints: Mapping[str, Endpoint],
+    manifest: Manifest, output: str, endpoints: Mapping[str, Endpoint],
     settings: routing.Settings, config: EngineConfig, options: ClusterOptions, *,
     deadline: float | None, verify: Verify, progress: ConsoleProgress,
     gallery: Callable[[asyncio.Event, float | None], Awaitable[bool]] | None,
+    s3_endpoint: str | None = None,
 ) -> tuple[int, str]:
-    """Run ``manifest`` over the cluster into ``root``: (exit code, summary line)."""
+    """Run ``manifest`` over the cluster into ``output`` (a shared folder or s3://):
+    (exit code, summary line)."""
     connect(options.address)
-    store = cast(DriverCheckpoint, DriverCheckpoint.open(root))
+    where = Output(output, s3_endpoint)
+    store: StateStore
+    if where.s3:
+        # In a thread: the S3 state runs its own event loop to read the segments.
+        store = await asyncio.to_thread(outputs.open_s3, output, s3_endpoint)  # the lease
+    else:
+        where = Output(str(Path(output).resolve()), None)
+        store = DriverCheckpoint.open(Path(output))
     try:
-        return await _drive(manifest, store, endpoints, settings, config, options,
+        return await _drive(manifest, store, where, endpoints, settings, config, options,
                             deadline, verify, progress, gallery)
     finally:
         store.close()
@@ -156,7 +179,7 @@ async def run_cluster(
 
 
 async def _drive(
-    manifest: Manifest, store: DriverCheckpoint, endpoints: Mapping[str, Endpoint],
+    manifest: Manifest, store: StateStore, where: Output, endpoints: Mapping[str, Endpoint],
     settings: routing.Settings, config: EngineConfig, options: ClusterOptions,
     deadline: float | None, verify: Verify, progress: ConsoleProgress,
     gallery: Callable[[asyncio.Event, float | None], Awaitable[bool]] | None,
@@ -197,8 +220,8 @@ async def _drive(
     progress.on_plan(len(todo), stats.skipped)
     log.info("%d shard(s) of at most %d job(s) on the cluster", len(shards), options.shard_size)
     try:
-        await _run_shards(shards, todo, store, endpoints, settings, config, options, deadline,
-                          verify, run, limits, coordinator, outcome, by_id, progress)
+        await _run_shards(shards, todo, store, where, endpoints, settings, config, options,
+                          deadline, verify, run, limits, coordinator, outcome, by_id, progress)
         peaks = await asyncio.gather(*(actor.stats.remote() for actor in limits.values()))
         stats.peak_in_flight = sum(p["peak"] for p in peaks)
     except Exception as exc:
@@ -207,12 +230,12 @@ async def _drive(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
         await progress.close()
-    return await _finish(manifest, store, outcome, started_at, deadline, config, signalled,
+    return await _finish(manifest, store, where, outcome, started_at, deadline, config, signalled,
                          gallery)
 
 
 async def _run_shards(
-    shards: list[Any], todo: list[tuple[Job, str]], store: DriverCheckpoint,
+    shards: list[Any], todo: list[tuple[Job, str]], store: StateStore, where: Output,
     endpoints: Mapping[str, Endpoint], settings: routing.Settings, config: EngineConfig,
     options: ClusterOptions, deadline: float | None, verify: Verify, run: str,
     limits: Mapping[str, Any], coordinator: Any, outcome: Outcome, by_id: Mapping[str, Job],
@@ -235,8 +258,11 @@ async def _run_shards(
             shard = pending.pop()
             items = tuple(todo[p] for p in shard.positions)
             spec = ShardSpec(
-                run=run, shard=shard.id, root=store.root.resolve(), todo=items,
-                prior=tuple(store.states_of(job.id for job, _ in items)),
+                run=run, shard=shard.id, output=where.url, s3_endpoint=where.s3_endpoint,
+                todo=items,
+                # An s3:// shard reads the segments itself; a folder's starts from these.
+                prior=() if where.s3 else tuple(
+                    store.states[job.id] for job, _ in items if job.id in store.states),
                 endpoints=endpoints, settings=settings, config=config, verify=verify,
                 deadline_unix=deadline_unix, exit_after=seam,
             )
@@ -315,21 +341,42 @@ def _replay(events: list[Any], by_id: Mapping[str, Job], progress: ConsoleProgre
 
 
 async def _finish(
-    manifest: Manifest, store: DriverCheckpoint, outcome: Outcome, started_at: float,
-    deadline: float | None, config: EngineConfig, signalled: asyncio.Event,
+    manifest: Manifest, store: StateStore, where: Output, outcome: Outcome,
+    started_at: float, deadline: float | None, config: EngineConfig, signalled: asyncio.Event,
     gallery: Callable[[asyncio.Event, float | None], Awaitable[bool]] | None,
 ) -> tuple[int, str]:
     failures: list[str] = []
     counts: Counter[str] = Counter()
+    final = store
     try:
-        store.fold_segments()
-        if outcome.crashed is None:
-            # Every shard task has ended: finish renames a dead worker cut short and drop
-            # the temporaries it left (what a single machine does at its next open).
-            store.recover()
-        counts = write_results(manifest.jobs, store)
-    except StorageError as exc:
+        if isinstance(store, DriverCheckpoint):
+            store.fold_segments()
+            if outcome.crashed is None:
+                # Every shard task has ended: finish renames a dead worker cut short and
+                # drop the temporaries it left (what one machine does at its next open).
+                store.recover()
+        elif outcome.crashed is None:
+            from batch.runners.s3segments import reopen
+
+            # The shards' segments, recovered (in a thread: it runs its own event loop).
+            final = await asyncio.to_thread(reopen, where.url, where.s3_endpoint)
+        counts = write_results(manifest.jobs, final)
+    except (StorageError, OutputError) as exc:
         failures.append(str(exc))
+    try:
+        return await _report(manifest, final, where, outcome, counts, failures, started_at,
+                             deadline, config, signalled, gallery)
+    finally:
+        if final is not store:
+            final.close()
+
+
+async def _report(
+    manifest: Manifest, store: StateStore, where: Output, outcome: Outcome,
+    counts: Counter[str], failures: list[str], started_at: float, deadline: float | None,
+    config: EngineConfig, signalled: asyncio.Event,
+    gallery: Callable[[asyncio.Event, float | None], Awaitable[bool]] | None,
+) -> tuple[int, str]:
     code = 1
     if outcome.crashed is not None:
         code = 70
@@ -346,16 +393,17 @@ async def _finish(
                                manifest=str(manifest.path))
     try:
         report.append_run(store.root, record)
+        store.sync_out([RESULTS, report.SUMMARY])  # to the bucket; nothing for a folder
     except StorageError as exc:
         failures.append(str(exc))
-    line = report.one_line(record, store.root / RESULTS)
+    line = report.one_line(record, f"{where.url.rstrip('/')}/{RESULTS}")
     try:
         store.record_run("end", summary=line, exit_code=code)
     except StorageError as exc:
         failures.append(str(exc))
     limit = None if deadline is None else deadline + config.grace_s - time.monotonic()
     if gallery is not None and not await gallery(signalled, limit):
-        failures.append(f"the gallery was not rebuilt; try: imgbatch report {store.root}")
+        failures.append(f"the gallery was not rebuilt; try: imgbatch report {where.url}")
     for extra in report.details(record):
         log.info("%s", extra)
     for failure in failures:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 from batch import fsops
@@ -150,11 +150,6 @@ class DriverCheckpoint(Checkpoint):
     def recover(self) -> None:
         """Crash recovery now that no shard task writes: renames finished, strays removed."""
         self._recover()
-
-    def states_of(self, ids: Iterable[str]) -> list[JobState]:
-        """The known states of ``ids`` (what a shard task starts from)."""
-        found: Mapping[str, JobState] = self.states
-        return [found[i] for i in ids if i in found]
 
 
 __all__ = ["JOURNAL", "DriverCheckpoint", "SegmentStore", "segment_files"]

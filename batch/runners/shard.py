@@ -17,6 +17,7 @@ a task's arguments, a runtime environment or the object store.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -35,6 +36,8 @@ from batch.runners.coordinator import CoordinatorRemote, Reporter, SharedBudget
 from batch.runners.segments import SegmentStore
 from batch.runners.shared_limits import LimitsRemote, SharedLimits
 from batch.sharding import writer_id
+from batch.storage import outputs
+from batch.storage.base import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,8 @@ class ShardSpec:
 
     run: str
     shard: str
-    root: Path
+    output: str  # a folder every node mounts at this path, or s3://bucket/prefix
+    s3_endpoint: str | None
     todo: tuple[tuple[Job, str], ...]  # (job, fingerprint), in manifest order
     prior: tuple[JobState, ...]  # what the driver knew of these jobs
     endpoints: Mapping[str, Endpoint]
@@ -99,7 +103,15 @@ async def run_shard(spec: ShardSpec, limits: Mapping[str, LimitsRemote],
         reporter: Reporter = _ExitSeam(coordinator, worker, *spec.exit_after)
     else:
         reporter = Reporter(coordinator, worker)
-    store = SegmentStore.open_segment(spec.root, worker, spec.shard, spec.prior)
+    store: StateStore
+    if outputs.is_s3_url(spec.output):
+        from batch.runners.s3segments import S3ShardState
+
+        # In a thread: the S3 state runs its own event loop to read the segments.
+        store = await asyncio.to_thread(S3ShardState.open_shard, spec.output, spec.s3_endpoint,
+                                        worker)
+    else:
+        store = SegmentStore.open_segment(Path(spec.output), worker, spec.shard, spec.prior)
     engine = Engine(shared, store, spec.config, reporter)
     engine.budget = budget
     try:
