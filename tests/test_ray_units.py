@@ -182,6 +182,24 @@ async def test_the_budget_is_shared_and_never_passed() -> None:
 
 
 @run_async
+async def test_leases_held_at_once_never_pass_the_cap() -> None:
+    coordinator = Coordinator(1.0)
+    price = 134_000
+    budgets = [SharedBudget(coordinator, f"w{i}", 1.0, price) for i in range(10)]  # type: ignore[arg-type]
+    tasks = [asyncio.ensure_future(b.acquire()) for b in budgets]
+    done, pending = await asyncio.wait(tasks, timeout=0.3)
+    assert len(done) == 7 and len(pending) == 3  # the rest wait: those in flight may fail
+    for budget, task in zip(budgets, tasks, strict=True):
+        if task in done:
+            assert budget.try_reserve(price)
+            budget.settle(price, price)  # all seven paid
+            budget.release(task.result())
+    await asyncio.gather(*(b.close() for b in budgets))
+    assert await asyncio.wait_for(asyncio.gather(*pending), 5) == [0, 0, 0]  # never fits now
+    assert coordinator.spent == 7 * price
+
+
+@run_async
 async def test_a_silent_workers_budget_counts_as_spent() -> None:
     clock = Clock()
     coordinator = Coordinator(1.0, lease_ttl_s=10, clock=clock)
