@@ -5,9 +5,10 @@ real CLI (``imgbatch run --cluster ray``, RAY_ADDRESS pointing at it) against
 the real simulator. The judges are the simulator's own counters (requests in
 flight, 429s of its rate window, complete images sent per prompt), the
 journal and images read back independently (tests/oracles.py), never the
-runner's own figures. The API key reaches the workers through the nodes'
-environment only: the driver runs without it, and the key must appear
-nowhere in Ray's session files.
+runner's own figures. A worker killed with os._exit mid-shard is the
+s3:// test's (the folder's retry path is the removed node's). The API key
+reaches the workers through the nodes' environment only: the driver runs
+without it, and the key must appear nowhere in Ray's session files.
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     cluster = ray_cluster_utils.Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 2, "temp_dir": str(temp / "ray"),
-                        "include_dashboard": False},
+                        "include_dashboard": False,
+                        # A removed node is declared dead in ~2 s, not ~15 s.
+                        "_system_config": {"health_check_period_ms": 500,
+                                           "health_check_timeout_ms": 500,
+                                           "health_check_failure_threshold": 3}},
     )
     cluster.add_node(num_cpus=2)
     cluster.temp = temp
@@ -83,15 +88,15 @@ def segment_lines(out: Path) -> int:
 
 
 def test_catalog_with_faults_keeps_global_limits(cluster: Any, tmp_path: Path) -> None:
-    jobs, concurrency = 60, 6
+    jobs, concurrency = 40, 6
     manifest = catalog(jobs, tmp_path / "cat.jsonl")
     out = tmp_path / "out"
-    # The gateway allows 30 starts in any 5 s; the cluster is told 330/min (27.5 per 5 s).
+    # The gateway allows 40 starts in any 5 s; the cluster is told 440/min (36.7 per 5 s).
     with simulator("--scale", SCALE, "--latency", "0.2", "--fault-mix", "0.15", "--seed", "3",
-                   "--rpm-limit", "30", "--rate-window", "5") as sim:
-        done = run_driver(cluster, cluster_argv(manifest, out, sim.url, "--shard-size", "12",
+                   "--rpm-limit", "40", "--rate-window", "5") as sim:
+        done = run_driver(cluster, cluster_argv(manifest, out, sim.url, "--shard-size", "10",
                                                 "--concurrency", str(concurrency),
-                                                "--rpm", "330"))
+                                                "--rpm", "440"))
         stats = sim.stats()
     assert done.returncode == 0, done.stderr[-3000:]
     rows = read_results(out)
@@ -113,25 +118,6 @@ def _holds(path: Path, needle: bytes) -> bool:
         return needle in path.read_bytes()
     except OSError:
         return False
-
-
-def test_worker_killed_mid_shard_is_retried(cluster: Any, tmp_path: Path) -> None:
-    jobs, concurrency = 40, 4
-    manifest = catalog(jobs, tmp_path / "cat.jsonl")
-    out = tmp_path / "out"
-    marker = tmp_path / "died"
-    with simulator("--scale", SCALE, "--latency", "0.2") as sim:
-        done = run_driver(cluster, cluster_argv(manifest, out, sim.url, "--shard-size", "10",
-                                                "--concurrency", str(concurrency)),
-                          IMGBATCH_RAY_TEST_EXIT=f"3:{marker}")
-        stats = sim.stats()
-    assert marker.exists(), "no worker died"
-    assert done.returncode == 0, done.stderr[-3000:]
-    check_outputs(out, read_results(out))
-    assert check_recorded_images(out, prompts_of(manifest)) == jobs
-    # Only what was in flight in the dead worker may be paid again.
-    repaid = sum(n - 1 for n in stats["paid_by_prompt"].values())
-    assert repaid <= concurrency and len(stats["paid_by_prompt"]) == jobs
 
 
 def test_driver_killed_then_rerun(cluster: Any, tmp_path: Path) -> None:
