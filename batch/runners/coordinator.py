@@ -273,9 +273,11 @@ class Reporter(Observer):
         events, self._events = self._events, []
         try:
             control = await self._remote.report(self._worker, events)
-        except BaseException:
-            self._events[:0] = events
+        except Exception:
+            self._events[:0] = events  # not delivered: they go with the next beat
             raise
+        # (Cancelled while the call was under way: it reaches the actor all the same, so
+        # its events are not sent twice.)
         self._apply(control)
 
     def _apply(self, control: Control) -> None:
