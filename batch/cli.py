@@ -239,11 +239,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from batch.gallery import build_gallery  # Pillow: only the report needs it
 
+    where: Path | str
     if outputs.is_s3_url(args.output):
         stats = outputs.build_s3_gallery(args.output, args.s3_endpoint)
+        where = f"{args.output.rstrip('/')}/index.html"
     else:
         stats = build_gallery(Path(args.output))
-    print(f"{stats.path}: {stats.images} image(s), {stats.failed_jobs} failed and "
+        where = stats.path
+    print(f"{where}: {stats.images} image(s), {stats.failed_jobs} failed and "
           f"{stats.pending_jobs} pending job(s); {stats.thumbs_made} thumbnail(s) made, "
           f"{stats.thumbs_reused} reused")
     return EXIT_OK

@@ -118,10 +118,12 @@ def test_kill_9_during_uploads_then_resume(tmp_path: Path, moto: S3Server) -> No
     check_bucket(moto, bucket, prefix, JOBS)
     assert check_recorded(moto, bucket, prefix) == JOBS
     rows = results(moto, bucket, prefix)
-    # Each kill can waste the requests in flight and the answers queued for the commit.
-    assert stats["requests"] <= JOBS + kills * 2 * CONCURRENCY
+    # Each kill can waste the requests in flight and the answers queued for the commit;
+    # the requests the simulator failed on purpose were retries, not images paid twice.
+    good = stats["requests"] - sum(stats["faults"].values())
+    assert good <= JOBS + kills * 2 * CONCURRENCY
     # Attempt counts ride with the next segment (no write per request): a kill may lose
     # those of the requests then in flight, never more.
     counted = sum(int(row["attempts"]) for row in rows)  # type: ignore[call-overload]
     assert counted <= stats["requests"] <= counted + kills * CONCURRENCY
-    print(f"kills={kills} requests={stats['requests']} counted={counted}")
+    print(f"kills={kills} requests={stats['requests']} good answers={good} counted={counted}")

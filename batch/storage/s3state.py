@@ -335,16 +335,34 @@ class S3State:
         self._put(name, b"".join(pending) + data)
 
     def _put(self, rel: str, data: bytes) -> None:
+        """Create ``rel`` holding ``data``; StorageError unless it is there, whole, after."""
         import obstore
         from obstore.exceptions import AlreadyExistsError
 
-        try:
-            obstore.put(self._store, self.location.key(rel), data, mode="create")
-        except AlreadyExistsError:
-            # Only this writer names this segment: a retry found its own first try.
-            pass
-        except Exception as exc:
-            raise StorageError(f"writing {self.location.url}/{rel} failed: {exc}") from None
+        key = self.location.key(rel)
+        for _ in range(5):
+            try:
+                obstore.put(self._store, key, data, mode="create")
+                return
+            except AlreadyExistsError:
+                pass
+            except Exception as exc:
+                raise StorageError(f"writing {self.location.url}/{rel} failed: {exc}") from None
+            # Only this writer names this object, so it is most likely a retry finding
+            # its own first try; a 412 from a confused gateway is not believed unread.
+            try:
+                found = bytes(obstore.get(self._store, key).bytes())
+            except FileNotFoundError:
+                continue
+            except Exception as exc:
+                raise StorageError(f"checking {self.location.url}/{rel} failed: {exc}"
+                                   ) from None
+            if found == data:
+                return
+            raise StorageError(f"{self.location.url}/{rel} exists with other content: is "
+                               "another writer using this prefix?")
+        raise StorageError(f"writing {self.location.url}/{rel}: the server keeps refusing "
+                           "a create-only write of an object that does not exist")
 
     def _delete(self, rel: str) -> None:
         import obstore
