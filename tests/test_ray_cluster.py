@@ -146,6 +146,21 @@ def test_driver_killed_then_rerun(cluster: Any, tmp_path: Path) -> None:
     assert stats["requests"] <= jobs + 2 * concurrency
 
 
+def test_max_cost_is_one_budget_for_the_cluster(cluster: Any, tmp_path: Path) -> None:
+    jobs = 30
+    manifest = catalog(jobs, tmp_path / "cat.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE, "--latency", "0.2") as sim:
+        # $0.134 an image: $1.40 buys exactly 10, whichever shards ask for them.
+        done = run_driver(cluster, cluster_argv(manifest, out, sim.url, "--shard-size", "5",
+                                                "--concurrency", "4", "--max-cost", "1.40"))
+        paid = sum(sim.stats()["paid_by_prompt"].values())
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert paid == 10
+    assert [r["status"] for r in read_results(out)].count("succeeded") == 10
+    assert '"stopped": "max_cost"' in (out / "summary.json").read_text()
+
+
 def test_sigint_stops_every_shard_and_exits_130(cluster: Any, tmp_path: Path) -> None:
     jobs = 40
     manifest = catalog(jobs, tmp_path / "cat.jsonl")
