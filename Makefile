@@ -10,7 +10,7 @@ DEMO_PORT ?= 8765
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,s3,test-s3]'
+	$(PY) -m pip install --quiet -e '.[dev,s3,test-s3,ray]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -47,7 +47,7 @@ soak: $(STAMP)
 # The benchmark's extras (openai for the peer script, psutil), installed once.
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,s3,test-s3,ray,bench]'
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from batch import __version__, capabilities, report, routing
 from batch.checkpoint import STATE_DIR, Checkpoint
 from batch.cost import PriceTable, estimate
+from batch.endpoints import Endpoint
 from batch.engine import Engine, EngineConfig, Route, StopReason
 from batch.errors import (
     ImgbatchError,
@@ -97,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "at the end")
     run.add_argument("--no-embed-metadata", action="store_true",
                      help="store the server's image bytes verbatim (no provenance XMP)")
+    run.add_argument("--cluster", default=None, metavar="ray|ray://HOST:PORT|local-ray",
+                     help="run shards of the catalog on a Ray cluster (pip install "
+                     "'imgbatch[ray]'); keys are read from the workers' environment")
+    run.add_argument("--shard-size", type=_positive_int, default=300, metavar="N",
+                     help="with --cluster: jobs per shard task")
+    run.add_argument("--max-shards", type=_positive_int, default=None, metavar="N",
+                     help="with --cluster: shard tasks outstanding (default: the cluster's CPUs)")
     _add_logging(run)
 
     validate = commands.add_parser("validate", help="check a manifest and print the plan")
@@ -329,7 +337,8 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
     enforce_capabilities(manifest, args.provider)
     settings = routing.Settings.from_args(args)
     endpoints = routing.endpoints_in_use(manifest, settings)
-    keys = routing.api_keys(endpoints, os.environ)
+    # On a cluster the workers read the keys from their own environment.
+    keys = routing.api_keys(endpoints, os.environ) if args.cluster is None else {}
     output: str = args.output or str(Path("output") / args.manifest.stem)
     s3 = outputs.is_s3_url(output)
     prices = PriceTable.with_overrides(manifest.pricing)
@@ -366,6 +375,11 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
     deadline = None
     if args.max_runtime is not None:
         deadline = (started if started is not None else time.monotonic()) + args.max_runtime
+    if args.cluster is not None:
+        if metrics is not None:
+            raise UsageError("--metrics-file is not available with --cluster yet")
+        return cmd_run_cluster(args, manifest, output, endpoints, settings, engine_config,
+                               deadline)
     store: StateStore = (outputs.open_s3(output, args.s3_endpoint) if s3
                          else Checkpoint.open(Path(output)))
     # The manifest and checkpoint are live for the whole run; keep the cyclic
@@ -379,6 +393,32 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
         )
     finally:
         store.close()
+
+
+def cmd_run_cluster(
+    args: argparse.Namespace, manifest: Manifest, output: str,
+    endpoints: dict[str, Endpoint], settings: routing.Settings, engine_config: EngineConfig,
+    deadline: float | None,
+) -> int:
+    """``run --cluster``: the Ray runner (imported only here: one machine never loads Ray)."""
+    try:
+        from batch.runners import ray as ray_runner
+    except ImportError as exc:
+        raise UsageError(f"--cluster needs Ray: pip install 'imgbatch[ray]' ({exc})") from None
+    options = ray_runner.ClusterOptions(args.cluster, args.shard_size, args.max_shards)
+    progress = ConsoleProgress(sys.stderr, bar=sys.stderr.isatty() and not args.quiet,
+                               interval_s=args.progress_interval)
+
+    async def gallery(stop: asyncio.Event, limit_s: float | None) -> bool:
+        return await _build_gallery_apart(output, args.quiet, stop, limit_s, args.s3_endpoint)
+
+    code, line = asyncio.run(ray_runner.run_cluster(
+        manifest, output, endpoints, settings, engine_config, options, deadline=deadline,
+        verify=args.verify, progress=progress, gallery=None if args.no_gallery else gallery,
+        s3_endpoint=args.s3_endpoint))
+    if not args.quiet or code != EXIT_OK:
+        print(f"imgbatch: {line}", file=sys.stderr)
+    return code
 
 
 def prepare_output(root: Path) -> None:

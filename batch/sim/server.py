@@ -57,6 +57,7 @@ class _Simulator:
         self.faults: collections.Counter[str] = collections.Counter()
         self.by_prompt: collections.Counter[str] = collections.Counter()
         self.attempts: collections.Counter[str] = collections.Counter()
+        self.paid: collections.Counter[str] = collections.Counter()  # clean image answers
         self.window: collections.deque[float] = collections.deque()
 
     async def stats(self, request: web.Request) -> web.Response:
@@ -64,6 +65,7 @@ class _Simulator:
             "requests": self.requests, "by_status": dict(self.by_status),
             "faults": dict(self.faults), "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight, "by_prompt": dict(self.by_prompt),
+            "paid_by_prompt": dict(self.paid),
         })
 
     async def input_image(self, request: web.Request) -> web.Response:
@@ -167,6 +169,8 @@ class _Simulator:
             wire.image_prefix + self._image(parsed, sha, n, i, fault, where, label)
             for i in range(cfg.images_per_response)
         ]
+        if not fault:
+            self.paid[sha] += 1  # what a real API bills: a complete image sent back
         status, pieces, headers = wire.answer(parsed, images, fault, sha, n)
         cut = where if fault == "truncate" else None
         return await self._send(request, status, pieces, "application/json", headers=headers,

@@ -1,0 +1,1 @@
+"""Runners: what drives the engine on one machine or across a cluster."""

@@ -1,0 +1,299 @@
+"""What one cluster run shares besides the endpoints' limits: the budget, the stop, progress.
+
+:class:`Coordinator` is the body of the run's async Ray actor (created by the
+driver, so it dies with it). It holds
+
+- the ``--max-cost`` budget in micro-dollars: a shard task leases the price
+  of one request per slot (:class:`SharedBudget`, the engine's ``Budget``
+  interface) and gives it back with what was spent when the slot ends. A
+  worker silent for ``lease_ttl_s`` died: what it held counts as spent,
+  since its requests in flight may have been paid (never spend past the cap);
+- the stop: the driver's signal, or a shard's fatal answer, reaches every
+  shard's engine on its next heartbeat (:class:`Reporter`, every
+  ``interval_s``), as a stop with the same reason;
+- progress events, which the driver drains into its one progress line.
+
+A shard whose heartbeat fails for ``orphan_s`` lost its driver: it aborts,
+so a killed driver leaves no task writing for long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Protocol
+
+from batch.checkpoint import JobState
+from batch.cost import Budget, to_micros, to_usd
+from batch.engine import StopReason
+from batch.errors import JobError
+from batch.jobs import Job
+from batch.progress import Observer
+
+log = logging.getLogger(__name__)
+
+Event = tuple[str, str, float, str]  # (kind, job id, number, text)
+
+
+@dataclass(frozen=True)
+class Control:
+    """What the driver wants of every shard now."""
+
+    stop: str | None = None  # a StopReason value
+    message: str = ""
+    abort: bool = False
+
+
+class Coordinator:
+    """See the module docstring."""
+
+    def __init__(self, cap_usd: float | None, *, lease_ttl_s: float = 15.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cap = None if cap_usd is None else to_micros(cap_usd)
+        self.spent = 0
+        self.held: dict[str, int] = {}
+        self.lease_ttl_s = lease_ttl_s
+        self._clock = clock
+        self._seen: dict[str, float] = {}
+        self._changed: asyncio.Event | None = None
+        self.control = Control()
+        self.events: list[Event] = []
+
+    # -- budget -------------------------------------------------------------------
+
+    async def take(self, worker: str, amount: int) -> tuple[int, int]:
+        """Lease ``amount`` micro-dollars: (granted, spent so far); 0 granted: it never fits.
+
+        Waits while reservations of requests in flight elsewhere leave no room.
+        """
+        while True:
+            now = self._clock()
+            self._touch(worker, now)
+            self._expire(now)
+            if self.cap is None:
+                return amount, self.spent
+            if self.spent + amount > self.cap:
+                return 0, self.spent
+            if self.spent + sum(self.held.values()) + amount <= self.cap:
+                self.held[worker] = self.held.get(worker, 0) + amount
+                return amount, self.spent
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=1.0)
+
+    async def give(self, worker: str, released: int, spent: int) -> None:
+        """``released`` of what ``worker`` held comes back; ``spent`` was paid."""
+        self._touch(worker, self._clock())
+        self.held[worker] = max(0, self.held.get(worker, 0) - released)
+        self.spent += spent
+        self._notify()
+
+    # -- stop and progress -------------------------------------------------------------
+
+    async def report(self, worker: str, events: list[Event]) -> Control:
+        """A shard's heartbeat: its progress events in, what it must do out."""
+        self._touch(worker, self._clock())
+        self.events.extend(events)
+        return self.control
+
+    async def stop(self, reason: str, message: str, abort: bool = False) -> None:
+        """Every shard stops at its next heartbeat (the first reason is kept)."""
+        if self.control.stop is None:
+            self.control = Control(reason, message, abort)
+        elif abort:
+            self.control = Control(self.control.stop, self.control.message, True)
+
+    async def drain(self) -> tuple[list[Event], float]:
+        """The events since the last drain, and the spend so far in USD."""
+        events, self.events = self.events, []
+        return events, to_usd(self.spent)
+
+    def _touch(self, worker: str, now: float) -> None:
+        self._seen[worker] = now
+
+    def _expire(self, now: float) -> None:
+        for worker, at in list(self._seen.items()):
+            if now - at > self.lease_ttl_s:
+                del self._seen[worker]
+                lost = self.held.pop(worker, 0)
+                if lost:
+                    # Its requests in flight may have been paid: never spend past the cap.
+                    self.spent += lost
+                    log.warning("worker %s went silent holding $%.4f; counted as spent",
+                                worker, to_usd(lost))
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+
+class CoordinatorRemote(Protocol):
+    def take(self, worker: str, amount: int) -> Awaitable[tuple[int, int]]: ...
+
+    def give(self, worker: str, released: int, spent: int) -> Awaitable[None]: ...
+
+    def report(self, worker: str, events: list[Event]) -> Awaitable[Control]: ...
+
+
+class SharedBudget(Budget):
+    """The engine's :class:`~batch.cost.Budget`, leased from the coordinator per slot.
+
+    A slot brings ``lease`` micro-dollars (the dearest request of the shard);
+    the engine reserves a request's price from what is held here. Once the
+    dearest request can never fit, every ``could_ever_fit`` is False, so a
+    shard stops there (one machine would still try its cheaper jobs).
+    """
+
+    def __init__(self, remote: CoordinatorRemote, worker: str, cap_usd: float | None,
+                 lease: int) -> None:
+        super().__init__(cap_usd)  # spent: paid by this shard
+        self._remote = remote
+        self._worker = worker
+        self._lease = lease
+        self._held = 0
+        self._cluster_spent = 0
+        self._exhausted = False
+        self._unreported = 0
+        self._gives: set[asyncio.Task[None]] = set()
+
+    @property
+    def spent_usd(self) -> float:
+        return to_usd(max(self._cluster_spent, self.spent))
+
+    def could_ever_fit(self, price: int) -> bool:
+        return self.cap is None or not self._exhausted
+
+    def try_reserve(self, price: int) -> bool:
+        if self.cap is not None and self._held - self.reserved < price:
+            return False
+        self.reserved += price
+        return True
+
+    def settle(self, reserved: int, spent: int) -> None:
+        self.reserved -= reserved
+        self.spent += spent
+        self._unreported += spent
+
+    async def acquire(self) -> int:
+        """Before a request: lease one request's price (the slot hook)."""
+        if self.cap is None or self._exhausted:
+            return 0
+        granted, spent = await self._remote.take(self._worker, self._lease)
+        self._cluster_spent = spent
+        if not granted:
+            self._exhausted = True
+        self._held += granted
+        return granted
+
+    def release(self, token: int) -> None:
+        """After a request: give the lease back with what was paid."""
+        if self.cap is None:
+            return
+        self._held -= token
+        spent, self._unreported = self._unreported, 0
+        if token or spent:
+            task = asyncio.get_running_loop().create_task(self._give(token, spent))
+            self._gives.add(task)
+            task.add_done_callback(self._gives.discard)
+
+    async def _give(self, released: int, spent: int) -> None:
+        try:
+            await self._remote.give(self._worker, released, spent)
+        except Exception as exc:  # the coordinator is gone: its lease expiry counts it spent
+            log.warning("could not return a budget lease: %s", exc)
+
+    async def close(self) -> None:
+        if self._gives:
+            await asyncio.wait(set(self._gives))
+
+
+class Stoppable(Protocol):
+    @property
+    def stopping(self) -> bool: ...
+
+    def stop(self, reason: StopReason, message: str) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class Reporter(Observer):
+    """A shard's observer: batches its events to the coordinator and applies the stop."""
+
+    def __init__(self, remote: CoordinatorRemote, worker: str, *, interval_s: float = 0.5,
+                 orphan_s: float = 10.0) -> None:
+        self._remote = remote
+        self._worker = worker
+        self._interval_s = interval_s
+        self._orphan_s = orphan_s
+        self._events: list[Event] = []
+        self.engine: Stoppable | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.control = Control()
+
+    def start(self, engine: Stoppable) -> None:
+        self.engine = engine
+        self._task = asyncio.get_running_loop().create_task(self._beat())
+
+    def on_attempt(self, job: Job) -> None:
+        self._events.append(("attempt", job.id, 0.0, ""))
+
+    def on_answer(self, job: Job) -> None:
+        self._events.append(("answer", job.id, 0.0, ""))
+
+    def on_retry(self, job: Job, error: JobError, wait_s: float) -> None:
+        self._events.append(("retry", job.id, wait_s, str(error)))
+
+    def on_success(self, job: Job, state: JobState, cost_usd: float) -> None:
+        self._events.append(("success", job.id, cost_usd, ""))
+
+    def on_failure(self, job: Job, error: JobError) -> None:
+        self._events.append(("failure", job.id, 0.0, str(error)))
+
+    async def _beat(self) -> None:
+        last_ok = time.monotonic()
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self.flush()
+                last_ok = time.monotonic()
+            except Exception as exc:
+                if time.monotonic() - last_ok > self._orphan_s and self.engine is not None:
+                    log.error("the driver is gone (%s): abandoning the shard", exc)
+                    self.engine.stop(StopReason.SIGNAL, "the driver is gone")
+                    self.engine.abort()
+                    return
+
+    async def flush(self) -> None:
+        events, self._events = self._events, []
+        try:
+            control = await self._remote.report(self._worker, events)
+        except Exception:
+            self._events[:0] = events  # not delivered: they go with the next beat
+            raise
+        # (Cancelled while the call was under way: it reaches the actor all the same, so
+        # its events are not sent twice.)
+        self._apply(control)
+
+    def _apply(self, control: Control) -> None:
+        self.control = control
+        engine = self.engine
+        if engine is None or control.stop is None:
+            return
+        if not engine.stopping:
+            engine.stop(StopReason(control.stop), control.message)
+        if control.abort:
+            engine.abort()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
+        with suppress(Exception):
+            await self.flush()

@@ -1,0 +1,138 @@
+"""One shard of a cluster run: the same engine as on one machine, over shared pieces.
+
+:func:`run_shard` is the body of the Ray task (wrapped in
+:mod:`batch.runners.ray`; this module imports no Ray). It builds what the
+local CLI builds (the providers from the endpoints, the decode check), but
+with each endpoint's limits leased from its shared actor
+(:class:`~batch.runners.shared_limits.SharedLimits`), the budget leased from
+the run's coordinator (:class:`~batch.runners.coordinator.SharedBudget`),
+and the state written to this attempt's own journal segment
+(:class:`~batch.runners.segments.SegmentStore`). Images go to the shared
+``images/`` folder under their per-job names.
+
+API keys are read here, from the worker's own environment (a KubeRay pod's
+Secret, or the environment ``ray start`` was run with): they never travel in
+a task's arguments, a runtime environment or the object store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from batch import routing
+from batch.checkpoint import JobState
+from batch.endpoints import Endpoint
+from batch.engine import Engine, EngineConfig, Route, RunStats
+from batch.imagecheck import DecodeChecked, Verify
+from batch.jobs import Job
+from batch.runners.coordinator import CoordinatorRemote, Reporter, SharedBudget
+from batch.runners.segments import SegmentStore
+from batch.runners.shared_limits import LimitsRemote, SharedLimits
+from batch.sharding import writer_id
+from batch.storage import outputs
+from batch.storage.base import StateStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Everything a shard task needs, sent with it (no secrets)."""
+
+    run: str
+    shard: str
+    output: str  # a folder every node mounts at this path, or s3://bucket/prefix
+    s3_endpoint: str | None
+    todo: tuple[tuple[Job, str], ...]  # (job, fingerprint), in manifest order
+    prior: tuple[JobState, ...]  # what the driver knew of these jobs
+    endpoints: Mapping[str, Endpoint]
+    settings: routing.Settings
+    config: EngineConfig
+    verify: Verify
+    deadline_unix: float | None  # the driver's --max-runtime, on the wall clock
+    exit_after: tuple[int, str] | None = None  # test seam: os._exit after N successes, once
+
+
+class _ExitSeam(Reporter):
+    """Test seam: the worker process dies (os._exit) after ``count`` successes, once per
+    cluster run (the first attempt to create ``marker`` is the one that dies)."""
+
+    def __init__(self, remote: CoordinatorRemote, worker: str, count: int, marker: str) -> None:
+        super().__init__(remote, worker)
+        self._count = count
+        self._marker = marker
+        self._seen = 0
+
+    def on_success(self, job: Job, state: JobState, cost_usd: float) -> None:
+        super().on_success(job, state, cost_usd)
+        self._seen += 1
+        if self._seen == self._count:
+            try:
+                os.close(os.open(self._marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return
+            os._exit(17)
+
+
+async def run_shard(spec: ShardSpec, limits: Mapping[str, LimitsRemote],
+                    coordinator: CoordinatorRemote) -> RunStats:
+    """Run one shard to its end or the cluster's stop; the stats of this attempt."""
+    attempt = f"a{time.time_ns():016x}{uuid.uuid4().hex[:6]}"
+    worker = writer_id(spec.run, spec.shard, attempt)
+    keys = routing.api_keys(spec.endpoints, os.environ)  # UsageError names what is unset
+    routes = routing.build_routes(spec.endpoints, keys, spec.settings)
+    prices = [spec.config.prices.job_micros(job) or 0 for job, _ in spec.todo]
+    budget = SharedBudget(coordinator, worker, spec.config.max_cost_usd,
+                          lease=max(prices, default=0))
+    shared: dict[str, Route] = {}
+    for name, route in routes.items():
+        provider = route.provider
+        if spec.verify is Verify.DECODE:
+            provider = DecodeChecked(provider)
+        hook = budget if spec.config.max_cost_usd is not None else None
+        shared[name] = replace(route, provider=provider,
+                               limits=SharedLimits(limits[name], worker, hook=hook))
+    if spec.exit_after is not None:
+        reporter: Reporter = _ExitSeam(coordinator, worker, *spec.exit_after)
+    else:
+        reporter = Reporter(coordinator, worker)
+    store: StateStore
+    if outputs.is_s3_url(spec.output):
+        from batch.runners.s3segments import S3ShardState
+
+        # In a thread: the S3 state runs its own event loop to read the segments.
+        store = await asyncio.to_thread(S3ShardState.open_shard, spec.output, spec.s3_endpoint,
+                                        worker)
+    else:
+        store = SegmentStore.open_segment(Path(spec.output), worker, spec.shard, spec.prior)
+    engine = Engine(shared, store, spec.config, reporter)
+    engine.budget = budget
+    try:
+        todo = engine.plan([job for job, _ in spec.todo])
+        if spec.config.force:
+            # --force redoes every job once per run, not once per attempt of this shard.
+            prior = {state.id: state for state in spec.prior}
+            todo = [(job, fp) for job, fp in todo
+                    if store.states.get(job.id) is prior.get(job.id)
+                    or not store.is_done(job, fp)]
+        if len(todo) < len(spec.todo):
+            log.info("shard %s: %d job(s) already committed by an earlier attempt",
+                     spec.shard, len(spec.todo) - len(todo))
+        reporter.start(engine)
+        left = None if spec.deadline_unix is None else spec.deadline_unix - time.time()
+        return await engine.run(todo, runtime_left_s=left)
+    finally:
+        for route in shared.values():
+            await route.provider.close()
+            if isinstance(route.limits, SharedLimits):
+                await route.limits.close()
+        await budget.close()
+        await reporter.close()
+        store.close()

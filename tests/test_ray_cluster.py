@@ -1,0 +1,228 @@
+"""The cluster runner on a real local Ray cluster: a head and a second node.
+
+One cluster for the module (starting one costs ~10 s); each test drives the
+real CLI (``imgbatch run --cluster ray``, RAY_ADDRESS pointing at it) against
+the real simulator. The judges are the simulator's own counters (requests in
+flight, 429s of its rate window, complete images sent per prompt), the
+journal and images read back independently (tests/oracles.py), never the
+runner's own figures. A worker killed with os._exit mid-shard is the
+s3:// test's (the folder's retry path is the removed node's). The API key
+reaches the workers through the nodes' environment only: the driver runs
+without it, and the key must appear nowhere in Ray's session files.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ray_cluster_utils = pytest.importorskip("ray.cluster_utils")
+
+from tests.conftest import KEY, ROOT, cli_env, imgbatch_argv, read_results, simulator  # noqa: E402
+from tests.oracles import check_recorded_images  # noqa: E402
+from tests.s3server import CREDENTIALS, S3Server  # noqa: E402
+from tests.test_crash import prompts_of  # noqa: E402
+from tests.test_e2e import catalog, check_outputs  # noqa: E402
+from tests.test_s3_e2e import check_bucket  # noqa: E402
+
+SCALE = "0.0625"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    temp = tmp_path_factory.mktemp("ray")
+    saved = dict(os.environ)
+    # The nodes (and so the workers) inherit these; Ray's files stay in the test's folder.
+    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=str(temp), QINIU_API_KEY=KEY,
+                      **CREDENTIALS)
+    (temp / "ray").mkdir()
+    cluster = ray_cluster_utils.Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "temp_dir": str(temp / "ray"),
+                        "include_dashboard": False,
+                        # A removed node is declared dead in ~2 s, not ~15 s.
+                        "_system_config": {"health_check_period_ms": 500,
+                                           "health_check_timeout_ms": 500,
+                                           "health_check_failure_threshold": 3}},
+    )
+    cluster.add_node(num_cpus=2)
+    cluster.temp = temp
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def driver_env(cluster: Any, **extra: str) -> dict[str, str]:
+    env = cli_env(RAY_ADDRESS=cluster.address, RAY_USAGE_STATS_ENABLED="0",
+                  RAY_TMPDIR=str(cluster.temp), **extra)
+    del env["QINIU_API_KEY"]  # the workers read it from their own environment
+    return env
+
+
+def cluster_argv(manifest: Path, out: Path, url: str, *extra: str) -> list[str]:
+    return imgbatch_argv("run", str(manifest), "--output", str(out), "--base-url", url,
+                         "--cluster", "ray", "--verify", "structure", "--no-gallery",
+                         "--progress-interval", "1", *extra)
+
+
+def run_driver(cluster: Any, argv: list[str], **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=ROOT, env=driver_env(cluster, **extra), capture_output=True,
+                          text=True, timeout=180)
+
+
+def segment_lines(out: Path) -> int:
+    folder = out / ".imgbatch" / "segments"
+    if not folder.is_dir():
+        return 0
+    return sum(p.read_bytes().count(b'"status":"succeeded"') for p in folder.iterdir())
+
+
+def test_catalog_with_faults_keeps_global_limits(cluster: Any, tmp_path: Path) -> None:
+    jobs, concurrency = 40, 6
+    manifest = catalog(jobs, tmp_path / "cat.jsonl")
+    out = tmp_path / "out"
+    # The gateway allows 40 starts in any 5 s; the cluster is told 440/min (36.7 per 5 s).
+    with simulator("--scale", SCALE, "--latency", "0.2", "--fault-mix", "0.15", "--seed", "3",
+                   "--rpm-limit", "40", "--rate-window", "5") as sim:
+        done = run_driver(cluster, cluster_argv(manifest, out, sim.url, "--shard-size", "10",
+                                                "--concurrency", str(concurrency),
+                                                "--rpm", "440"))
+        stats = sim.stats()
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_results(out)
+    assert [r["id"] for r in rows] == [f"job-{i:03d}" for i in range(jobs)]  # manifest order
+    check_outputs(out, rows)
+    assert stats["max_in_flight"] <= concurrency
+    assert stats["faults"].get("rpm_limit", 0) == 0, stats["faults"]
+    assert stats["faults"].get("rate_limit", 0) > 0  # background 429s were injected
+    assert sorted(stats["paid_by_prompt"].values()) == [1] * jobs  # no image paid twice
+    # One progress line for the cluster, each job counted once.
+    assert f"progress: {jobs} succeeded, 0 failed, 0 retrying, 0 in flight, {jobs}/{jobs} done" \
+        in done.stderr
+    summary = (out / "summary.json").read_text()
+    assert '"exit_code": 0' in summary
+    leaked = [p for p in cluster.temp.rglob("*") if p.is_file() and _holds(p, KEY.encode())]
+    assert leaked == []
+
+
+def _holds(path: Path, needle: bytes) -> bool:
+    try:
+        return needle in path.read_bytes()
+    except OSError:
+        return False
+
+
+def test_driver_killed_then_rerun(cluster: Any, tmp_path: Path) -> None:
+    jobs, concurrency = 40, 4
+    manifest = catalog(jobs, tmp_path / "cat.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE, "--latency", "0.3") as sim:
+        argv = cluster_argv(manifest, out, sim.url, "--shard-size", "10",
+                            "--concurrency", str(concurrency))
+        first = subprocess.Popen(argv, cwd=ROOT, env=driver_env(cluster),
+                                 stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 90
+        while segment_lines(out) < 6 and first.poll() is None:
+            assert time.monotonic() < deadline, "the first run made no progress"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        done = run_driver(cluster, argv)
+        stats = sim.stats()
+    assert done.returncode == 0, done.stderr[-3000:]
+    check_outputs(out, read_results(out))
+    assert check_recorded_images(out, prompts_of(manifest)) == jobs
+    # The re-run adopted what was committed: at most the requests in flight were lost.
+    assert stats["requests"] <= jobs + 2 * concurrency
+
+
+def test_max_cost_is_one_budget_for_the_cluster(cluster: Any, tmp_path: Path) -> None:
+    jobs = 30
+    manifest = catalog(jobs, tmp_path / "cat.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE, "--latency", "0.2") as sim:
+        # $0.134 an image: $1.40 buys exactly 10, whichever shards ask for them.
+        done = run_driver(cluster, cluster_argv(manifest, out, sim.url, "--shard-size", "5",
+                                                "--concurrency", "4", "--max-cost", "1.40"))
+        paid = sum(sim.stats()["paid_by_prompt"].values())
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert paid == 10
+    assert [r["status"] for r in read_results(out)].count("succeeded") == 10
+    assert '"stopped": "max_cost"' in (out / "summary.json").read_text()
+
+
+def test_sigint_stops_every_shard_and_exits_130(cluster: Any, tmp_path: Path) -> None:
+    jobs = 40
+    manifest = catalog(jobs, tmp_path / "cat.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE, "--latency", "0.5") as sim:
+        argv = cluster_argv(manifest, out, sim.url, "--shard-size", "10", "--concurrency", "4",
+                            "--grace", "5")
+        run = subprocess.Popen(argv, cwd=ROOT, env=driver_env(cluster), stderr=subprocess.PIPE,
+                               text=True)
+        deadline = time.monotonic() + 90
+        while segment_lines(out) < 4 and run.poll() is None:
+            assert time.monotonic() < deadline, "the run made no progress"
+            time.sleep(0.05)
+        run.send_signal(signal.SIGINT)
+        _, stderr = run.communicate(timeout=60)
+        requests = sim.stats()["requests"]
+    assert run.returncode == 130, stderr[-3000:]
+    rows = read_results(out)
+    done = [r for r in rows if r["status"] == "succeeded"]
+    assert 4 <= len(done) < jobs and {r["status"] for r in rows} == {"succeeded", "pending"}
+    assert requests < jobs  # every shard stopped starting requests
+    check_recorded_images(out, prompts_of(manifest))
+
+
+def test_catalog_into_s3_from_the_cluster(cluster: Any, moto: S3Server, tmp_path: Path) -> None:
+    jobs = 30
+    bucket = moto.bucket("cluster")
+    manifest = catalog(jobs, tmp_path / "cat.jsonl")
+    url = f"s3://{bucket}/nightly"
+    marker = tmp_path / "died"
+    with simulator("--scale", SCALE, "--latency", "0.1", "--fault-mix", "0.1") as sim:
+        argv = imgbatch_argv("run", str(manifest), "--output", url, "--s3-endpoint",
+                             moto.endpoint, "--base-url", sim.url, "--cluster", "ray",
+                             "--shard-size", "8", "--concurrency", "4", "--no-gallery")
+        done = run_driver(cluster, argv, IMGBATCH_RAY_TEST_EXIT=f"2:{marker}")
+        stats = sim.stats()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert marker.exists()  # a worker died mid-shard; its retry finished the shard
+    check_bucket(moto, bucket, "nightly", jobs)
+    assert sum(n - 1 for n in stats["paid_by_prompt"].values()) <= 4
+
+
+def test_node_removed_mid_run(cluster: Any, tmp_path: Path) -> None:
+    jobs, concurrency = 40, 4
+    manifest = catalog(jobs, tmp_path / "cat.jsonl")
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE, "--latency", "0.3") as sim:
+        argv = cluster_argv(manifest, out, sim.url, "--shard-size", "8",
+                            "--concurrency", str(concurrency))
+        run = subprocess.Popen(argv, cwd=ROOT, env=driver_env(cluster), stderr=subprocess.PIPE,
+                               text=True)
+        deadline = time.monotonic() + 90
+        while segment_lines(out) < 6 and run.poll() is None:
+            assert time.monotonic() < deadline, "the run made no progress"
+            time.sleep(0.05)
+        node = next(iter(cluster.worker_nodes))
+        cluster.remove_node(node, allow_graceful=False)
+        _, stderr = run.communicate(timeout=180)
+        stats = sim.stats()
+    assert run.returncode == 0, stderr[-3000:]
+    check_outputs(out, read_results(out))
+    assert check_recorded_images(out, prompts_of(manifest)) == jobs
+    assert stats["max_in_flight"] <= concurrency
+    repaid = sum(n - 1 for n in stats["paid_by_prompt"].values())
+    assert repaid <= 2 * concurrency

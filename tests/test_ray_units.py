@@ -1,0 +1,245 @@
+"""The cluster runner's pure parts, without Ray: sharding, shared limits, shared budget, segments.
+
+Also: a single-machine run never imports Ray (a fake ``ray`` package that
+raises on import sits first on the path of the real CLI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import json
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batch.congestion import ControlConfig
+from batch.errors import RateLimited
+from batch.runners.coordinator import Coordinator, SharedBudget
+from batch.runners.segments import DriverCheckpoint, SegmentStore, segment_files
+from batch.runners.shared_limits import LimitsServer, SharedLimits
+from batch.sharding import Shard, make_shards, shard_id, writer_id
+from tests.conftest import cli_env, run_args, run_cli, simulator
+from tests.test_e2e import catalog
+
+IDS = [f"j{i}" for i in range(7)]
+
+
+def run_async(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
+    """The test body on its own event loop (no asyncio plugin in this suite)."""
+
+    @functools.wraps(test)
+    def wrapper() -> None:
+        asyncio.run(test())
+
+    return wrapper
+
+
+@pytest.mark.parametrize(
+    ("ids", "size", "sizes"),
+    [
+        ([], 3, []),
+        (IDS[:1], 3, [1]),
+        (IDS[:3], 3, [3]),
+        (IDS, 3, [3, 3, 1]),
+        (IDS, 1, [1] * 7),
+        (IDS, 300, [7]),
+    ],
+)
+def test_shards_cover_every_job_once_in_order(ids: list[str], size: int, sizes: list[int]) -> None:
+    shards = make_shards(ids, size)
+    assert [len(s) for s in shards] == sizes
+    assert [p for s in shards for p in s.positions] == list(range(len(ids)))
+    assert make_shards(ids, size) == shards  # the same on a re-run
+    assert len({s.id for s in shards}) == len(shards)
+
+
+def test_shard_ids_name_position_and_content() -> None:
+    first = make_shards(IDS, 3)[0]
+    assert first == Shard(shard_id(0, IDS[:3]), (0, 1, 2))
+    assert first.id.startswith("s00000_")
+    assert make_shards(["x", *IDS[1:]], 3)[0].id != first.id  # other jobs, other shard
+
+
+@pytest.mark.parametrize("size", [0, -1])
+def test_shard_size_must_be_positive(size: int) -> None:
+    with pytest.raises(ValueError):
+        make_shards(IDS, size)
+
+
+@pytest.mark.parametrize(("parts", "ok"), [
+    (("r1", "s00000_ab", "a1"), True),
+    (("r.1", "s", "a"), False),
+    (("r", "s/x", "a"), False),
+    (("", "s", "a"), False),
+])
+def test_writer_ids(parts: tuple[str, str, str], ok: bool) -> None:
+    if ok:
+        assert writer_id(*parts) == ".".join(parts)
+    else:
+        with pytest.raises(ValueError):
+            writer_id(*parts)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@run_async
+async def test_shared_limits_never_exceed_the_cap_across_workers() -> None:
+    server = LimitsServer(ControlConfig(max_limit=5, adaptive=False))
+    clients = [SharedLimits(server, f"w{i}", batch=3) for i in range(4)]  # type: ignore[arg-type]
+    in_flight = peak = 0
+
+    async def request(limits: SharedLimits, n: int) -> None:
+        nonlocal in_flight, peak
+        async with limits.slot() as ticket:
+            in_flight += 1
+            peak = max(peak, in_flight)
+            await asyncio.sleep(0.001 * (n % 3))
+            in_flight -= 1
+            limits.on_answer(ticket)
+
+    await asyncio.gather(*(request(c, n) for n, c in zip(range(80), itertools.cycle(clients))))
+    for client in clients:
+        await client.close()
+    stats = await server.stats()
+    assert peak == 5 and stats["peak"] == 5
+    assert stats["in_flight"] == 0 and stats["granted"] == 80
+    # Batches: fewer lease round trips than requests.
+    assert sum(c.round_trips for c in clients) < 2 * 80
+
+
+@run_async
+async def test_a_dead_workers_permits_expire() -> None:
+    clock = Clock()
+    server = LimitsServer(ControlConfig(max_limit=2, adaptive=False), lease_ttl_s=10,
+                          clock=clock)
+    grant = await server.lease("dead", 2)
+    assert len(grant.seqs) == 2
+    waiting = asyncio.ensure_future(server.lease("alive", 1))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()  # the dead worker holds both slots
+    clock.t += 11
+    got = await asyncio.wait_for(waiting, 5)  # the server looks again within a second
+    assert len(got.seqs) == 1 and (await server.stats())["expired"] == 2
+
+
+@run_async
+async def test_a_restarted_server_starts_cautious() -> None:
+    clock = Clock()
+    config = ControlConfig(max_limit=8)
+    fresh = LimitsServer(config, clock=clock)
+    restarted = LimitsServer(config, cautious=True, clock=clock)
+    assert fresh.controller.wait_s(clock()) == 0
+    assert restarted.controller.wait_s(clock()) >= 1.0  # paused, as after a 429
+    clock.t += 1.5
+    assert len((await restarted.lease("w", 8)).seqs) == 1  # then slow start from one
+
+
+@run_async
+async def test_a_shared_429_pauses_every_worker() -> None:
+    server = LimitsServer(ControlConfig(max_limit=8, adaptive=True, initial_limit=8))
+    a, b = (SharedLimits(server, w) for w in "ab")  # type: ignore[arg-type]
+
+    async def refused() -> None:
+        async with a.slot() as ticket:
+            await asyncio.sleep(0.01)
+            a.on_answer(ticket, RateLimited("429", retry_after_s=30))
+
+    await asyncio.gather(*(refused() for _ in range(8)))
+    await a.close()
+    assert server.controller.pause_until > server._clock()  # the whole cluster waits
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3), b.slot():
+            pass
+    await b.close()
+
+
+@run_async
+async def test_the_budget_is_shared_and_never_passed() -> None:
+    coordinator = Coordinator(1.0)  # $1: 7 requests of $0.134
+    price = 134_000
+    budgets = [SharedBudget(coordinator, f"w{i}", 1.0, price) for i in range(3)]  # type: ignore[arg-type]
+    paid = 0
+    for _ in range(5):
+        for budget in budgets:
+            token = await budget.acquire()
+            if budget.could_ever_fit(price) and budget.try_reserve(price):
+                budget.settle(price, price)
+                paid += 1
+            budget.release(token)
+            await budget.close()
+    assert paid == 7 and coordinator.spent == 7 * price
+    assert not any(b.could_ever_fit(price) for b in budgets if b._exhausted)
+
+
+@run_async
+async def test_leases_held_at_once_never_pass_the_cap() -> None:
+    coordinator = Coordinator(1.0)
+    price = 134_000
+    budgets = [SharedBudget(coordinator, f"w{i}", 1.0, price) for i in range(10)]  # type: ignore[arg-type]
+    tasks = [asyncio.ensure_future(b.acquire()) for b in budgets]
+    done, pending = await asyncio.wait(tasks, timeout=0.3)
+    assert len(done) == 7 and len(pending) == 3  # the rest wait: those in flight may fail
+    for budget, task in zip(budgets, tasks, strict=True):
+        if task in done:
+            assert budget.try_reserve(price)
+            budget.settle(price, price)  # all seven paid
+            budget.release(task.result())
+    await asyncio.gather(*(b.close() for b in budgets))
+    assert await asyncio.wait_for(asyncio.gather(*pending), 5) == [0, 0, 0]  # never fits now
+    assert coordinator.spent == 7 * price
+
+
+@run_async
+async def test_a_silent_workers_budget_counts_as_spent() -> None:
+    clock = Clock()
+    coordinator = Coordinator(1.0, lease_ttl_s=10, clock=clock)
+    assert await coordinator.take("dead", 500_000) == (500_000, 0)
+    clock.t += 11
+    assert await coordinator.take("alive", 600_000) == (0, 500_000)
+
+
+def _state_line(job_id: str, status: str = "succeeded") -> str:
+    return json.dumps({"id": job_id, "fp": "f", "status": status, "attempts": 1,
+                       "images": []}) + "\n"
+
+
+def test_segments_are_read_by_a_retry_and_folded_by_the_driver(tmp_path: Path) -> None:
+    first = SegmentStore.open_segment(tmp_path, "r.s1.a1", "s1", [])
+    first._append(_state_line("x").encode(), durable=True)
+    first.close()
+    folder = tmp_path / ".imgbatch" / "segments"
+    with (folder / "r.s1.a1.jsonl").open("a") as handle:
+        handle.write('{"id": "torn"')  # the writer died mid-append
+    retry = SegmentStore.open_segment(tmp_path, "r.s1.a2", "s1", [])
+    other = SegmentStore.open_segment(tmp_path, "r.s2.a1", "s2", [])
+    assert set(retry.states) == {"x"} and other.states == {}
+    retry.close()
+    other.close()
+    driver = DriverCheckpoint.open(tmp_path)
+    assert set(driver.states) == {"x"} and segment_files(tmp_path) == []
+    driver.close()
+    assert _state_line("x").strip() in (tmp_path / ".imgbatch" / "journal.jsonl").read_text()
+
+
+def test_a_single_machine_run_never_imports_ray(tmp_path: Path) -> None:
+    fake = tmp_path / "fake" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('a single-machine run imported ray')\n")
+    manifest = catalog(3, tmp_path / "cat.jsonl")
+    env = cli_env(PYTHONPATH=f"{fake.parent}")
+    with simulator("--scale", "0.0625") as sim:
+        done = run_cli(*run_args(manifest, tmp_path / "out", sim), "--no-gallery", env=env)
+        assert done.returncode == 0, done.stderr
+        clustered = run_cli(*run_args(manifest, tmp_path / "out2", sim), "--cluster", "ray",
+                            env=env)
+    assert clustered.returncode == 2 and "pip install 'imgbatch[ray]'" in clustered.stderr
