@@ -104,10 +104,10 @@ async def finish(
                 # drop the temporaries it left (what one machine does at its next open).
                 store.recover()
         elif outcome.crashed is None:
-            from batch.runners.s3segments import reopen
+            from batch.runners.s3segments import refresh
 
             # The shards' segments, recovered (in a thread: it runs its own event loop).
-            final = await asyncio.to_thread(reopen, where.url, where.s3_endpoint)
+            await asyncio.to_thread(refresh, store)
         counts = write_results(manifest.jobs, final)
     except (StorageError, OutputError) as exc:
         failures.append(str(exc))

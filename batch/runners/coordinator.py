@@ -243,7 +243,7 @@ class Reporter(Observer):
     def on_attempt(self, job: Job) -> None:
         self._events.append(("attempt", job.id, 0.0, ""))
 
-    def on_answer(self, job: Job) -> None:
+    def on_answer(self, job: Job, error: JobError | None = None) -> None:
         self._events.append(("answer", job.id, 0.0, ""))
 
     def on_retry(self, job: Job, error: JobError, wait_s: float) -> None:

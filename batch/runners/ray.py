@@ -242,6 +242,7 @@ async def _run_shards(
                     store.states[job.id] for job, _ in items if job.id in store.states),
                 endpoints=endpoints, settings=settings, config=config, verify=verify,
                 deadline_unix=deadline_unix, exit_after=seam,
+                s3_gen=getattr(store, "gen", None) if where.s3 else None,
             )
             outstanding[shard_task.remote(spec, limits, coordinator)] = shard.id
         if stopping:

@@ -57,6 +57,7 @@ class ShardSpec:
     config: EngineConfig
     verify: Verify
     deadline_unix: float | None  # the driver's --max-runtime, on the wall clock
+    s3_gen: int | None = None  # an s3:// output: the journal generation the driver opened
     exit_after: tuple[int, str] | None = None  # test seam: os._exit after N successes, once
 
 
@@ -105,11 +106,11 @@ async def run_shard(spec: ShardSpec, limits: Mapping[str, LimitsRemote],
         reporter = Reporter(coordinator, worker)
     store: StateStore
     if outputs.is_s3_url(spec.output):
-        from batch.runners.s3segments import S3ShardState
+        from batch.runners.s3segments import open_shard
 
         # In a thread: the S3 state runs its own event loop to read the segments.
-        store = await asyncio.to_thread(S3ShardState.open_shard, spec.output, spec.s3_endpoint,
-                                        worker)
+        store = await asyncio.to_thread(open_shard, spec.output, spec.s3_endpoint,
+                                        worker, spec.s3_gen)
     else:
         store = SegmentStore.open_segment(Path(spec.output), worker, spec.shard, spec.prior)
     engine = Engine(shared, store, spec.config, reporter)

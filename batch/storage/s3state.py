@@ -115,6 +115,20 @@ class S3State:
             raise
         return state
 
+    def refresh(self) -> None:
+        """Read every segment again (shard writers' too) and finish what they left staged.
+
+        For the driver of a cluster run once every shard has ended; the lease stays held.
+        """
+        gen = self.gen
+        self.states.clear()
+        self.runs.clear()
+        self._objects.clear()
+        self._intact.clear()
+        self._load(writable=False)
+        self._use_generation(gen)
+        self._recover()
+
     def _use_generation(self, gen: int) -> None:
         self.gen = gen
         self.sink = S3Images(self._store, self.location, self.root / ".spool",
