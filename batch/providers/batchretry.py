@@ -44,6 +44,9 @@ async def retrying(call: Callable[[], Awaitable[T]],
     def wait(state: RetryCallState) -> float:
         return decide(history, policy, rng.random()).wait_s
 
+    async def attempt() -> T:  # a coroutine function, so tenacity awaits each try
+        return await call()
+
     result: T = await AsyncRetrying(retry=should_retry, wait=wait, stop=stop_never,
-                                    sleep=asyncio.sleep, reraise=True)(call)
+                                    sleep=asyncio.sleep, reraise=True)(attempt)
     return result

@@ -1,1 +1,1 @@
-"""Run modes: how a manifest's jobs reach their providers (sync engine, provider batches, clusters)."""
+"""Run modes: how a manifest's jobs reach their providers (sync, provider batches)."""

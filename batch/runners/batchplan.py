@@ -108,11 +108,6 @@ def batch_end(state: BatchState) -> JobFate | None:
     return JobFate.PENDING if state.finished else None
 
 
-def tag_for(run_id: str, serial: int) -> str:
-    """A batch's unique tag (Gemini displayName, OpenAI metadata): folder-run-serial."""
-    return f"imgbatch-{run_id}-{serial:04d}"
-
-
 def batch_micros(table: PriceTable, job: Job) -> int | None:
     """One image of ``job`` at the batch rate, in micro-dollars (None: unknown)."""
     own = table.price(job.model + BATCH_PRICE_SUFFIX, price_key(job))

@@ -205,6 +205,7 @@ class GeminiBatchSim:
         return batch
 
     def _operation(self, batch: _Batch) -> dict[str, Any]:
+        self._advance(batch)
         now = self.shared.clock.now()
         if batch.cancelled:
             state = "BATCH_STATE_CANCELLED"
