@@ -31,15 +31,14 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from batch.checkpoint import STATE_DIR, Checkpoint, FileMeta, JobState, fingerprint
+from batch.checkpoint import STATE_DIR, FileMeta, JobState, fingerprint
 from batch.commit import GroupCommitter
 from batch.cost import PriceTable
-from batch.errors import FatalApiError, JobError, RejectedError
+from batch.errors import FatalApiError, JobError, NotRecorded, RejectedError, StorageError
 from batch.imagecheck import decode_problem
 from batch.imageinfo import DEFAULT_MAX_PIXELS
-from batch.images import ImageWriter, StagedImage, discard, final_name
+from batch.images import StagedImage, final_name
 from batch.jobs import ImageRecord, Job, Status
 from batch.providers.batchapi import (
     BatchApi,
@@ -55,6 +54,7 @@ from batch.runners import batchplan as plan
 from batch.runners.batchfiles import copy_range, write_spool
 from batch.runners.batchledger import REQUESTS_DIR, BatchRecord, Ledger, run_id
 from batch.runners.batchplan import BatchStats
+from batch.storage.base import ImageSink, ImageStream, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -85,23 +85,24 @@ class BatchConfig:
     decode_check: bool = True  # --verify decode: each image decoded in a child first
 
 
-class _FolderStage:
-    """Stages a results stream's images under the output folder (ImageWriter)."""
+class _SinkStage:
+    """Stages a results stream's images in the store's image sink, named for the batch
+    until a line says whose they are."""
 
-    def __init__(self, root: Path, tag: str, max_pixels: int) -> None:
-        self.root, self.tag, self.max_pixels = root, tag, max_pixels
+    def __init__(self, sink: ImageSink, tag: str, max_pixels: int) -> None:
+        self.sink, self.tag, self.max_pixels = sink, tag, max_pixels
 
-    def open(self, n: int) -> ImageWriter:
-        return ImageWriter(self.root, self.tag, n, max_pixels=self.max_pixels)
+    def open(self, n: int) -> ImageStream:
+        return self.sink.open(self.tag, n, max_pixels=self.max_pixels)
 
     def discard(self, image: StagedImage) -> None:
-        discard(self.root, image)
+        self.sink.discard(image)
 
 
 class BatchRunner:
     """Settles and submits the batches of one output folder; see the module docstring."""
 
-    def __init__(self, endpoints: Mapping[str, BatchEndpoint], store: Checkpoint,
+    def __init__(self, endpoints: Mapping[str, BatchEndpoint], store: StateStore,
                  ledger: Ledger, config: BatchConfig) -> None:
         self.endpoints = dict(endpoints)
         self.store = store
@@ -177,7 +178,7 @@ class BatchRunner:
         prints = dict(zip(record.keys, record.fingerprints, strict=True))
         answered: set[str] = set()
         queued: list[asyncio.Future[None]] = []
-        stage = _FolderStage(self.store.root, record.tag, self.config.max_pixels)
+        stage = _SinkStage(self.store.sink, record.tag, self.config.max_pixels)
         async for line in endpoint.api.results(info, stage):
             job = by_id.get(line.key)
             fp = prints.get(line.key)
@@ -189,7 +190,7 @@ class BatchRunner:
                 continue
             answered.add(line.key)
             line = await self._decoded(line, stage)
-            future = self._commit_line(job, fp, line, stage)
+            future = await self._commit_line(job, fp, line, stage)
             if future is not None:
                 queued.append(future)
             if len(queued) >= MAX_UNCOMMITTED:
@@ -201,7 +202,19 @@ class BatchRunner:
             log.info("batch %s (%s): %d job(s) without a result line, back to pending",
                      record.tag, info.state.value, missing)
 
-    async def _decoded(self, line: ResultLine, stage: _FolderStage) -> ResultLine:
+    async def _commit_images(self, state: JobState, images: tuple[StagedImage, ...],
+                             sink: ImageSink) -> None:
+        try:
+            await self._committer.commit(state, images)
+        except StorageError as exc:
+            for image in images:
+                if isinstance(exc, NotRecorded):
+                    sink.discard(image)
+                else:  # (maybe) recorded: the next open publishes it; deleting loses it
+                    sink.release(image)
+            raise
+
+    async def _decoded(self, line: ResultLine, stage: _SinkStage) -> ResultLine:
         """``line``, or a retryable error if one of its images does not decode."""
         if not self.config.decode_check or not line.images:
             return line
@@ -211,7 +224,7 @@ class BatchRunner:
         loop = asyncio.get_running_loop()
         for image in line.images:
             problem = await loop.run_in_executor(
-                self._pool, decode_problem, self.store.root / image.tmp_rel, image.info.mime)
+                self._pool, decode_problem, stage.sink.local_path(image), image.info.mime)
             if problem is not None:
                 for staged in line.images:
                     stage.discard(staged)
@@ -219,8 +232,8 @@ class BatchRunner:
                     LineErrorKind.RETRYABLE, "image_format", problem))
         return line
 
-    def _commit_line(self, job: Job, fp: str, line: ResultLine,
-                     stage: _FolderStage) -> asyncio.Future[None] | None:
+    async def _commit_line(self, job: Job, fp: str, line: ResultLine,
+                           stage: _SinkStage) -> asyncio.Future[None] | None:
         fate = plan.line_outcome(bool(line.images), line.error)
         if self.store.is_done(job, fp):
             for image in line.images:
@@ -228,9 +241,16 @@ class BatchRunner:
             return None
         attempts = self.store.attempts(job.id)
         if fate is plan.JobFate.SUCCEEDED:
-            images = [dataclasses.replace(image, final_rel=final_name(
+            named = [dataclasses.replace(image, final_rel=final_name(
                 job.id, n, image.final_rel.rsplit(".", 1)[-1]))
                 for n, image in enumerate(line.images)]
+            try:
+                # Where any later open finds them (an object store uploads them here).
+                images = await stage.sink.prepare(named)
+            except StorageError:
+                for image in named:
+                    stage.discard(image)
+                raise
             state = JobState(
                 id=job.id, fingerprint=fp, status=Status.SUCCEEDED, attempts=attempts,
                 images=tuple(ImageRecord(s.final_rel, s.sha256, s.bytes, s.info.mime,
@@ -245,7 +265,7 @@ class BatchRunner:
             price = plan.batch_micros(self.config.prices, job)
             self.stats.cost_micros += (price or 0) * len(images)
             self.stats.sync_micros += (self.config.prices.job_micros(job) or 0) * len(images)
-            return self._committer.submit(state, tuple(images))
+            return asyncio.ensure_future(self._commit_images(state, images, stage.sink))
         for image in line.images:
             stage.discard(image)
         error = line.error
