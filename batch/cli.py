@@ -327,6 +327,9 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
     endpoints = routing.endpoints_in_use(manifest, settings)
     keys = routing.api_keys(endpoints, os.environ)
     batched = batchcli.batch_names(endpoints, args.mode)
+    if batched and args.force:
+        raise UsageError("--force with batch mode would resubmit finished jobs on every run "
+                         "(each paid again); use a new --output folder to redo them")
     root: Path = args.output or Path("output") / args.manifest.stem
     prices = PriceTable.with_overrides(manifest.pricing)
     if args.max_cost is not None:

@@ -289,3 +289,27 @@ def test_collect_memory_stays_flat(tmp_path: Path) -> None:
     report = json.loads(done.stdout)
     assert done.returncode == 0 and report["ok"], (done.stdout, done.stderr)
     assert report["collect_peak_rss_mb"] < 100
+
+
+def test_max_cost_counts_open_batches_and_sync_jobs_are_not_resubmitted(tmp_path: Path) -> None:
+    """--max-cost holds what open batches will cost as spent; jobs a sync run finished
+    are never submitted; validate shows both estimates."""
+    small = write_catalog(tmp_path, 3)
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE, "--batch-delay", "3600") as sim:
+        synced = run(sim, small, out, "--mode", "sync")
+        assert synced.returncode == 0, synced.stderr
+        manifest = write_catalog(tmp_path, 10)
+        plan_text = run_cli("validate", str(manifest), env=env()).stdout
+        assert "sync, $" in plan_text and "at the batch rate" in plan_text
+        # 7 jobs left at $0.067 each: $0.30 buys 4 of them.
+        first = run(sim, manifest, out, "--max-cost", "0.30")
+        assert "4 jobs in 1 batches submitted" in first.stderr, first.stderr
+        second = run(sim, manifest, out, "--max-cost", "0.30")  # $0.268 already committed
+        assert "4 jobs in 1 batches submitted" in second.stderr, second.stderr
+        ledger = [json.loads(line) for line in
+                  (out / ".imgbatch" / "batches.jsonl").read_text().splitlines()]
+        submitted = {key for record in ledger for key in record["keys"]}
+        forced = run(sim, manifest, out, "--force")
+    assert submitted.isdisjoint({"j000", "j001", "j002"})  # done by the sync run
+    assert forced.returncode == 2 and "--force" in forced.stderr
