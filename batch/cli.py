@@ -379,9 +379,13 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
                 BatchConfig(wait=args.wait, poll_interval_s=args.poll_interval,
                             batch_size=args.batch_size, force=args.force,
                             max_cost_usd=args.max_cost, prices=prices,
-                            decode_check=args.verify is Verify.DECODE))
+                            decode_check=args.verify is Verify.DECODE,
+                            fallback_sync=args.batch_fallback == "sync",
+                            deadline_s=args.batch_deadline))
             batch = (runner, [job for job in manifest.jobs if job.endpoint in batched])
-        sync = {name: ep for name, ep in endpoints.items() if name not in batched}
+        # With --batch-fallback sync a batch endpoint may also send jobs one by one.
+        sync = {name: ep for name, ep in endpoints.items()
+                if name not in batched or args.batch_fallback == "sync"}
         return asyncio.run(
             _run(manifest, root, store, routing.build_routes(sync, keys, settings),
                  engine_config, deadline, args.quiet, args.progress_interval,
@@ -479,6 +483,8 @@ async def _run(
         if batch is not None:
             batch_stats = await batch[0].run(batch[1])
         batched = {job.id for job in batch[1]} if batch is not None else set()
+        if batch is not None:  # --batch-fallback sync: overdue jobs run now
+            batched -= {job.id for job in batch[0].fallback}
         todo = engine.plan([job for job in manifest.jobs if job.id not in batched])
         # What is left of the process's deadline once the manifest is loaded and planned.
         left = None if deadline is None else deadline - time.monotonic()

@@ -313,3 +313,19 @@ def test_max_cost_counts_open_batches_and_sync_jobs_are_not_resubmitted(tmp_path
         forced = run(sim, manifest, out, "--force")
     assert submitted.isdisjoint({"j000", "j001", "j002"})  # done by the sync run
     assert forced.returncode == 2 and "--force" in forced.stderr
+
+
+def test_fallback_sync_after_the_deadline(tmp_path: Path) -> None:
+    """--batch-fallback sync: a batch past --batch-deadline is cancelled and its jobs are
+    sent one request each in the same run; none is paid twice."""
+    manifest = write_catalog(tmp_path, 6)
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE, "--batch-delay", "3600") as sim:
+        first = run(sim, manifest, out, "--batch-fallback", "sync", "--batch-deadline", "0")
+        assert "6 jobs in 1 batches submitted" in first.stderr, first.stderr
+        second = run(sim, manifest, out, "--batch-fallback", "sync", "--batch-deadline", "0")
+        stats = sim.stats()
+    assert second.returncode == 0, second.stderr
+    assert check_images(out, manifest) == 6
+    assert stats["batch"]["calls"]["cancel"] == 1 and stats["batch"]["paid_images"] == 0
+    assert stats["requests"] >= 6 and max(stats["by_prompt"].values()) == 1

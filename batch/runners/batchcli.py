@@ -42,6 +42,11 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
     add("--poll-interval", type=float, default=60.0, metavar="S",
         help="batch mode with --wait: seconds between polls (grows by half each time, "
              "up to 15 min)")
+    add("--batch-fallback", choices=("none", SYNC), default="none",
+        help="batch mode: jobs still not done --batch-deadline after their first submission "
+             "run synchronously (an overdue batch is cancelled first, its finished lines kept)")
+    add("--batch-deadline", type=float, default=86400.0, metavar="S",
+        help="with --batch-fallback sync: seconds a job may wait in batches (default 24 h)")
     add("--batch-size", type=int, default=None, metavar="N",
         help="batch mode: at most N requests per provider batch (default: the provider's "
              "limit)")

@@ -51,10 +51,10 @@ from batch.providers.batchapi import (
     ResultLine,
 )
 from batch.runners import batchplan as plan
-from batch.runners.batchfiles import copy_range, write_spool
+from batch.runners.batchfiles import SinkStage, copy_range, drain, write_spool
 from batch.runners.batchledger import REQUESTS_DIR, BatchRecord, Ledger, run_id
 from batch.runners.batchplan import BatchStats
-from batch.storage.base import ImageSink, ImageStream, StateStore
+from batch.storage.base import ImageSink, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +83,10 @@ class BatchConfig:
     prices: PriceTable = field(default_factory=lambda: PriceTable.with_overrides({}))
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_check: bool = True  # --verify decode: each image decoded in a child first
-
-
-class _SinkStage:
-    """Stages a results stream's images in the store's image sink, named for the batch
-    until a line says whose they are."""
-
-    def __init__(self, sink: ImageSink, tag: str, max_pixels: int) -> None:
-        self.sink, self.tag, self.max_pixels = sink, tag, max_pixels
-
-    def open(self, n: int) -> ImageStream:
-        return self.sink.open(self.tag, n, max_pixels=self.max_pixels)
-
-    def discard(self, image: StagedImage) -> None:
-        self.sink.discard(image)
+    # --batch-fallback sync: a job first submitted over deadline_s ago and still not done
+    # is run synchronously once no live batch holds it (an overdue batch is cancelled).
+    fallback_sync: bool = False
+    deadline_s: float = 86400.0
 
 
 class BatchRunner:
@@ -113,6 +103,7 @@ class BatchRunner:
         self._tags = ledger.new_tag(run_id())
         self._committer = GroupCommitter(store)
         self._pool: ProcessPoolExecutor | None = None
+        self.fallback: list[Job] = []  # for the sync engine (--batch-fallback sync)
 
     def stop(self) -> None:
         self._stop.set()
@@ -124,8 +115,16 @@ class BatchRunner:
         try:
             while True:
                 await self._settle(by_id)
+                if self.config.fallback_sync:
+                    late = plan.overdue(self.ledger.records.values(), self.ledger.live_keys(),
+                                        time.time() - self.config.deadline_s)
+                    self.fallback = [job for job in jobs if job.id in late
+                                     and not self.store.is_done(job, fingerprint(job))]
                 if submit and not self._stop.is_set():
-                    await self._submit(jobs)
+                    late_ids = {job.id for job in self.fallback}
+                    await self._submit([job for job in jobs if job.id not in late_ids])
+                if self.fallback:
+                    break  # the sync engine takes them now
                 if not (self.config.wait and self.ledger.open_batches()) or self._stop.is_set():
                     break
                 with contextlib.suppress(TimeoutError):
@@ -165,6 +164,12 @@ class BatchRunner:
                 record = self.ledger.submitted(record.tag, found.batch_id)
                 self.stats.adopted_batches += 1
             info = await endpoint.api.poll(record.batch_id)
+            if (self.config.fallback_sync and not info.state.finished
+                    and record.created_s < time.time() - self.config.deadline_s):
+                log.warning("batch %s: past --batch-deadline; cancelled, its unfinished jobs "
+                            "go synchronous", record.tag)
+                await endpoint.api.cancel(record.batch_id)
+                info = await endpoint.api.poll(record.batch_id)
             record = self.ledger.update(record.tag, state=info.state.value, total=info.total,
                                         succeeded=info.succeeded, failed=info.failed)
             if plan.batch_end(info.state) is None:
@@ -178,7 +183,7 @@ class BatchRunner:
         prints = dict(zip(record.keys, record.fingerprints, strict=True))
         answered: set[str] = set()
         queued: list[asyncio.Future[None]] = []
-        stage = _SinkStage(self.store.sink, record.tag, self.config.max_pixels)
+        stage = SinkStage(self.store.sink, record.tag, self.config.max_pixels)
         async for line in endpoint.api.results(info, stage):
             job = by_id.get(line.key)
             fp = prints.get(line.key)
@@ -194,8 +199,8 @@ class BatchRunner:
             if future is not None:
                 queued.append(future)
             if len(queued) >= MAX_UNCOMMITTED:
-                await _drain(queued)
-        await _drain(queued)
+                await drain(queued)
+        await drain(queued)
         missing = len(set(record.keys) - answered)
         self.stats.back_to_pending += missing
         if missing:
@@ -214,7 +219,7 @@ class BatchRunner:
                     sink.release(image)
             raise
 
-    async def _decoded(self, line: ResultLine, stage: _SinkStage) -> ResultLine:
+    async def _decoded(self, line: ResultLine, stage: SinkStage) -> ResultLine:
         """``line``, or a retryable error if one of its images does not decode."""
         if not self.config.decode_check or not line.images:
             return line
@@ -233,7 +238,7 @@ class BatchRunner:
         return line
 
     async def _commit_line(self, job: Job, fp: str, line: ResultLine,
-                           stage: _SinkStage) -> asyncio.Future[None] | None:
+                           stage: SinkStage) -> asyncio.Future[None] | None:
         fate = plan.line_outcome(bool(line.images), line.error)
         if self.store.is_done(job, fp):
             for image in line.images:
@@ -383,14 +388,3 @@ class BatchRunner:
         self.ledger.submitted(record.tag, batch_id)
         self.stats.submitted_batches += 1
         log.info("batch %s: %d job(s) submitted as %s", record.tag, len(record.keys), batch_id)
-
-
-async def _drain(queued: list[asyncio.Future[None]]) -> None:
-    """Wait for the queued commits; the first failure is raised (the rest still finish)."""
-    if not queued:
-        return
-    done = await asyncio.gather(*queued, return_exceptions=True)
-    queued.clear()
-    for result in done:
-        if isinstance(result, BaseException):
-            raise result
