@@ -198,6 +198,8 @@ def test_cancel_sends_jobs_back_to_pending(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with simulator("--scale", SCALE, "--batch-delay", "3600") as sim:
         run(sim, manifest, out)
+        synced = run(sim, manifest, out, "--mode", "sync")  # a live batch holds them all
+        assert synced.returncode == 1 and sim.stats()["by_prompt"] == {}, synced.stderr
         status = run_cli("status", str(out), env=env())
         assert "open batches: 1, 5 job(s)" in status.stdout and "batches/" in status.stdout
         cancelled = run_cli("cancel", str(out), env=env())

@@ -1,5 +1,4 @@
-"""Batch mode: jobs of ``mode: batch`` endpoints go as provider batches, collected by a later run.
-
+"""Batch mode: jobs of ``mode: batch`` endpoints go as provider batches, collected later.
 Each pass (one per run; repeated with ``--wait``):
 
 1. *settle* every open batch of the folder's ledger: an intent without an id is
@@ -12,10 +11,9 @@ Each pass (one per run; repeated with ``--wait``):
    the provider's limits, each batch's file recorded (intent, fsynced) before
    its create call and its id right after.
 
-A job is thus in at most one live batch, a job a sync run finished is never
+So a job is in at most one live batch, a job a sync run finished is never
 submitted, and a batch whose create may have happened is never created again
-without asking the provider first. What a line or a finished batch means for
-its jobs is :mod:`batch.runners.batchplan`'s to say.
+without asking the provider first (what outcomes mean: :mod:`.batchplan`).
 """
 
 from __future__ import annotations
@@ -131,7 +129,9 @@ class BatchRunner:
                     await asyncio.wait_for(self._stop.wait(), interval)
                 interval = min(interval * 1.5, self.config.max_poll_interval_s)
         except FatalApiError as exc:
-            self.stats.fatal = str(exc)
+            self.stats.fatal, self.stats.stop_message = True, str(exc)
+        except StorageError as exc:
+            self.stats.stop_message = f"{exc}; re-run to collect again"
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
@@ -153,30 +153,40 @@ class BatchRunner:
                 log.warning("batch %s: endpoint %r is not in this run; left open",
                             record.tag, record.endpoint)
                 continue
-            if not record.batch_id:
-                found = await endpoint.api.find(record.tag)
-                if found is None:
-                    log.info("batch %s: never created; creating it now", record.tag)
-                    await self._create(endpoint, record)
-                    continue
-                log.info("batch %s: adopted %s (created by a run that stopped before "
-                         "recording it)", record.tag, found.batch_id)
-                record = self.ledger.submitted(record.tag, found.batch_id)
-                self.stats.adopted_batches += 1
+            try:
+                await self._settle_one(endpoint, record, by_id)
+            except FatalApiError:
+                raise
+            except JobError as exc:  # this batch only: the others still get their turn
+                log.error("batch %s %s: %s; left open, the next run tries again",
+                          record.tag, record.batch_id, exc)
+
+    async def _settle_one(self, endpoint: BatchEndpoint, record: BatchRecord,
+                          by_id: Mapping[str, Job]) -> None:
+        if not record.batch_id:
+            found = await endpoint.api.find(record.tag)
+            if found is None:
+                log.info("batch %s: never created; creating it now", record.tag)
+                await self._create(endpoint, record)
+                return
+            log.info("batch %s: adopted %s (created by a run that stopped before "
+                     "recording it)", record.tag, found.batch_id)
+            record = self.ledger.submitted(record.tag, found.batch_id)
+            self.stats.adopted_batches += 1
+        info = await endpoint.api.poll(record.batch_id)
+        if (self.config.fallback_sync and not info.state.finished
+                and record.created_s < time.time() - self.config.deadline_s):
+            log.warning("batch %s: past --batch-deadline; cancelled, its unfinished jobs "
+                        "go synchronous", record.tag)
+            await endpoint.api.cancel(record.batch_id)
             info = await endpoint.api.poll(record.batch_id)
-            if (self.config.fallback_sync and not info.state.finished
-                    and record.created_s < time.time() - self.config.deadline_s):
-                log.warning("batch %s: past --batch-deadline; cancelled, its unfinished jobs "
-                            "go synchronous", record.tag)
-                await endpoint.api.cancel(record.batch_id)
-                info = await endpoint.api.poll(record.batch_id)
-            record = self.ledger.update(record.tag, state=info.state.value, total=info.total,
-                                        succeeded=info.succeeded, failed=info.failed)
-            if plan.batch_end(info.state) is None:
-                continue
-            await self._collect(endpoint, record, info, by_id)
-            self.ledger.close_batch(record.tag, info.state.value, info.message)
-            self.stats.collected_batches += 1
+        record = self.ledger.update(record.tag, state=info.state.value, total=info.total,
+                                    succeeded=info.succeeded, failed=info.failed)
+        if plan.batch_end(info.state) is None:
+            return
+        await self._collect(endpoint, record, info, by_id)
+        self.ledger.close_batch(record.tag, info.state.value, info.message)
+        self.stats.collected_batches += 1
 
     async def _collect(self, endpoint: BatchEndpoint, record: BatchRecord, info: BatchInfo,
                        by_id: Mapping[str, Job]) -> None:

@@ -170,7 +170,8 @@ class BatchStats:
     open_batches: int = 0
     open_jobs: int = 0
     open_micros: int = 0  # submitted, unfinished: counted as spent by --max-cost
-    fatal: str = ""
+    fatal: bool = False  # a 401/403 or a used-up quota ended it (exit 3)
+    stop_message: str = ""
 
     def as_record(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)
