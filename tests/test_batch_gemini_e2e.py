@@ -191,6 +191,7 @@ def test_wait_polls_until_done_through_faults(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert check_images(out, manifest) == 12
     assert stats["paid_twice"] == 0 and stats["calls"]["create"] == 3
+    assert stats["calls"].get("download_cut", 0) >= 1  # and resumed with Range
 
 
 def test_cancel_sends_jobs_back_to_pending(tmp_path: Path) -> None:
