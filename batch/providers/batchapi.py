@@ -36,6 +36,7 @@ from typing import Any, Protocol
 from batch.errors import RetryableError
 from batch.images import StagedImage
 from batch.jobs import Job
+from batch.storage.base import ImageStream
 
 
 class BatchState(enum.StrEnum):
@@ -110,14 +111,8 @@ class ResultLine:
     text: str = ""
 
 
-class ImageOut(Protocol):
-    """Where one streamed image goes (an ImageWriter or a sink's writer)."""
-
-    def write(self, data: bytes) -> None: ...
-
-    def finish(self) -> StagedImage: ...
-
-    def abort(self) -> None: ...
+# One streamed image: the storage protocols' ImageStream (an ImageWriter on disk).
+ImageOut = ImageStream
 
 
 class ImageStage(Protocol):
