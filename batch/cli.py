@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from batch import __version__, capabilities, report, routing
 from batch.checkpoint import STATE_DIR, Checkpoint
-from batch.cost import PriceTable, estimate
+from batch.cost import PriceTable, estimate, to_usd
 from batch.endpoints import Endpoint
 from batch.engine import Engine, EngineConfig, Route, StopReason
 from batch.errors import (
@@ -46,8 +46,13 @@ from batch.manifest import Manifest, summarize
 from batch.metrics import MetricsFile
 from batch.pricing import price_key
 from batch.progress import ConsoleProgress, Observers, setup_logging
+from batch.providers.base import ClientConfig
 from batch.results import RESULTS, write_results
 from batch.retry import RetryPolicy
+from batch.runners import batchcli
+from batch.runners.batchledger import Ledger
+from batch.runners.batchmode import BatchConfig, BatchRunner
+from batch.runners.batchplan import estimate_batch
 from batch.sim import config as simconfig
 from batch.storage import outputs
 from batch.storage.base import StateStore
@@ -105,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --cluster: jobs per shard task")
     run.add_argument("--max-shards", type=_positive_int, default=None, metavar="N",
                      help="with --cluster: shard tasks outstanding (default: the cluster's CPUs)")
+    batchcli.add_arguments(run)
     _add_logging(run)
 
     validate = commands.add_parser("validate", help="check a manifest and print the plan")
@@ -116,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("output", help="output folder or s3://bucket/prefix")
     _add_s3(status)
     _add_logging(status)
+
+    cancel = commands.add_parser("cancel", help="cancel the open provider batches of DIR "
+                                 "(the next run collects what they finished)")
+    cancel.add_argument("output", type=Path)
+    _add_logging(cancel)
 
     report_cmd = commands.add_parser("report", help="rebuild DIR/index.html, the gallery")
     report_cmd.add_argument("output", help="output folder or s3://bucket/prefix")
@@ -177,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_status(args)
         if args.command == "report":
             return cmd_report(args)
+        if args.command == "cancel":
+            return cmd_cancel(args)
         if args.command == "inspect":
             return cmd_inspect(args)
         if args.command == "simulate":
@@ -217,7 +230,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(line)
     total, unknown = estimate(manifest.jobs, PriceTable.with_overrides(manifest.pricing))
     note = f" (+{unknown} job(s) of unknown price)" if unknown else ""
-    print(f"  estimated cost: ${total:.2f} for one image per job{note}")
+    batch_total, _ = estimate_batch(manifest.jobs, prices)
+    print(f"  estimated cost: ${total:.2f} sync, ${batch_total:.2f} at the batch rate, "
+          f"for one image per job{note}")
     return EXIT_OK
 
 
@@ -234,7 +249,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     root = Path(args.output)
     if not (root / STATE_DIR).is_dir():
         raise UsageError(f"{root} holds no imgbatch checkpoint")
-    print("\n".join(report.status_lines(root, Checkpoint.read(root))))
+    print("\n".join(report.status_lines(root, Checkpoint.read(root))
+                    + batchcli.status_lines(root)))
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    root: Path = args.output
+    if not (root / STATE_DIR).is_dir():
+        raise UsageError(f"{root} holds no imgbatch checkpoint")
+    cancelled = asyncio.run(batchcli.cancel(root, os.environ))
+    print(f"{root}: {cancelled} batch(es) cancelled; the next run keeps what they finished "
+          "and sends the rest back to pending")
     return EXIT_OK
 
 
@@ -341,6 +367,14 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
     keys = routing.api_keys(endpoints, os.environ) if args.cluster is None else {}
     output: str = args.output or str(Path("output") / args.manifest.stem)
     s3 = outputs.is_s3_url(output)
+    batched = batchcli.batch_names(endpoints, args.mode)
+    if batched and args.force:
+        raise UsageError("--force with batch mode would resubmit finished jobs on every run "
+                         "(each paid again); use a new --output folder to redo them")
+    if batched and (s3 or args.cluster is not None):
+        # The batch ledger and request files live in the output folder's .imgbatch/.
+        raise UsageError("batch mode (mode: batch / --mode batch) needs a local --output "
+                         "folder; it is not available with s3:// outputs or --cluster yet")
     prices = PriceTable.with_overrides(manifest.pricing)
     if args.max_cost is not None:
         unpriced = sorted({(j.model, price_key(j)) for j in manifest.jobs
@@ -385,13 +419,36 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
     # The manifest and checkpoint are live for the whole run; keep the cyclic
     # GC from walking 100,000 jobs over and over (it showed in profiles).
     gc.freeze()
+    # Read even by a sync run: a job a live batch holds is not requested again. (An s3://
+    # output has no batch ledger: batch mode is refused there, above.)
+    ledger = None if s3 else Ledger.open(Path(output), writable=bool(batched))
     try:
+        runner = None
+        if batched and ledger is not None:
+            client = ClientConfig(timeout_s=args.timeout, stall_timeout_s=args.stall_timeout,
+                                  ca_bundle=args.ca_bundle)
+            runner = BatchRunner(
+                batchcli.build_endpoints(endpoints, batched, keys, client,
+                                         not args.no_embed_metadata), store, ledger,
+                BatchConfig(wait=args.wait, poll_interval_s=args.poll_interval,
+                            batch_size=args.batch_size, force=args.force,
+                            max_cost_usd=args.max_cost, prices=prices,
+                            decode_check=args.verify is Verify.DECODE,
+                            fallback_sync=args.batch_fallback == "sync",
+                            deadline_s=args.batch_deadline))
+        batch = None if ledger is None else batchcli.BatchPart(
+            runner, [job for job in manifest.jobs if job.endpoint in batched], ledger)
+        # With --batch-fallback sync a batch endpoint may also send jobs one by one.
+        sync = {name: ep for name, ep in endpoints.items()
+                if name not in batched or args.batch_fallback == "sync"}
         return asyncio.run(
-            _run(manifest, output, store, routing.build_routes(endpoints, keys, settings),
+            _run(manifest, output, store, routing.build_routes(sync, keys, settings),
                  engine_config, deadline, args.quiet, args.progress_interval,
-                 not args.no_gallery, metrics, args.verify, args.s3_endpoint)
+                 not args.no_gallery, metrics, args.verify, args.s3_endpoint, batch)
         )
     finally:
+        if ledger is not None:
+            ledger.close()
         store.close()
 
 
@@ -474,6 +531,7 @@ async def _run(
     metrics: MetricsFile | None = None,
     verify: Verify = Verify.DECODE,
     s3_endpoint: str | None = None,
+    batch: batchcli.BatchPart | None = None,
 ) -> int:
     root = store.root  # results and summary are written here, then synced to the output
     progress = ConsoleProgress(
@@ -492,6 +550,8 @@ async def _run(
         received.append(signum)
         signalled.set()
         engine.interrupt(signum.name)
+        if batch is not None and batch.runner is not None:
+            batch.runner.stop()
 
     for signum in EXIT_SIGNAL:
         loop.add_signal_handler(signum, on_signal, signum)
@@ -501,8 +561,12 @@ async def _run(
     counts: Counter[str] = Counter()
     code = EXIT_INCOMPLETE
     crashed = False
+    batch_stats = None
     try:
-        todo = engine.plan(manifest.jobs)
+        if batch is not None and batch.runner is not None:
+            batch_stats = await batch.runner.run(batch.jobs)
+        held = batch.held() if batch is not None else set()
+        todo = engine.plan([job for job in manifest.jobs if job.id not in held])
         # What is left of the process's deadline once the manifest is loaded and planned.
         left = None if deadline is None else deadline - time.monotonic()
         stats = await engine.run(todo, runtime_left_s=left)
@@ -513,6 +577,14 @@ async def _run(
         await progress.close()
         for route in routes.values():
             await route.provider.close()
+        if batch is not None and batch.runner is not None:
+            for endpoint in batch.runner.endpoints.values():
+                await endpoint.api.close()
+            if batch_stats is not None:
+                stats.images_written += batch_stats.images_written
+                stats.bytes_written += batch_stats.bytes_written
+                stats.succeeded += batch_stats.succeeded
+                stats.cost_usd += to_usd(batch_stats.cost_micros)
         failures: list[str] = []
         try:
             counts = write_results(manifest.jobs, store)
@@ -522,7 +594,7 @@ async def _run(
             code = EXIT_INTERNAL
         elif received:
             code = EXIT_SIGNAL[received[0]]
-        elif stats.stop is StopReason.FATAL:
+        elif stats.stop is StopReason.FATAL or (batch_stats is not None and batch_stats.fatal):
             code = EXIT_FATAL
         elif counts.get(Status.SUCCEEDED.value, 0) == len(manifest.jobs) and not failures:
             code = EXIT_OK
@@ -530,6 +602,8 @@ async def _run(
             started_at=started_at, ended_at=time.time(), counts=counts, stats=stats,
             exit_code=code, manifest=str(manifest.path),
         )
+        if batch_stats is not None:
+            record["batch"] = batch_stats.as_record()
         try:
             report.append_run(root, record)
         except StorageError as exc:
@@ -542,6 +616,10 @@ async def _run(
             await metrics.close(exit_code=code, jobs=counts)
         line = report.one_line(record, f"{output.rstrip('/')}/{RESULTS}"
                                if outputs.is_s3_url(output) else Path(output) / RESULTS)
+        if batch_stats is not None:
+            line += "; " + batch_stats.line()
+            if batch_stats.stop_message:
+                line += f"; stopped: {batch_stats.stop_message}"
         try:
             store.record_run("end", summary=line, exit_code=code)
         except StorageError as exc:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field, fields, replace
 
+from batch.sim import batchclock
+from batch.sim.batchclock import BatchSimConfig
+
 
 @dataclass(frozen=True)
 class Faults:
@@ -82,6 +85,7 @@ class SimConfig:
     refuse_prompt: str = ""  # refuse (400, content policy) prompts containing this text
     daily_quota: int = 0  # answers before every request meets a per-day quota; 0 = none
     block_word: str = ""  # prompts holding it are refused by the safety system
+    batch: BatchSimConfig = field(default_factory=BatchSimConfig)  # the batch APIs
 
     def __post_init__(self) -> None:
         if self.scale <= 0 or self.rate_window_s <= 0 or self.retry_after_s <= 0:
@@ -135,6 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "...PerDay...; OpenAI: insufficient_quota); 0 = none")
     add("--block-word", default="", metavar="WORD",
         help="refuse prompts holding WORD as the provider's safety system does")
+    batchclock.add_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
@@ -151,4 +156,5 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         escape_slashes=args.escape_slashes, gzip=args.gzip, jpeg_lie=args.jpeg_lie,
         refuse_prompt=args.refuse_prompt,
         daily_quota=args.daily_quota, block_word=args.block_word,
+        batch=batchclock.config_from_args(args),
     )
