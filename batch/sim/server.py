@@ -21,6 +21,7 @@ import time
 
 from aiohttp import web
 
+from batch.sim import batch_openai
 from batch.sim.config import SimConfig
 from batch.sim.images import BASE_DIMS as BASE_DIMS
 from batch.sim.images import SIZE_FACTOR as SIZE_FACTOR
@@ -271,6 +272,7 @@ def build_app(config: SimConfig) -> web.Application:
     app.router.add_route("*", "/v1beta/models/{tail}", sim.gemini)
     app.router.add_route("*", "/v1/images/generations", sim.images)
     app.router.add_route("*", "/v1/images/edits", sim.images)
+    batch_openai.install(app, config)
     app.router.add_route("*", "/{tail:.*}", sim.not_found)
     return app
 
