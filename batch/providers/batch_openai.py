@@ -66,7 +66,7 @@ from batch.providers.transport import (
 log = logging.getLogger(__name__)
 
 MAX_JSON_BYTES = 4 * 1024 * 1024  # a batch object or a page of 100 of them
-PAGE_SIZE = 100
+PAGE_SIZE = 100  # the most GET /batches gives per page
 # Cuts in a row, with no new line between them, before a download gives up.
 MAX_RESUMES = 5
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
@@ -76,6 +76,7 @@ class OpenAIBatchClient:
     """One OpenAI endpoint's Batch API; see the module docstring."""
 
     limits = BatchLimits(max_requests=wire.MAX_LINES, max_file_bytes=wire.MAX_FILE_BYTES)
+    page_size = PAGE_SIZE
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
@@ -119,7 +120,7 @@ class OpenAIBatchClient:
         """Walk ``GET /batches`` (newest first, ``after`` cursor) for ``tag``."""
         after: str | None = None
         while True:
-            query = f"?limit={PAGE_SIZE}" + (f"&after={quote(after)}" if after else "")
+            query = f"?limit={self.page_size}" + (f"&after={quote(after)}" if after else "")
             page = await self._json("GET", "/batches" + query)
             data = page.get("data") if isinstance(page, dict) else None
             for batch in data if isinstance(data, list) else ():

@@ -12,7 +12,8 @@ error file, as the real API does, and every image billed is counted per
 custom_id and per prompt, so tests can prove nothing was paid for twice.
 
 Test controls: ``POST /_openai_batch/advance`` ``{"seconds": S}``, ``POST
-/_openai_batch/config`` (a BatchSimConfig's fields), ``GET /_openai_batch/stats``.
+/_openai_batch/config`` (a BatchSimConfig's fields, and ``ignore_range``: answer
+every download whole, as a server without Range support), ``GET /_openai_batch/stats``.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class OpenAIBatchSim:
         self.batches: dict[str, BatchRec] = {}
         self.paid_by_key: dict[str, int] = {}
         self.serial = 0
+        self.ignore_range = False  # answer Range requests with the whole file (a 200)
 
     def _id(self, prefix: str) -> str:
         self.serial += 1
@@ -262,8 +264,9 @@ class OpenAIBatchSim:
             return _error(404, "No such File object.", None)
         start, status = 0, 200
         found = _RANGE.match(request.headers.get("Range", "").strip())
-        if found is not None and int(found.group(1)) < rec.bytes:
+        if found is not None and int(found.group(1)) < rec.bytes and not self.ignore_range:
             start, status = int(found.group(1)), 206
+            self.state.count("download_range")
         response = web.StreamResponse(status=status)
         response.content_type = "application/octet-stream"
         response.content_length = rec.bytes - start
@@ -307,6 +310,7 @@ class OpenAIBatchSim:
         values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in body.items()
                   if k in known}
         self.state.config = dataclasses.replace(self.state.config, **values)
+        self.ignore_range = bool(body.get("ignore_range", False))
         return web.json_response({"ok": True})
 
     async def stats(self, request: web.Request) -> web.Response:
