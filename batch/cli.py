@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from batch import __version__, capabilities, report, routing
 from batch.checkpoint import STATE_DIR, Checkpoint
-from batch.cost import PriceTable, estimate
+from batch.cost import PriceTable, estimate, to_usd
 from batch.engine import Engine, EngineConfig, Route, StopReason
 from batch.errors import (
     ImgbatchError,
@@ -45,8 +45,13 @@ from batch.manifest import Manifest, summarize
 from batch.metrics import MetricsFile
 from batch.pricing import price_key
 from batch.progress import ConsoleProgress, Observers, setup_logging
+from batch.providers.base import ClientConfig
 from batch.results import RESULTS, write_results
 from batch.retry import RetryPolicy
+from batch.runners import batchcli
+from batch.runners.batchledger import Ledger
+from batch.runners.batchmode import BatchConfig, BatchRunner
+from batch.runners.batchplan import estimate_batch
 from batch.sim import config as simconfig
 
 log = logging.getLogger("batch")
@@ -93,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "at the end")
     run.add_argument("--no-embed-metadata", action="store_true",
                      help="store the server's image bytes verbatim (no provenance XMP)")
+    batchcli.add_arguments(run)
     _add_logging(run)
 
     validate = commands.add_parser("validate", help="check a manifest and print the plan")
@@ -103,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="what an output folder holds (no network)")
     status.add_argument("output", type=Path)
     _add_logging(status)
+
+    cancel = commands.add_parser("cancel", help="cancel the open provider batches of DIR "
+                                 "(the next run collects what they finished)")
+    cancel.add_argument("output", type=Path)
+    _add_logging(cancel)
 
     report_cmd = commands.add_parser("report", help="rebuild DIR/index.html, the gallery")
     report_cmd.add_argument("output", type=Path)
@@ -157,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_status(args)
         if args.command == "report":
             return cmd_report(args)
+        if args.command == "cancel":
+            return cmd_cancel(args)
         if args.command == "inspect":
             return cmd_inspect(args)
         if args.command == "simulate":
@@ -197,7 +210,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(line)
     total, unknown = estimate(manifest.jobs, PriceTable.with_overrides(manifest.pricing))
     note = f" (+{unknown} job(s) of unknown price)" if unknown else ""
-    print(f"  estimated cost: ${total:.2f} for one image per job{note}")
+    batch_total, _ = estimate_batch(manifest.jobs, prices)
+    print(f"  estimated cost: ${total:.2f} sync, ${batch_total:.2f} at the batch rate, "
+          f"for one image per job{note}")
     return EXIT_OK
 
 
@@ -205,7 +220,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     root: Path = args.output
     if not (root / STATE_DIR).is_dir():
         raise UsageError(f"{root} holds no imgbatch checkpoint")
-    print("\n".join(report.status_lines(root, Checkpoint.read(root))))
+    print("\n".join(report.status_lines(root, Checkpoint.read(root))
+                    + batchcli.status_lines(root)))
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    root: Path = args.output
+    if not (root / STATE_DIR).is_dir():
+        raise UsageError(f"{root} holds no imgbatch checkpoint")
+    cancelled = asyncio.run(batchcli.cancel(root, os.environ))
+    print(f"{root}: {cancelled} batch(es) cancelled; the next run keeps what they finished "
+          "and sends the rest back to pending")
     return EXIT_OK
 
 
@@ -300,6 +326,7 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
     settings = routing.Settings.from_args(args)
     endpoints = routing.endpoints_in_use(manifest, settings)
     keys = routing.api_keys(endpoints, os.environ)
+    batched = batchcli.batch_names(endpoints, args.mode)
     root: Path = args.output or Path("output") / args.manifest.stem
     prices = PriceTable.with_overrides(manifest.pricing)
     if args.max_cost is not None:
@@ -337,13 +364,28 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
     # The manifest and checkpoint are live for the whole run; keep the cyclic
     # GC from walking 100,000 jobs over and over (it showed in profiles).
     gc.freeze()
+    ledger = None
     try:
+        batch = None
+        if batched:
+            ledger = Ledger.open(root)
+            client = ClientConfig(timeout_s=args.timeout, stall_timeout_s=args.stall_timeout,
+                                  ca_bundle=args.ca_bundle)
+            runner = BatchRunner(
+                batchcli.build_endpoints(endpoints, batched, keys, client), store, ledger,
+                BatchConfig(wait=args.wait, poll_interval_s=args.poll_interval,
+                            batch_size=args.batch_size, force=args.force,
+                            max_cost_usd=args.max_cost, prices=prices))
+            batch = (runner, [job for job in manifest.jobs if job.endpoint in batched])
+        sync = {name: ep for name, ep in endpoints.items() if name not in batched}
         return asyncio.run(
-            _run(manifest, root, store, routing.build_routes(endpoints, keys, settings),
+            _run(manifest, root, store, routing.build_routes(sync, keys, settings),
                  engine_config, deadline, args.quiet, args.progress_interval,
-                 not args.no_gallery, metrics, args.verify)
+                 not args.no_gallery, metrics, args.verify, batch)
         )
     finally:
+        if ledger is not None:
+            ledger.close()
         store.close()
 
 
@@ -399,6 +441,7 @@ async def _run(
     gallery: bool = True,
     metrics: MetricsFile | None = None,
     verify: Verify = Verify.DECODE,
+    batch: tuple[BatchRunner, list[Job]] | None = None,
 ) -> int:
     progress = ConsoleProgress(
         sys.stderr, bar=sys.stderr.isatty() and not quiet, interval_s=progress_interval_s
@@ -416,6 +459,8 @@ async def _run(
         received.append(signum)
         signalled.set()
         engine.interrupt(signum.name)
+        if batch is not None:
+            batch[0].stop()
 
     for signum in EXIT_SIGNAL:
         loop.add_signal_handler(signum, on_signal, signum)
@@ -425,8 +470,12 @@ async def _run(
     counts: Counter[str] = Counter()
     code = EXIT_INCOMPLETE
     crashed = False
+    batch_stats = None
     try:
-        todo = engine.plan(manifest.jobs)
+        if batch is not None:
+            batch_stats = await batch[0].run(batch[1])
+        batched = {job.id for job in batch[1]} if batch is not None else set()
+        todo = engine.plan([job for job in manifest.jobs if job.id not in batched])
         # What is left of the process's deadline once the manifest is loaded and planned.
         left = None if deadline is None else deadline - time.monotonic()
         stats = await engine.run(todo, runtime_left_s=left)
@@ -437,6 +486,14 @@ async def _run(
         await progress.close()
         for route in routes.values():
             await route.provider.close()
+        if batch is not None:
+            for endpoint in batch[0].endpoints.values():
+                await endpoint.api.close()
+            if batch_stats is not None:
+                stats.images_written += batch_stats.images_written
+                stats.bytes_written += batch_stats.bytes_written
+                stats.succeeded += batch_stats.succeeded
+                stats.cost_usd += to_usd(batch_stats.cost_micros)
         failures: list[str] = []
         try:
             counts = write_results(manifest.jobs, store)
@@ -446,7 +503,7 @@ async def _run(
             code = EXIT_INTERNAL
         elif received:
             code = EXIT_SIGNAL[received[0]]
-        elif stats.stop is StopReason.FATAL:
+        elif stats.stop is StopReason.FATAL or (batch_stats is not None and batch_stats.fatal):
             code = EXIT_FATAL
         elif counts.get(Status.SUCCEEDED.value, 0) == len(manifest.jobs) and not failures:
             code = EXIT_OK
@@ -454,6 +511,8 @@ async def _run(
             started_at=started_at, ended_at=time.time(), counts=counts, stats=stats,
             exit_code=code, manifest=str(manifest.path),
         )
+        if batch_stats is not None:
+            record["batch"] = batch_stats.as_record()
         try:
             report.append_run(root, record)
         except StorageError as exc:
@@ -461,6 +520,10 @@ async def _run(
         if metrics is not None:
             await metrics.close(exit_code=code, jobs=counts)
         line = report.one_line(record, root / RESULTS)
+        if batch_stats is not None:
+            line += "; " + batch_stats.line()
+            if batch_stats.fatal:
+                line += f"; stopped: {batch_stats.fatal}"
         try:
             store.record_run("end", summary=line, exit_code=code)
         except StorageError as exc:

@@ -33,7 +33,9 @@ OPTION_VALUES: Mapping[str, tuple[str, ...]] = {
 # What gpt-image draws: aspect_ratio -> size.
 OPENAI_SIZES: Mapping[str, str] = {"1:1": "1024x1024", "3:2": "1536x1024", "2:3": "1024x1536"}
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_KEYS = ("provider", "base_url", "api_key_env", "model", "rpm", "concurrency")
+_KEYS = ("provider", "base_url", "api_key_env", "model", "rpm", "concurrency", "mode")
+SYNC, BATCH = "sync", "batch"  # an endpoint's mode: a request per job, or provider batches
+MODES = (SYNC, BATCH)
 _ENV = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 Found = Iterator[tuple[str, str]]  # (field suffix, message)
@@ -50,6 +52,7 @@ class Endpoint:
     model: str  # for jobs that name none
     rpm: float | None = None
     concurrency: int | None = None
+    mode: str = SYNC
 
     @classmethod
     def default(cls, provider: str, name: str = "") -> Endpoint:
@@ -77,6 +80,7 @@ def parse_endpoints(raw: Any) -> tuple[dict[str, Endpoint], list[tuple[str, str]
                 name, base.provider, spec.get("base_url", base.base_url).rstrip("/"),
                 spec.get("api_key_env", base.api_key_env), spec.get("model", base.model),
                 float(rpm) if rpm is not None else None, spec.get("concurrency"),
+                spec.get("mode", SYNC),
             )
     return out, found
 
@@ -104,6 +108,12 @@ def _check_endpoint(spec: Any) -> Found:
     if rpm is not None and (isinstance(rpm, bool) or not isinstance(rpm, int | float)
                             or not math.isfinite(rpm) or rpm <= 0):
         yield ".rpm", "must be a number > 0"
+    mode = spec.get("mode", SYNC)
+    if mode not in MODES:
+        yield ".mode", f"must be {' or '.join(MODES)}, got {mode!r}"
+    elif mode == BATCH and provider == CHAT:
+        yield ".mode", "chat completions have no batch API for images; use gemini or " \
+            "openai-images"
     concurrency = spec.get("concurrency")
     if concurrency is not None and (isinstance(concurrency, bool)
                                     or not isinstance(concurrency, int) or concurrency < 1):

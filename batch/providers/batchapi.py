@@ -19,7 +19,7 @@ Contract, for implementers:
   (None when there is none); it is how a killed run's batch is adopted.
 - ``results`` yields one :class:`ResultLine` per line of the batch's result
   file(s), in file order, never holding a line or a file whole: images go to
-  writers opened with ``stage`` while the line streams. A key may be missing (the
+  writers opened with ``stage.open`` while the line streams. A key may be missing (the
   runner sends that job back to pending).
 - Errors are :mod:`batch.errors` JobErrors (RetryableError for 429/5xx/timeouts,
   which the caller retries with backoff; FatalApiError for 401/403).
@@ -28,7 +28,7 @@ Contract, for implementers:
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -120,8 +120,16 @@ class ImageOut(Protocol):
     def abort(self) -> None: ...
 
 
-# Opens a writer for the n-th image of the current results stream.
-Stage = Callable[[int], ImageOut]
+class ImageStage(Protocol):
+    """Where a results stream's images are staged (the runner's image sink)."""
+
+    def open(self, n: int) -> ImageOut:
+        """A writer for the ``n``-th image of the stream (0-based, over all lines)."""
+        ...
+
+    def discard(self, image: StagedImage) -> None:
+        """Drop a staged image no result line keeps."""
+        ...
 
 
 class BatchSubmitUnknown(RetryableError):
@@ -160,7 +168,7 @@ class BatchApi(Protocol):
 
     async def poll(self, batch_id: str) -> BatchInfo: ...
 
-    def results(self, info: BatchInfo, stage: Stage) -> AsyncIterator[ResultLine]:
+    def results(self, info: BatchInfo, stage: ImageStage) -> AsyncIterator[ResultLine]:
         """Stream the result lines of a finished batch; see the module docstring."""
         ...
 

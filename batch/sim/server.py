@@ -22,6 +22,8 @@ import time
 from aiohttp import web
 
 from batch.sim import batch_openai
+from batch.sim.batch_gemini import GeminiBatchSim
+from batch.sim.batchclock import BatchSimState
 from batch.sim.config import SimConfig
 from batch.sim.images import BASE_DIMS as BASE_DIMS
 from batch.sim.images import SIZE_FACTOR as SIZE_FACTOR
@@ -48,6 +50,10 @@ class _Simulator:
         self.wires: dict[str, Wire] = {
             "chat": Chat(config.escape_slashes), "gemini": Gemini(), "images": Images(),
         }
+        # The batch APIs: their clock, counters and files (not cleared by /_reset).
+        self.batches = BatchSimState(config.batch)
+        self.gemini_batch = GeminiBatchSim(self.batches, self._draw, self._gemini_key,
+                                           config.block_word, config.refuse_prompt)
         self.reset()
 
     def reset(self) -> None:
@@ -65,7 +71,27 @@ class _Simulator:
             "requests": self.requests, "by_status": dict(self.by_status),
             "faults": dict(self.faults), "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight, "by_prompt": dict(self.by_prompt),
+            "batch": self.batches.stats(),
         })
+
+    async def advance_batches(self, request: web.Request) -> web.Response:
+        """Move the batch clock: ``POST /_batch/advance?s=SECONDS``."""
+        self.batches.clock.advance(float(request.query.get("s", "0")))
+        return web.json_response({"clock_offset_s": self.batches.clock.offset_s})
+
+    def _gemini_key(self, request: web.Request) -> web.Response | None:
+        refused = self.wires["gemini"].auth(request, self.config.api_key)
+        if refused is None:
+            return None
+        status, pieces, headers = refused
+        return web.Response(status=status, body=b"".join(pieces), headers=headers,
+                            content_type="application/json")
+
+    def _draw(self, parsed: Parsed, key: str, serial: int) -> bytes:
+        """One batch line's image (base64), drawn as a generateContent answer's would be."""
+        sha = hashlib.sha256(parsed.prompt.encode()).hexdigest()
+        label = tuple(label_lines(key, parsed.prompt))
+        return self._image(parsed, sha, serial, 0, "", 0.0, label)
 
     async def input_image(self, request: web.Request) -> web.Response:
         """A PNG to name as a URL input image: ``/_inputs/{width}x{height}.png``."""
@@ -90,6 +116,10 @@ class _Simulator:
         return await self._serve(request, self.wires["chat"])
 
     async def gemini(self, request: web.Request) -> web.StreamResponse:
+        model, _, method = request.match_info.get("tail", "").partition(":")
+        if method == "batchGenerateContent" and request.method == "POST":
+            self.requests += 1
+            return await self.gemini_batch.create(request, model)
         return await self._serve(request, self.wires["gemini"])
 
     async def images(self, request: web.Request) -> web.StreamResponse:
@@ -268,11 +298,13 @@ def build_app(config: SimConfig) -> web.Application:
     app.router.add_get("/_stats", sim.stats)
     app.router.add_post("/_reset", sim.reset_handler)
     app.router.add_get(r"/_inputs/{dims:\d+x\d+}.png", sim.input_image)
+    app.router.add_post("/_batch/advance", sim.advance_batches)
+    sim.gemini_batch.routes(app)
     app.router.add_route("*", "/v1/chat/completions", sim.chat)
     app.router.add_route("*", "/v1beta/models/{tail}", sim.gemini)
     app.router.add_route("*", "/v1/images/generations", sim.images)
     app.router.add_route("*", "/v1/images/edits", sim.images)
-    batch_openai.install(app, config)
+    batch_openai.install(app, config, sim.batches)
     app.router.add_route("*", "/{tail:.*}", sim.not_found)
     return app
 

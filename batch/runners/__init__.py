@@ -1,0 +1,1 @@
+"""Run modes: how a manifest's jobs reach their providers (sync, provider batches)."""
