@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 
 from batch.errors import RetryableError, ServerError
-from batch.imageinfo import DEFAULT_MAX_PIXELS, probe
-from batch.images import ImageWriter
+from batch.imageinfo import probe
 from batch.jobs import Job
 from batch.providers.base import ClientConfig, Secret
 from batch.providers.batch_openai import OpenAIBatchClient
@@ -31,7 +30,9 @@ from batch.providers.batchapi import (
     LineErrorKind,
     ResultLine,
 )
+from batch.retry import RetryPolicy
 from tests.conftest import KEY, Simulator, simulator
+from tests.test_batch_openai_wire import Stage
 
 DEFAULTS: dict[str, Any] = {
     "delay_s": 100.0, "line_fail": 0.0, "line_fail_attempts": 1, "expire": [], "fail": [],
@@ -68,8 +69,13 @@ def advance(sim: Simulator, seconds: float = 1000.0) -> None:
     control(sim, "/_openai_batch/advance", {"seconds": seconds})
 
 
+FAST = RetryPolicy(max_attempts=3, base_s=0.01, cap_s=0.05, max_server_wait_s=0.05)
+
+
 def client(sim: Simulator, **config: Any) -> OpenAIBatchClient:
-    return OpenAIBatchClient(ClientConfig(base_url=sim.url, api_key=Secret(KEY), **config))
+    api = OpenAIBatchClient(ClientConfig(base_url=sim.url, api_key=Secret(KEY), **config))
+    api.retry_policy = FAST  # the same decisions, without the waits
+    return api
 
 
 def jobs(prefix: str, n: int, model: str = "gpt-image-1") -> list[Job]:
@@ -97,13 +103,8 @@ async def submit(api: OpenAIBatchClient, tmp: Path, tag: str, batch: list[Job]) 
 
 async def collect(api: OpenAIBatchClient, info: BatchInfo, root: Path,
                   after_first: Any = None) -> list[ResultLine]:
-    (root / "images").mkdir(parents=True, exist_ok=True)
     lines = []
-
-    def stage(n: int) -> ImageWriter:
-        return ImageWriter(root, f"r{n}", 0, max_pixels=DEFAULT_MAX_PIXELS)
-
-    async for line in api.results(info, stage):
+    async for line in api.results(info, Stage(root)):
         lines.append(line)
         if after_first is not None and len(lines) == 1:
             after_first()

@@ -6,20 +6,26 @@ import asyncio
 import base64
 import hashlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from batch.decoder import ImageBegin, ImageBytes, ImageEnd
-from batch.errors import Blocked, JobError, MalformedResponse, RateLimited, ServerError
+from batch.errors import MalformedResponse
+from batch.imageinfo import DEFAULT_MAX_PIXELS
+from batch.images import ImageWriter, StagedImage, discard
 from batch.jobs import InputImage, InputKind, Job
 from batch.providers import batch_openai_wire as wire
-from batch.providers.batch_openai import _skip_for, info_of, line_error
-from batch.providers.batchapi import BatchState, LineErrorKind
+from batch.providers import images_wire
+from batch.providers.batch_openai import _skip_for, info_of
+from batch.providers.batchapi import BatchState, LineErrorKind, ResultLine
+from batch.providers.batchlines import decode_lines
 from batch.providers.transport import stream_body
+from batch.sim.images import PngMaker
 
-PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
+PNG = PngMaker(0).png(4, 4, b"\x10\x20\x30", b"one")
+PNG2 = PngMaker(3000).png(8, 2, b"\x30\x20\x10", b"two")
 
 
 @pytest.mark.parametrize(("status", "state"), [
@@ -131,28 +137,48 @@ def image_body(data: bytes) -> dict[str, Any]:
             "usage": {"input_tokens": 5, "output_tokens": 272}}
 
 
-def run_lines(blob: bytes, chunk: int) -> tuple[list[bytes], list[wire.LineEnd]]:
-    """Feed ``blob`` in ``chunk``-byte pieces; the images (joined) and the line ends."""
-    parser = wire.ResultLines()
-    images: list[bytes] = []
-    ends: list[wire.LineEnd] = []
-    current = bytearray()
-    pieces = [blob[i:i + chunk] for i in range(0, len(blob), chunk)]
-    for event in [e for p in pieces for e in parser.feed(p)] + list(parser.finish()):
-        if isinstance(event, ImageBegin):
-            current = bytearray()
-        elif isinstance(event, ImageBytes):
-            current += event.data
-        elif isinstance(event, ImageEnd):
-            images.append(bytes(current))
-        else:
-            ends.append(event)
-    return images, ends
+class Stage:
+    """Stages images under ``root`` as the runner's sink does; remembers discards."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        self.discarded: list[StagedImage] = []
+
+    def open(self, n: int) -> ImageWriter:
+        return ImageWriter(self.root, f"r{n}", 0, max_pixels=DEFAULT_MAX_PIXELS)
+
+    def discard(self, image: StagedImage) -> None:
+        self.discarded.append(image)
+        image.file.close()
+        discard(self.root, image)
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64, 1000, 1 << 20])
-def test_result_lines_stream_images_and_errors(chunk: int) -> None:
-    other = PNG[::-1]
+def run_lines(blob: bytes, chunk: int, root: Path) -> list[ResultLine]:
+    """``blob`` fed in ``chunk``-byte pieces through the shared line decoder."""
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for i in range(0, len(blob), chunk):
+            yield blob[i:i + chunk]
+
+    async def run() -> list[ResultLine]:
+        stage = Stage(root)
+        return [line async for line in decode_lines(
+            pieces(), raw_keys=images_wire.RAW_KEYS, stage=stage, read=wire.read_line)]
+
+    return asyncio.run(run())
+
+
+def staged_bytes(root: Path, line: ResultLine) -> list[bytes]:
+    out = []
+    for image in line.images:
+        out.append((root / image.tmp_rel).read_bytes())
+        image.file.close()
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64, 1000, 1 << 20])
+def test_result_lines_stream_images_and_errors(chunk: int, tmp_path: Path) -> None:
     blob = (
         out_line("ok", 200, image_body(PNG))
         + b"\r\n"  # a blank (CRLF) line is no result
@@ -164,58 +190,59 @@ def test_result_lines_stream_images_and_errors(chunk: int) -> None:
         + out_line("late", None, None, {"code": "batch_expired", "message": "not run"})
         + out_line("slow", None, None, {"code": "request_timeout", "message": "timed out"})
         + out_line("empty", 200, {"created": 1, "data": []})
-        + out_line("ok2", 200, image_body(other)).rstrip(b"\n")  # no final newline
+        + out_line("ok2", 200, image_body(PNG2)).rstrip(b"\n")  # no final newline
     )
-    images, ends = run_lines(blob, chunk)
-    assert images == [PNG, other]
-    assert [e.key for e in ends] == ["ok", "blocked", "busy", "oops", "late", "slow", "empty",
-                                     "ok2"]
-    errors = {e.key: e.error for e in ends}
-    assert errors["ok"] is None and errors["ok2"] is None
-    assert isinstance(errors["blocked"], Blocked)
-    assert isinstance(errors["busy"], RateLimited)
-    assert isinstance(errors["oops"], ServerError)
-    assert ends[0].images == (0,) and ends[-1].images == (0,)  # indexes count within the line
-    assert ends[0].usage == {"input_tokens": 5, "output_tokens": 272}
-    assert ends[-1].end_offset == len(blob)
-    assert ends[0].end_offset == len(out_line("ok", 200, image_body(PNG)))
-    kinds = {e.key: line_error(e.error).kind for e in ends if e.error is not None}
-    assert kinds == {"blocked": LineErrorKind.REFUSED, "busy": LineErrorKind.RETRYABLE,
-                     "oops": LineErrorKind.RETRYABLE, "late": LineErrorKind.RETRYABLE,
-                     "slow": LineErrorKind.RETRYABLE, "empty": LineErrorKind.RETRYABLE}
-    refused = line_error(errors["blocked"])  # type: ignore[arg-type]
-    assert refused.code == "400" and "safety system" in refused.message
-    assert "moderation_blocked" not in line_error(errors["late"]).message  # type: ignore[arg-type]
+    lines = run_lines(blob, chunk, tmp_path)
+    assert [line.key for line in lines] == ["ok", "blocked", "busy", "oops", "late", "slow",
+                                            "empty", "ok2"]
+    by_key = {line.key: line for line in lines}
+    assert staged_bytes(tmp_path, by_key["ok"]) == [PNG]
+    assert staged_bytes(tmp_path, by_key["ok2"]) == [PNG2]
+    assert by_key["ok"].usage == {"input_tokens": 5, "output_tokens": 272}
+    kinds = {line.key: (line.error.kind, line.error.code) for line in lines if line.error}
+    assert kinds == {
+        "blocked": (LineErrorKind.REFUSED, "400"), "busy": (LineErrorKind.RETRYABLE, "429"),
+        "oops": (LineErrorKind.RETRYABLE, "500"),
+        "late": (LineErrorKind.RETRYABLE, "batch_expired"),
+        "slow": (LineErrorKind.RETRYABLE, "request_timeout"),
+        "empty": (LineErrorKind.RETRYABLE, "no_image"),
+    }
+    blocked = by_key["blocked"].error
+    assert blocked is not None and "safety system" in blocked.message
 
 
 @pytest.mark.parametrize(("status", "code", "kind"), [
     (400, "invalid_value", LineErrorKind.REFUSED),
     (400, "moderation_blocked", LineErrorKind.REFUSED),
+    (401, None, LineErrorKind.REFUSED),
     (408, None, LineErrorKind.RETRYABLE),
     (429, "rate_limit_exceeded", LineErrorKind.RETRYABLE),
     (429, "insufficient_quota", LineErrorKind.RETRYABLE),  # pending until credit returns
     (500, None, LineErrorKind.RETRYABLE),
     (503, None, LineErrorKind.RETRYABLE),
 ])
-def test_http_line_errors(status: int, code: str | None, kind: LineErrorKind) -> None:
+def test_http_line_errors(status: int, code: str | None, kind: LineErrorKind,
+                          tmp_path: Path) -> None:
     body = {"error": {"message": f"m{status}", "code": code}}
-    _, ends = run_lines(out_line("k", status, body), 1 << 20)
-    assert ends[0].error is not None
-    assert line_error(ends[0].error).kind is kind
+    lines = run_lines(out_line("k", status, body), 1 << 20, tmp_path)
+    assert lines[0].error is not None and lines[0].error.kind is kind
+    assert lines[0].error.code == str(status)
 
 
-def test_a_line_that_is_not_a_result_is_malformed() -> None:
-    with pytest.raises(MalformedResponse):
-        run_lines(b'{"id": "x"}\n', 100)
-    with pytest.raises(MalformedResponse):
-        run_lines(b'{"custom_id": "x", \n', 100)
+def test_a_line_that_is_not_a_result_is_skipped(tmp_path: Path) -> None:
+    """Its key (if any) counts as missing: the runner sends that job back to pending."""
+    blob = b'{"id": "x"}\n{"custom_id": "cut", \n' + out_line("ok", 200, image_body(PNG))
+    lines = run_lines(blob, 5, tmp_path)
+    assert [line.key for line in lines] == ["ok"]
+    assert staged_bytes(tmp_path, lines[0]) == [PNG]
 
 
-def test_offset_is_the_end_of_the_last_whole_line() -> None:
-    first = out_line("a", 200, image_body(PNG))
-    parser = wire.ResultLines(start_offset=1000)
-    list(parser.feed(first + first[:50]))
-    assert parser.offset == 1000 + len(first)
+def test_an_image_in_an_error_line_is_discarded(tmp_path: Path) -> None:
+    """A 200 whose answer links a URL besides its b64_json keeps no half answer."""
+    body = {"data": [{"b64_json": base64.b64encode(PNG).decode()}, {"url": "http://x"}]}
+    lines = run_lines(out_line("odd", 200, body), 1000, tmp_path)
+    assert lines[0].error is not None and lines[0].images == ()
+    assert not list((tmp_path / "images").iterdir())
 
 
 @pytest.mark.parametrize(("page", "after"), [
@@ -263,9 +290,3 @@ def test_skip_for(status: int, content_range: str | None, offset: int, skip: int
 def test_skip_for_refuses_a_wrong_range(content_range: str | None) -> None:
     with pytest.raises(MalformedResponse):
         _skip_for(206, content_range, 500)
-
-
-def test_line_error_of_a_fatal_answer_is_refused() -> None:
-    _, ends = run_lines(out_line("k", 401, {"error": {"message": "bad key"}}), 100)
-    assert isinstance(ends[0].error, JobError)
-    assert line_error(ends[0].error).kind is LineErrorKind.REFUSED

@@ -5,37 +5,41 @@ is in :mod:`batch.providers.batch_openai_wire`. The request file is uploaded as 
 multipart body streamed from disk and checked against the sha256 the runner
 recorded (so the file sent is the one the intent names); results are downloaded
 in chunks, each line's ``b64_json`` decoded straight into the writers ``stage``
-opens. A download cut part way resumes with ``Range`` from the end of the last
-whole line (or reads again from the start, skipping those bytes, when the server
-ignores ``Range``). Errors are :mod:`batch.errors` JobErrors; the runner retries
-the retryable ones.
+opens (through the shared :func:`~batch.providers.batchlines.decode_lines`). A
+download cut part way resumes with ``Range`` at the byte it reached (or reads
+again from the start, dropping those bytes, when the server ignores ``Range``).
+Control calls (upload, poll, list, cancel, download) are retried with the sync
+policy (:mod:`batch.providers.batchretry`); the create call is never retried: an
+answer that does not come back is :class:`BatchSubmitUnknown`, and the next run
+looks the batch up by its tag. Errors are :mod:`batch.errors` JobErrors.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import random
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 
-from batch.decoder import ImageBegin, ImageBytes, ImageEnd
 from batch.errors import (
     JobError,
     MalformedResponse,
+    RejectedError,
     RequestTimeout,
     RetryableError,
     TransportError,
 )
-from batch.images import StagedImage
 from batch.jobs import InputImage, InputKind, Job
 from batch.providers import batch_openai_wire as wire
 from batch.providers import images_wire
@@ -46,29 +50,28 @@ from batch.providers.batchapi import (
     BatchSpec,
     BatchState,
     BatchSubmitUnknown,
-    ImageOut,
-    LineError,
-    LineErrorKind,
+    ImageStage,
     RequestLine,
     ResultLine,
-    Stage,
 )
+from batch.providers.batchlines import decode_lines
+from batch.providers.batchretry import CONTROL_POLICY, retrying
 from batch.providers.bodies import BodyParts
 from batch.providers.http_errors import error_object
 from batch.providers.transport import (
     CHUNK_BYTES,
     ERROR_BODY_BYTES,
+    InputProblem,
     Transport,
     describe,
     stream_body,
 )
+from batch.retry import RetryPolicy, decide
 
 log = logging.getLogger(__name__)
 
 MAX_JSON_BYTES = 4 * 1024 * 1024  # a batch object or a page of 100 of them
 PAGE_SIZE = 100  # the most GET /batches gives per page
-# Cuts in a row, with no new line between them, before a download gives up.
-MAX_RESUMES = 5
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
 
 
@@ -77,6 +80,8 @@ class OpenAIBatchClient:
 
     limits = BatchLimits(max_requests=wire.MAX_LINES, max_file_bytes=wire.MAX_FILE_BYTES)
     page_size = PAGE_SIZE
+    # Upload, poll, list, cancel and download are retried (the create call never is).
+    retry_policy: RetryPolicy = CONTROL_POLICY
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
@@ -93,15 +98,25 @@ class OpenAIBatchClient:
 
     def request_line(self, key: str, job: Job) -> RequestLine:
         parts = wire.line_parts(job, key, secrets.token_hex(16))
-        problems: list[str] = []
-        chunks = stream_body(parts, problems) if parts.files else _once(parts.pieces[0])
-        return RequestLine(key, parts.length(), chunks)
+
+        async def chunks() -> AsyncGenerator[bytes, None]:
+            if not parts.files:
+                yield parts.pieces[0]
+                return
+            problems: list[str] = []
+            try:
+                async for piece in stream_body(parts, problems):
+                    yield piece
+            except InputProblem:
+                raise RejectedError(problems[0], job_id=job.id) from None
+
+        return RequestLine(key, parts.length(), chunks())
 
     # ----- calls ---------------------------------------------------------------------
 
     async def submit(self, spec: BatchSpec, path: Path) -> str:
         """Upload ``path`` (purpose batch), then create the batch once; its id."""
-        file_id = await self._upload(spec, path)
+        file_id = await retrying(lambda: self._upload(spec, path), self.retry_policy)
         body = wire.create_body(file_id, spec.route or wire.GENERATIONS, spec.tag)
         try:
             batch = await self._json("POST", "/batches", body=body)
@@ -121,7 +136,8 @@ class OpenAIBatchClient:
         after: str | None = None
         while True:
             query = f"?limit={self.page_size}" + (f"&after={quote(after)}" if after else "")
-            page = await self._json("GET", "/batches" + query)
+            page = await retrying(functools.partial(self._json, "GET", "/batches" + query),
+                                  self.retry_policy)
             data = page.get("data") if isinstance(page, dict) else None
             for batch in data if isinstance(data, list) else ():
                 if wire.tag_of(batch) == tag:
@@ -131,23 +147,29 @@ class OpenAIBatchClient:
                 return None
 
     async def poll(self, batch_id: str) -> BatchInfo:
-        return info_of(await self._json("GET", f"/batches/{quote(batch_id, safe='')}"))
+        path = f"/batches/{quote(batch_id, safe='')}"
+        return info_of(await retrying(lambda: self._json("GET", path), self.retry_policy))
 
     async def cancel(self, batch_id: str) -> None:
         """Ask the batch to stop; a batch that already ended (409/400) is fine."""
         try:
-            await self._json("POST", f"/batches/{quote(batch_id, safe='')}/cancel", body={})
+            path = f"/batches/{quote(batch_id, safe='')}/cancel"
+            await retrying(lambda: self._json("POST", path, body={}), self.retry_policy)
         except JobError as exc:
             if exc.http_status in (400, 409):
                 log.info("batch %s: not cancelled (%s)", batch_id, exc.message)
                 return
             raise
 
-    async def results(self, info: BatchInfo, stage: Stage) -> AsyncGenerator[ResultLine, None]:
+    def results(self, info: BatchInfo, stage: ImageStage) -> AsyncIterator[ResultLine]:
         """Every line of the output file, then of the error file, as ResultLines."""
-        counter = [0]
+        return self._results(info, stage)
+
+    async def _results(self, info: BatchInfo,
+                       stage: ImageStage) -> AsyncGenerator[ResultLine, None]:
         for file_id in info.result_files:
-            async for line in self._file_lines(file_id, stage, counter):
+            async for line in decode_lines(self._download(file_id), stage=stage,
+                                           raw_keys=images_wire.RAW_KEYS, read=wire.read_line):
                 yield line
 
     # ----- HTTP ----------------------------------------------------------------------
@@ -230,42 +252,30 @@ class OpenAIBatchClient:
             raise MalformedResponse("POST /files: the answer has no file id", http_status=200)
         return file_id
 
-    async def _file_lines(self, file_id: str, stage: Stage,
-                          counter: list[int]) -> AsyncGenerator[ResultLine, None]:
-        """One results file, resumed where it was cut; see the module docstring."""
-        offset, cuts = 0, 0
+    async def _download(self, file_id: str) -> AsyncGenerator[bytes, None]:
+        """The file's bytes; a cut download resumes at the byte it reached."""
+        offset, at_failure = 0, 0
+        history: list[JobError] = []
+        rng = random.Random()
         while True:
-            parser = wire.ResultLines(start_offset=offset)
-            writers: dict[int, ImageOut] = {}
-            staged: dict[int, StagedImage] = {}
-            current: list[int] = []
             try:
-                async for chunk in self._download(file_id, offset):
-                    for event in parser.feed(chunk):
-                        if isinstance(event, wire.LineEnd):
-                            yield _line(event, staged)
-                            staged.clear()
-                            cuts = 0
-                        else:
-                            _image_event(event, stage, counter, writers, staged, current)
-                for event in parser.finish():
-                    if type(event) is wire.LineEnd:
-                        yield _line(event, staged)
-                if writers:
-                    raise MalformedResponse(f"results file {file_id} ends inside an image")
+                async for chunk in self._download_from(file_id, offset):
+                    offset += len(chunk)
+                    yield chunk
                 return
-            except (TransportError, RequestTimeout) as exc:
-                cuts += 1
-                if cuts > MAX_RESUMES:
+            except RetryableError as exc:
+                if offset > at_failure:
+                    history.clear()  # progress since the last cut: a fresh count
+                at_failure = offset
+                history.append(exc)
+                decision = decide(history, self.retry_policy, rng.random())
+                if not decision.retry:
                     raise
-                log.info("results file %s cut at byte %d (%s); resuming", file_id,
-                         parser.offset, exc.message)
-                offset = parser.offset
-            finally:
-                for writer in writers.values():
-                    writer.abort()
+                log.info("results file %s cut at byte %d (%s); resuming in %.1fs",
+                         file_id, offset, exc.message, decision.wait_s)
+                await asyncio.sleep(decision.wait_s)
 
-    async def _download(self, file_id: str, offset: int) -> AsyncGenerator[bytes, None]:
+    async def _download_from(self, file_id: str, offset: int) -> AsyncGenerator[bytes, None]:
         """The bytes of ``GET /files/{id}/content`` from ``offset`` on."""
         session = self.transport.open()
         headers = self._headers()
@@ -310,34 +320,6 @@ def _skip_for(status: int, content_range: str | None, offset: int) -> int:
     return 0
 
 
-def _image_event(event: ImageBegin | ImageBytes | ImageEnd, stage: Stage, counter: list[int],
-                 writers: dict[int, ImageOut], staged: dict[int, StagedImage],
-                 current: list[int]) -> None:
-    if type(event) is ImageBytes:
-        writers[current[-1]].write(event.data)
-    elif type(event) is ImageBegin:
-        current.append(event.index)
-        writers[event.index] = stage(counter[0])
-        counter[0] += 1
-    elif type(event) is ImageEnd:
-        staged[event.index] = writers.pop(event.index).finish()
-
-
-def _line(end: wire.LineEnd, staged: dict[int, StagedImage]) -> ResultLine:
-    images = tuple(staged[i] for i in end.images if i in staged)
-    if end.error is not None:
-        return ResultLine(end.key, (), line_error(end.error), None)
-    return ResultLine(end.key, images, None, end.usage)
-
-
-def line_error(exc: JobError) -> LineError:
-    """A line's JobError in the neutral terms: retryable, or refused with the reason."""
-    retry = isinstance(exc, RetryableError) or exc.type == "quota_exhausted"
-    code = exc.message.split(":", 1)[0] if exc.http_status is None else str(exc.http_status)
-    kind = LineErrorKind.RETRYABLE if retry else LineErrorKind.REFUSED
-    return LineError(kind, code, exc.message)
-
-
 def _error(status: int, headers: Any, raw: bytes, where: str) -> JobError:
     exc = images_wire.error_for_status(status, headers, raw, "", time.time())
     code = error_object(raw).get("code")
@@ -360,6 +342,3 @@ def info_of(batch: Any) -> BatchInfo:
         result_files=files, message=wire.batch_errors(batch),
     )
 
-
-async def _once(data: bytes) -> AsyncGenerator[bytes, None]:
-    yield data

@@ -15,28 +15,22 @@ What was checked (openai-python ``resources/batches.py``, ``files.py``,
   null and ``error: {"code", "message"}`` with ``batch_expired``,
   ``batch_cancelled`` or ``request_timeout``.
 
-:class:`ResultLines` splits a results file into lines and streams every line's
-``b64_json`` through the shared :class:`~batch.decoder.BodyDecoder`, so neither a
-line nor an image is ever held whole.
+:func:`read_line` reads one results line once
+:func:`batch.providers.batchlines.decode_lines` has streamed its ``b64_json`` out.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from batch.decoder import BodyDecoder, Event, ImageBegin, ImageBytes, ImageEnd, placeholder
-from batch.errors import (
-    JobError,
-    MalformedResponse,
-    RequestTimeout,
-    ServerError,
-)
+from batch.errors import JobError, MalformedResponse, RetryableError
+from batch.images import StagedImage
 from batch.jobs import InputKind, Job
 from batch.providers import images_wire
+from batch.providers.batchapi import LineError, LineErrorKind, ResultLine
 from batch.providers.bodies import BodyParts, cut_json, local_files
 from batch.providers.chat_wire import data_url_head
 
@@ -47,9 +41,6 @@ MAX_LINES = 50_000
 # "up to 200 MB": read as decimal megabytes, the smaller reading.
 MAX_FILE_BYTES = 200_000_000
 TAG_KEY = "imgbatch_tag"  # the metadata key our tag goes under (keys <= 64, values <= 512 chars)
-# Line-level error codes (request-output object) that say "not run", not "refused".
-_NOT_BLANK = re.compile(rb"[^ \t\r]")
-RETRY_CODES = frozenset({"batch_expired", "batch_cancelled", "request_timeout"})
 
 # The provider's batch states and what they mean for us. Only completed, failed,
 # expired and cancelled are final; cancelling still ends in cancelled (with an
@@ -207,123 +198,51 @@ def batch_errors(batch: Any) -> str:
 # ----- result lines ------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class LineEnd:
-    """A result line ended: its key, and either its error or its answer's images.
-
-    ``images`` are the indexes (among this line's ImageBegin events) that are the
-    answer's images; the others must be discarded.
+def read_line(document: Any, streamed: Mapping[str, int],
+              staged: Mapping[int, StagedImage]) -> ResultLine:
+    """One output / error file line, its images already streamed out (a ReadLine of
+    :func:`batch.providers.batchlines.decode_lines`); MalformedResponse if it is no result.
     """
-
-    key: str
-    images: tuple[int, ...]
-    usage: dict[str, Any] | None
-    error: JobError | None
-    end_offset: int  # bytes of the file consumed through this line's newline
-
-
-LineEvent = ImageBegin | ImageBytes | ImageEnd | LineEnd
-
-
-class ResultLines:
-    """Push parser of an output or error file: feed chunks, get events per line.
-
-    Image events carry indexes counted within their line; every line ends with
-    a :class:`LineEnd`. A line that is not a result (bad JSON, no custom_id)
-    raises MalformedResponse: the file is not what the API writes.
-    """
-
-    def __init__(self, *, start_offset: int = 0) -> None:
-        self._decoder = BodyDecoder(raw_keys=images_wire.RAW_KEYS)
-        self._offset = start_offset  # file offset of the next byte fed
-        self._blank = True  # the current line holds only whitespace so far
-        self._images = 0  # images begun in the current line
-        self._partial = 0  # bytes of the current line fed so far (not yet in _offset)
-
-    @property
-    def offset(self) -> int:
-        """File offset just past the last newline seen (where a resumed download starts)."""
-        return self._offset
-
-    def feed(self, chunk: bytes) -> Iterator[LineEvent]:
-        """Events for ``chunk``; iterate to the end (the input is consumed as you go)."""
-        pos, end = 0, len(chunk)
-        while pos < end:
-            cut = chunk.find(b"\n", pos)
-            stop = end if cut < 0 else cut
-            if stop > pos:
-                if self._blank and _NOT_BLANK.search(chunk, pos, stop):
-                    self._blank = False
-                if not self._blank:
-                    for event in self._decoder.feed(chunk[pos:stop]):
-                        if type(event) is ImageBegin:
-                            self._images += 1
-                        yield event
-            if cut < 0:
-                self._partial += stop - pos
-                return
-            self._offset += self._partial + stop - pos + 1
-            self._partial = 0
-            pos = cut + 1
-            yield from self._close()
-
-    def finish(self) -> Iterator[LineEvent]:
-        """The last line's events when the file does not end with a newline."""
-        self._offset += self._partial
-        self._partial = 0
-        yield from self._close()
-
-    def _close(self) -> Iterator[LineEvent]:
-        decoder, blank, images = self._decoder, self._blank, self._images
-        self._decoder = BodyDecoder(raw_keys=images_wire.RAW_KEYS)
-        self._blank, self._images = True, 0
-        if blank:
-            return
-        document = decoder.finish()
-        streamed = {placeholder(i): i for i in range(images)}
-        yield interpret_line(document, streamed, self._offset)
-
-
-def interpret_line(document: Any, streamed: Mapping[str, int], end_offset: int) -> LineEnd:
-    """What one result line (its images already streamed out) says."""
     if not isinstance(document, dict) or not isinstance(document.get("custom_id"), str):
         raise MalformedResponse("a results line has no custom_id")
     key = document["custom_id"]
     response = document.get("response")
-    error = document.get("error")
-    if isinstance(response, dict) and isinstance(response.get("status_code"), int):
-        status = response["status_code"]
-        body = response.get("body")
-        if status == 200:
-            try:
-                answer = images_wire.interpret(body, streamed, key)
-            except JobError as exc:
-                return LineEnd(key, (), None, exc, end_offset)
-            usage = dict(answer.usage) if answer.usage else None
-            return LineEnd(key, answer.image_indexes, usage, None, end_offset)
+    if not (isinstance(response, dict) and isinstance(response.get("status_code"), int)):
+        return ResultLine(key, error=unrun_error(document.get("error")))
+    status, body = response["status_code"], response.get("body")
+    if status != 200:
         raw = json.dumps(body).encode() if body is not None else b""
-        failure = images_wire.error_for_status(status, {}, raw, key, 0.0)
-        return LineEnd(key, (), None, failure, end_offset)
-    return LineEnd(key, (), None, line_error(key, error), end_offset)
+        return ResultLine(key, error=line_error(
+            images_wire.error_for_status(status, {}, raw, key, 0.0)))
+    try:
+        answer = images_wire.interpret(body, streamed, key)
+    except JobError as exc:
+        return ResultLine(key, error=line_error(exc))
+    images = tuple(staged[i] for i in answer.image_indexes if i in staged)
+    return ResultLine(key, images=images, usage=answer.usage, text=answer.text)
 
 
-def line_error(key: str, error: Any) -> JobError:
-    """A non-HTTP line error: expired, cancelled and timed-out lines are retryable."""
+def line_error(exc: JobError) -> LineError:
+    """An HTTP line error in neutral terms: retryable (429, 5xx, no image), or refused
+    (blocked, invalid, and 401/403, which no resubmission mends)."""
+    code = error_code(exc)
+    # insufficient_quota: the line is sound, the account is not; pending until it is.
+    retry = isinstance(exc, RetryableError) or exc.type == "quota_exhausted"
+    kind = LineErrorKind.RETRYABLE if retry else LineErrorKind.REFUSED
+    return LineError(kind, code, exc.message)
+
+
+def error_code(exc: JobError) -> str:
+    """The HTTP status of a refusal; for a 200 without a usable image, the error's type."""
+    return str(exc.http_status) if exc.http_status not in (None, 200) else exc.type
+
+
+def unrun_error(error: Any) -> LineError:
+    """A non-HTTP line error (``batch_expired``, ``batch_cancelled``,
+    ``request_timeout``): the line was not answered, so not paid for; retryable,
+    as is a code we do not know."""
     code = error.get("code") if isinstance(error, dict) else None
     message = error.get("message") if isinstance(error, dict) else None
-    text = f"{code or 'error'}: {message or 'no message'}"
-    if code == "request_timeout":
-        return RequestTimeout(f"inside the batch: {text}", job_id=key)
-    # batch_expired, batch_cancelled, and any code we do not know: the line was
-    # not answered, so it is not paid for; sending it again is right.
-    return ServerError(f"not run by the batch: {text}", job_id=key)
-
-
-def events_of(chunks: Sequence[bytes]) -> list[Event | LineEnd]:
-    """All events of a whole file given in ``chunks`` (for tests and small files)."""
-    parser = ResultLines()
-    out: list[Event | LineEnd] = []
-    for chunk in chunks:
-        out.extend(parser.feed(chunk))
-    out.extend(parser.finish())
-    return out
+    code = code if isinstance(code, str) and code else "error"
+    return LineError(LineErrorKind.RETRYABLE, code,
+                     f"not run by the batch: {code}: {message or 'no message'}")
