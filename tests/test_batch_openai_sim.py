@@ -380,3 +380,21 @@ def test_an_unanswered_create_is_found_by_its_tag(sim: Simulator, tmp_path: Path
 
     asyncio.run(run())
     configure(sim)
+
+
+def test_a_full_page_is_read_whole(sim: Simulator, tmp_path: Path) -> None:
+    """100 batch objects (tens of KB) arrive in several reads; the page is parsed whole."""
+    configure(sim)
+
+    async def run() -> None:
+        api = client(sim)
+        try:
+            first = await submit(api, tmp_path, "tag-full-0", jobs("full0", 1))
+            for n in range(1, 101):
+                await submit(api, tmp_path, f"tag-full-{n}", jobs(f"full{n}", 1))
+            found = await api.find("tag-full-0")  # on the second page of 100
+            assert found is not None and found.batch_id == first
+        finally:
+            await api.close()
+
+    asyncio.run(run())

@@ -201,7 +201,8 @@ class OpenAIBatchClient:
                     proxy=self.transport._proxy_url, allow_redirects=False,
                     proxy_headers=self.transport._proxy_headers,
                 ) as response:
-                    raw = await response.content.read(MAX_JSON_BYTES + 1)
+                    # read(n) gives what has arrived, not the whole body: read to the end.
+                    raw = await _read_all(response, MAX_JSON_BYTES + 1)
                     if response.status != 200:
                         raise _error(response.status, response.headers, raw[:ERROR_BODY_BYTES],
                                      path)
@@ -307,6 +308,16 @@ class OpenAIBatchClient:
             raise RequestTimeout(f"results file {file_id}: the download stalled") from None
         except aiohttp.ClientError as exc:
             raise TransportError(f"results file {file_id}: {describe(exc)}") from None
+
+
+async def _read_all(response: aiohttp.ClientResponse, cap: int) -> bytes:
+    """The body up to ``cap`` bytes (the end, or the first ``cap`` bytes of a longer one)."""
+    pieces: list[bytes] = []
+    size = 0
+    while size < cap and (piece := await response.content.read(cap - size)):
+        pieces.append(piece)
+        size += len(piece)
+    return b"".join(pieces)
 
 
 def _skip_for(status: int, content_range: str | None, offset: int) -> int:

@@ -18,6 +18,7 @@ every download whole, as a server without Range support), ``GET /_openai_batch/s
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import hashlib
@@ -234,12 +235,22 @@ class OpenAIBatchSim:
             newest_first = newest_first[ids.index(after) + 1:]
         page = newest_first[:limit]
         data = [self._object(rec) for rec in page]
-        return web.json_response({
+        body = json.dumps({
             "object": "list", "data": data,
             "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None,
             "has_more": len(newest_first) > limit,
-        })
+        }).encode()
+        # In pieces, as a page of 100 crosses a real network: a client must read to the end.
+        response = web.StreamResponse()
+        response.content_type = "application/json"
+        response.content_length = len(body)
+        await response.prepare(request)
+        for start in range(0, len(body), 4096):
+            await response.write(body[start:start + 4096])
+            await asyncio.sleep(0.002)
+        await response.write_eof()
+        return response
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
         if (refused := self._auth(request)) is not None:
