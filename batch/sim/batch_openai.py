@@ -325,8 +325,9 @@ class OpenAIBatchSim:
         return web.json_response({"ok": True})
 
     async def stats(self, request: web.Request) -> web.Response:
+        results = sum(f.bytes for f in self.files.values() if f.purpose == "batch_output")
         return web.json_response({**self.state.stats(), "paid_by_key": self.paid_by_key,
-                                  "batches": len(self.batches)})
+                                  "batches": len(self.batches), "result_file_bytes": results})
 
     # ----- batches -------------------------------------------------------------------
 
