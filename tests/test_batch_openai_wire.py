@@ -18,10 +18,12 @@ from batch.images import ImageWriter, StagedImage, discard
 from batch.jobs import InputImage, InputKind, Job
 from batch.providers import batch_openai_wire as wire
 from batch.providers import images_wire
-from batch.providers.batch_openai import _skip_for, info_of
-from batch.providers.batchapi import BatchState, LineErrorKind, ResultLine
+from batch.providers.base import ClientConfig
+from batch.providers.batch_openai import OpenAIBatchClient, _skip_for, info_of
+from batch.providers.batchapi import BatchLimits, BatchState, LineErrorKind, ResultLine
 from batch.providers.batchlines import decode_lines
 from batch.providers.transport import stream_body
+from batch.runners.batchplan import Line, LineTooBig, grouped, split
 from batch.sim.images import PngMaker
 
 PNG = PngMaker(0).png(4, 4, b"\x10\x20\x30", b"one")
@@ -45,45 +47,54 @@ def test_states(status: Any, state: BatchState) -> None:
 
 
 G, E = wire.GENERATIONS, wire.EDITS
+LIMITS = OpenAIBatchClient.limits
 
 
-def sized(key: str, endpoint: str = G, model: str = "gpt-image-1", size: int = 10) -> wire.Sized:
-    return wire.Sized(key, endpoint, model, size)
+def line(key: str, route: str = G, model: str = "gpt-image-1", size: int = 10) -> Line:
+    return Line(key, (model, route), size)
 
 
-@pytest.mark.parametrize(("items", "limits", "groups", "too_big"), [
-    ([], (3, 100), [], []),
-    ([sized("a"), sized("b")], (3, 100), [(G, "gpt-image-1", ("a", "b"), 20)], []),
-    # the line count closes a batch
-    ([sized(k) for k in "abcd"], (3, 100),
-     [(G, "gpt-image-1", ("a", "b", "c"), 30), (G, "gpt-image-1", ("d",), 10)], []),
-    # bytes close a batch: 10 + 10 + 10 > 25
-    ([sized(k) for k in "abc"], (9, 25),
-     [(G, "gpt-image-1", ("a", "b"), 20), (G, "gpt-image-1", ("c",), 10)], []),
-    # exactly at the byte limit fits
-    ([sized("a", size=15), sized("b", size=10)], (9, 25),
-     [(G, "gpt-image-1", ("a", "b"), 25)], []),
-    # one endpoint and one model per batch, jobs keep their order within each
-    ([sized("a"), sized("b", E), sized("c", model="gpt-image-1-mini"), sized("d")], (9, 100),
-     [(G, "gpt-image-1", ("a", "d"), 20), (E, "gpt-image-1", ("b",), 10),
-      (G, "gpt-image-1-mini", ("c",), 10)], []),
-    # a line alone over the file limit cannot be batched
-    ([sized("a", size=26), sized("b")], (9, 25), [(G, "gpt-image-1", ("b",), 10)], ["a"]),
+def cuts(lines: list[Line], limits: BatchLimits = LIMITS) -> list[tuple[str, str, int, int]]:
+    return [(c.group[1], c.group[0], c.start, c.stop) for c in split(lines, limits)]
+
+
+def test_limits_are_the_apis() -> None:
+    """50,000 requests and 200 MB (read as 200,000,000 bytes, the smaller reading)."""
+    assert (LIMITS.max_requests, LIMITS.max_file_bytes) == (50_000, 200_000_000)
+    assert cuts([line(str(i), size=1) for i in range(50_001)]) == \
+        [(G, "gpt-image-1", 0, 50_000), (G, "gpt-image-1", 50_000, 50_001)]
+    assert cuts([line("a", size=150_000_000), line("b", size=50_000_000), line("c", size=1)]) \
+        == [(G, "gpt-image-1", 0, 2), (G, "gpt-image-1", 2, 3)]
+    with pytest.raises(LineTooBig):
+        split([line("a", size=200_000_001)], LIMITS)
+
+
+@pytest.mark.parametrize(("jobs", "wanted"), [
+    # one endpoint and one model per batch; manifest order kept inside each
+    ([("a", False, "gpt-image-1"), ("b", True, "gpt-image-1"),
+      ("c", False, "gpt-image-1-mini"), ("d", False, "gpt-image-1")],
+     [(G, "gpt-image-1", ("a", "d")), (E, "gpt-image-1", ("b",)),
+      (G, "gpt-image-1-mini", ("c",))]),
+    ([("a", True, "gpt-image-1"), ("b", True, "gpt-image-1")],
+     [(E, "gpt-image-1", ("a", "b"))]),
 ])
-def test_plan_batches(items: list[wire.Sized], limits: tuple[int, int],
-                      groups: list[tuple[str, str, tuple[str, ...], int]],
-                      too_big: list[str]) -> None:
-    found, big = wire.plan_batches(items, max_lines=limits[0], max_bytes=limits[1])
-    assert [(g.endpoint, g.model, g.keys, g.file_bytes) for g in found] == groups
-    assert big == too_big
-
-
-def test_plan_batches_default_limits_are_the_apis() -> None:
-    found, _ = wire.plan_batches(sized(str(i), size=1) for i in range(50_001))
-    assert [len(g.keys) for g in found] == [50_000, 1]
-    found, _ = wire.plan_batches([sized("a", size=150_000_000), sized("b", size=50_000_000),
-                                  sized("c", size=1)])
-    assert [g.keys for g in found] == [("a", "b"), ("c",)]
+def test_batches_split_by_endpoint_and_model(
+        jobs: list[tuple[str, bool, str]],
+        wanted: list[tuple[str, str, tuple[str, ...]]]) -> None:
+    """The runner's split with this client's routes: edits (jobs with input images) and
+    generations never share a batch, nor do two models."""
+    api = OpenAIBatchClient(ClientConfig())
+    made = []
+    for key, edit, model in jobs:
+        images = (InputImage(InputKind.URL, "https://example.com/a.png", "a", None, "d"),) \
+            if edit else ()
+        made.append(Job(id=key, prompt="p", model=model, aspect_ratio="1:1",
+                        image_size="1K", images=images))
+    pairs = grouped((job, api.route(job)) for job in made)
+    lines = [Line(job.id, (job.model, route), 10) for job, route in pairs]
+    found = [(c.group[1], c.group[0], tuple(lines[i].key for i in range(c.start, c.stop)))
+             for c in split(lines, LIMITS)]
+    assert found == wanted
 
 
 def job(images: tuple[InputImage, ...] = (), **options: str) -> Job:

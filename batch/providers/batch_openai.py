@@ -152,14 +152,18 @@ class OpenAIBatchClient:
 
     async def cancel(self, batch_id: str) -> None:
         """Ask the batch to stop; a batch that already ended (409/400) is fine."""
-        try:
-            path = f"/batches/{quote(batch_id, safe='')}/cancel"
-            await retrying(lambda: self._json("POST", path, body={}), self.retry_policy)
-        except JobError as exc:
-            if exc.http_status in (400, 409):
+        path = f"/batches/{quote(batch_id, safe='')}/cancel"
+
+        async def attempt() -> None:
+            try:
+                await self._json("POST", path, body={})
+            except JobError as exc:
+                # 409 is retryable elsewhere; here it says the batch already ended.
+                if exc.http_status not in (400, 409):
+                    raise
                 log.info("batch %s: not cancelled (%s)", batch_id, exc.message)
-                return
-            raise
+
+        await retrying(attempt, self.retry_policy)
 
     def results(self, info: BatchInfo, stage: ImageStage) -> AsyncIterator[ResultLine]:
         """Every line of the output file, then of the error file, as ResultLines."""

@@ -5,7 +5,8 @@ What was checked (openai-python ``resources/batches.py``, ``files.py``,
 
 - input: JSONL, one ``{"custom_id", "method": "POST", "url", "body"}`` per line,
   ``url`` the batch's ``endpoint`` (``/v1/images/generations`` or ``/v1/images/edits``);
-  at most 50,000 lines and 200 MB per file, and one model per file;
+  at most 50,000 lines and 200 MB per file, and one model per file (the runner's
+  :func:`batch.runners.batchplan.split` cuts by these, one (model, route) each);
 - the body is the sync Images API's JSON (:mod:`batch.providers.images_wire`); an
   edit goes in the JSON form ``images: [{"image_url": "data:..."}]`` (local files
   inline as data URLs), since a batch line cannot carry a multipart upload;
@@ -22,8 +23,7 @@ What was checked (openai-python ``resources/batches.py``, ``files.py``,
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 from batch.errors import JobError, MalformedResponse, RetryableError
@@ -93,60 +93,6 @@ def line_parts(job: Job, key: str, token: str) -> BodyParts:
     heads = tuple(data_url_head(image) for image in files)
     parts = cut_json(build, files, heads, token)
     return BodyParts((*parts.pieces[:-1], parts.pieces[-1] + b"\n"), parts.files, parts.heads)
-
-
-@dataclass(frozen=True, slots=True)
-class Sized:
-    """A job ready to be placed in a batch: its key, endpoint, model and line bytes."""
-
-    key: str
-    endpoint: str
-    model: str
-    line_bytes: int
-
-
-@dataclass(frozen=True, slots=True)
-class Group:
-    """The keys of one batch, in file order, with its endpoint, model and file size."""
-
-    endpoint: str
-    model: str
-    keys: tuple[str, ...]
-    file_bytes: int
-
-
-def plan_batches(
-    items: Iterable[Sized], *, max_lines: int = MAX_LINES, max_bytes: int = MAX_FILE_BYTES
-) -> tuple[list[Group], list[str]]:
-    """Cut jobs into batches: one endpoint and one model each, under both limits.
-
-    Returns the groups (in first-seen order of endpoint and model; jobs keep their
-    order) and the keys whose line alone is over ``max_bytes`` (they cannot be
-    batched). Greedy: a batch is closed when the next line would not fit.
-    """
-    open_groups: dict[tuple[str, str], tuple[list[str], int]] = {}
-    order: list[tuple[str, str]] = []
-    done: list[Group] = []
-    too_big: list[str] = []
-    for item in items:
-        if item.line_bytes > max_bytes:
-            too_big.append(item.key)
-            continue
-        slot = (item.endpoint, item.model)
-        if slot not in open_groups:
-            open_groups[slot] = ([], 0)
-            order.append(slot)
-        keys, size = open_groups[slot]
-        if keys and (len(keys) >= max_lines or size + item.line_bytes > max_bytes):
-            done.append(Group(slot[0], slot[1], tuple(keys), size))
-            keys, size = [], 0
-        keys.append(item.key)
-        open_groups[slot] = (keys, size + item.line_bytes)
-    for slot in order:
-        keys, size = open_groups[slot]
-        if keys:
-            done.append(Group(slot[0], slot[1], tuple(keys), size))
-    return done, too_big
 
 
 def create_body(input_file_id: str, endpoint: str, tag: str) -> dict[str, Any]:
