@@ -67,7 +67,7 @@ def main() -> None:
         manifest.write_text("\n".join(lines) + "\n")
         sim = subprocess.Popen(
             [sys.executable, "-m", "batch", "simulate", "--port", "0",
-             "--payload-bytes", str(int(args.mb * 1_000_000))],
+             "--payload-bytes", str(int(args.mb * 1_000_000)), "--batch-delay", "60"],
             cwd=ROOT, stdout=subprocess.PIPE, text=True)
         try:
             assert sim.stdout is not None

@@ -166,3 +166,25 @@ def test_kill_between_create_and_ledger_adopts_the_batch(tmp_path: Path) -> None
     # the killed run's batch was found by its tag, not created again: one batch per endpoint
     assert created == 1 and stats["calls"]["create"] == 2 and stats["batches"] == 2
     assert stats["calls"]["list"] >= 1
+
+
+def test_cancel_keeps_the_images_finished_before_it(tmp_path: Path) -> None:
+    """A cancelled OpenAI batch has the lines that finished (and were paid) in its output
+    file: they are collected, the others go back to pending and are resubmitted."""
+    manifest, ratios = write_catalog(tmp_path, 12)
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE, "--batch-delay", "3600") as sim:
+        assert run(sim, manifest, out).returncode == 1
+        advance(sim, 600)  # running
+        cancelled = run_cli("cancel", str(out), env=env())
+        assert cancelled.returncode == 0, cancelled.stderr
+        again = run(sim, manifest, out)  # collects what finished, resubmits the rest
+        kept = sum(r["status"] == "succeeded" for r in read_results(out))
+        assert 0 < kept < 12, again.stderr
+        advance(sim, 3600)
+        final = run(sim, manifest, out)
+        stats = openai_stats(sim)
+    assert final.returncode == 0, final.stderr
+    assert check_images(out, ratios) == 12
+    assert stats["paid_by_key"] == dict.fromkeys(ratios, 1)
+    assert stats["calls"]["cancel"] >= 1
