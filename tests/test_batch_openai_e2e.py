@@ -3,10 +3,11 @@
 A 500-job catalog (generations and edits with a local input image, so two
 endpoints and split batches) finishes over three runs: submit; collect part and
 resubmit the failed lines; collect the rest. An expired batch keeps its finished
-lines. A run killed (SIGKILL) after the create call went out but before the
-ledger recorded the batch id is followed by a run that adopts the batch by its
-tag instead of creating another. The simulator's counters prove every job was
-paid for exactly once.
+lines, and so does a cancelled one. A run killed (SIGKILL) during the upload,
+after the create call went out but before the ledger recorded the batch id (the
+next run adopts the batch by its tag instead of creating another), or during a
+results download is followed by runs that finish the catalog. The simulator's
+counters prove every job was paid for exactly once.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from PIL import Image
 
 from tests.conftest import Simulator, cli_env, read_results, run_cli, simulator, spawn_cli
@@ -136,14 +138,19 @@ def test_expired_batch_keeps_finished_lines(tmp_path: Path) -> None:
     assert stats["paid_by_key"] == dict.fromkeys(ratios, 1)
 
 
-def test_kill_between_create_and_ledger_adopts_the_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("step", ["upload", "create", "download"])
+def test_kill_at_each_step_then_rerun(tmp_path: Path, step: str) -> None:
+    """SIGKILL while the server holds its answer to the first upload, create or download
+    (it did the work: stored the file, made the batch, sent half the results); the next
+    runs create no duplicate batch and pay no image twice."""
     manifest, ratios = write_catalog(tmp_path, 10)
     out = tmp_path / "out"
-    with simulator("--scale", SCALE, "--batch-hang-create", "1") as sim:
+    with simulator("--scale", SCALE, f"--batch-hang-{step}", "1") as sim:
+        if step == "download":
+            assert run(sim, manifest, out).returncode == 1  # submitted; collected next
         process = spawn_cli("run", str(manifest), "--output", str(out), "--base-url",
                             f"nightly={sim.url}", "--no-gallery", env=env())
         try:
-            # the server made the batch and holds its answer: the client waits for it
             deadline = time.monotonic() + 60
             while openai_stats(sim)["hung"] < 1:
                 assert process.poll() is None, process.stderr.read() if process.stderr else ""
@@ -154,18 +161,22 @@ def test_kill_between_create_and_ledger_adopts_the_batch(tmp_path: Path) -> None
             process.wait(timeout=10)
             if process.stderr is not None:
                 process.stderr.close()
-        created = openai_stats(sim)["calls"]["create"]
-        for _ in range(3):  # adopt; then the other endpoint's batch; then collect
+        created = openai_stats(sim)["calls"].get("create", 0)
+        for _ in range(3):  # adopt or create; then the other endpoint's batch; then collect
             final = run(sim, manifest, out)
             if final.returncode == 0:
                 break
         stats = openai_stats(sim)
     assert final.returncode == 0, final.stderr
     assert check_images(out, ratios) == 10
-    assert stats["paid_by_key"] == dict.fromkeys(ratios, 1)
-    # the killed run's batch was found by its tag, not created again: one batch per endpoint
-    assert created == 1 and stats["calls"]["create"] == 2 and stats["batches"] == 2
-    assert stats["calls"]["list"] >= 1
+    assert stats["paid_by_key"] == dict.fromkeys(ratios, 1) and stats["paid_twice"] == 0
+    # one batch per endpoint (generations, edits), whatever the kill interrupted
+    assert stats["calls"]["create"] == stats["batches"] == 2
+    if step == "create":
+        # the killed run's batch was found by its tag, not created again
+        assert created == 1 and stats["calls"]["list"] >= 1
+    if step == "upload":
+        assert created == 0
 
 
 def test_cancel_keeps_the_images_finished_before_it(tmp_path: Path) -> None:
