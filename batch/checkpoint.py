@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -41,6 +41,7 @@ from batch import fsops
 from batch.errors import LockHeld, NotRecorded, OutputError, StorageError, Unpublished
 from batch.images import (
     IMAGES_DIR,
+    LocalImages,
     StagedImage,
     file_matches,
     publish,
@@ -159,6 +160,7 @@ class Checkpoint:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.sink = LocalImages(root)
         self.states: dict[str, JobState] = {}
         self.runs: list[dict[str, Any]] = []
         self._lock_fd: int | None = None
@@ -401,6 +403,9 @@ class Checkpoint:
         # Not fsynced: losing an attempt count in a crash costs nothing but accuracy.
         self.record(state, durable=False)
         return state
+
+    def sync_out(self, names: Iterable[str]) -> None:
+        """Nothing to copy: the files are written in the output folder itself."""
 
     def close(self) -> None:
         if self._journal is not None:

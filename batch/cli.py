@@ -375,7 +375,8 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
                 batchcli.build_endpoints(endpoints, batched, keys, client), store, ledger,
                 BatchConfig(wait=args.wait, poll_interval_s=args.poll_interval,
                             batch_size=args.batch_size, force=args.force,
-                            max_cost_usd=args.max_cost, prices=prices))
+                            max_cost_usd=args.max_cost, prices=prices,
+                            decode_check=args.verify is Verify.DECODE))
             batch = (runner, [job for job in manifest.jobs if job.endpoint in batched])
         sync = {name: ep for name, ep in endpoints.items() if name not in batched}
         return asyncio.run(

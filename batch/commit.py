@@ -20,9 +20,10 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from batch.checkpoint import Checkpoint, JobState
+from batch.checkpoint import JobState
 from batch.errors import StorageError
 from batch.images import StagedImage
+from batch.storage.base import StateStore
 
 T = TypeVar("T")
 Offload = Callable[[Callable[[], T]], Awaitable[T]]
@@ -40,7 +41,7 @@ class GroupCommitter:
     inline, so a virtual clock sees no threads.
     """
 
-    def __init__(self, store: Checkpoint, offload: Offload[None] = in_thread) -> None:
+    def __init__(self, store: StateStore, offload: Offload[None] = in_thread) -> None:
         self._store = store
         self._offload = offload
         self._queue: list[tuple[JobState, tuple[StagedImage, ...], asyncio.Future[None]]] = []

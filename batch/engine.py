@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from tenacity import AsyncRetrying, RetryCallState, stop_never
 
-from batch.checkpoint import Checkpoint, FileMeta, JobState, fingerprint
+from batch.checkpoint import FileMeta, JobState, fingerprint
 from batch.commit import GroupCommitter, Offload, in_thread
 from batch.cost import Budget, PriceTable, to_usd
 from batch.errors import (
@@ -44,13 +44,13 @@ from batch.errors import (
     RateLimited,
     StorageError,
 )
-from batch.images import discard, remove_quietly
 from batch.jobs import ImageRecord, Job, Status
 from batch.limits import Limits
 from batch.limits import build as build_limits
 from batch.progress import Observer
 from batch.providers.base import Generation, Provider
 from batch.retry import Decision, RetryPolicy, decide
+from batch.storage.base import ImageSink, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +138,18 @@ class Engine:
     def __init__(
         self,
         provider: Provider | Mapping[str, Route],
-        store: Checkpoint,
+        store: StateStore,
         config: EngineConfig,
         observer: Observer,
         *,
         clock: Callable[[], float] = time.monotonic,
         offload: Offload[None] = in_thread,
+        sink: ImageSink | None = None,
     ) -> None:
-        """``provider`` serves every job, or ``Job.endpoint`` picks a Route by name."""
+        """``provider`` serves every job, or ``Job.endpoint`` picks a Route by name.
+
+        Images go to ``sink`` (default: the store's own).
+        """
         if isinstance(provider, Mapping):
             self.routes = dict(provider)
         else:
@@ -153,6 +157,7 @@ class Engine:
                                  config.policy.max_server_wait_s)
             self.routes = {"": Route(provider, limits, config.concurrency)}
         self.store = store
+        self.sink = sink if sink is not None else store.sink
         self.config = config
         self.observer = observer
         self.stats = RunStats()
@@ -401,7 +406,7 @@ class Engine:
                 self.observer.on_attempt(job)
                 sent = True
                 try:
-                    generation = await route.provider.generate(job, self.store.root)
+                    generation = await route.provider.generate(job, self.sink)
                 except JobError as exc:
                     limits.on_answer(ticket, exc)
                     if isinstance(exc, RateLimited):
@@ -446,7 +451,14 @@ class Engine:
     async def _commit(
         self, job: Job, fp: str, generation: Generation, old_paths: set[str]
     ) -> None:
-        root = self.store.root
+        try:
+            # Where any later open finds them (an object store uploads them here).
+            images = await self.sink.prepare(generation.images)
+        except StorageError as exc:
+            for staged in generation.images:
+                self.sink.discard(staged)
+            self.stop(StopReason.STORAGE, f"{exc}; jobs left pending, re-run to resume")
+            return
         pairs = [
             (
                 ImageRecord(
@@ -459,7 +471,7 @@ class Engine:
                 ),
                 FileMeta(s.tmp_rel, s.mtime_ns),
             )
-            for s in generation.images
+            for s in images
         ]
         state = JobState(
             id=job.id,
@@ -474,22 +486,22 @@ class Engine:
         )
         try:
             # Recorded before the rename: a crash in between is finished by the next open.
-            await self.committer.commit(state, generation.images)
+            await self.committer.commit(state, images)
         except StorageError as exc:
-            for staged in generation.images:
+            for staged in images:
                 if isinstance(exc, NotRecorded):
-                    discard(root, staged)  # frees the space a full disk needs for results
+                    self.sink.discard(staged)  # frees the space a full disk needs for results
                 else:
                     # (Maybe) recorded: the journal points at these temporaries,
-                    # and the next open renames them; deleting them loses a paid image.
-                    staged.file.close()
+                    # and the next open publishes them; deleting them loses a paid image.
+                    self.sink.release(staged)
             self.stop(StopReason.STORAGE, f"{exc}; jobs left pending, re-run to resume")
             return
         for path in old_paths - {image.path for image in state.images}:
-            remove_quietly(root / path)
+            self.sink.remove(path)
         self.stats.succeeded += 1
-        self.stats.images_written += len(generation.images)
-        self.stats.bytes_written += sum(s.bytes for s in generation.images)
+        self.stats.images_written += len(images)
+        self.stats.bytes_written += sum(s.bytes for s in images)
         price = self.config.prices.job_micros(job)
         cost = 0
         if price is None:

@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import BinaryIO, Generic, Protocol, TypeVar
 
 from batch.imageinfo import ImageFormatError
-from batch.images import StagedImage, discard
+from batch.images import StagedImage
 from batch.jobs import Job
+from batch.storage.base import ImageSink
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ A = TypeVar("A", bound=_Answer, covariant=True)
 
 
 class _Provider(Protocol[A]):
-    async def generate(self, job: Job, root: Path) -> A: ...
+    async def generate(self, job: Job, sink: ImageSink) -> A: ...
 
     async def close(self) -> None: ...
 
@@ -211,11 +212,11 @@ class DecodeChecked(Generic[A]):
         self._workers = workers
         self._pool: ProcessPoolExecutor | None = None
 
-    async def generate(self, job: Job, root: Path) -> A:
-        answer = await self._inner.generate(job, root)
+    async def generate(self, job: Job, sink: ImageSink) -> A:
+        answer = await self._inner.generate(job, sink)
         try:
             for staged in answer.images:
-                problem = await self._problem(root / staged.tmp_rel, staged.info.mime)
+                problem = await self._problem(sink.local_path(staged), staged.info.mime)
                 if problem is not None:
                     raise ImageFormatError(problem, job_id=job.id)
         except asyncio.CancelledError:
@@ -233,7 +234,7 @@ class DecodeChecked(Generic[A]):
             return answer
         except BaseException:
             for staged in answer.images:
-                discard(root, staged)
+                sink.discard(staged)
             raise
         return answer
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -60,14 +60,49 @@ class StagedImage:
     sha256: str
     bytes: int
     info: ImageInfo
-    mtime_ns: int
+    mtime_ns: int | None
     file: OpenFile = field(compare=False, repr=False)
+    # Where the bytes sit on this machine when not at ``root / tmp_rel`` (an object
+    # store's local spool; ``tmp_rel`` is then the staging key the journal records).
+    spool: Path | None = field(default=None, compare=False)
 
 
 def discard(root: Path, staged: StagedImage) -> None:
     """Close and delete a staged image that will not be published."""
     staged.file.close()
     remove_quietly(root / staged.tmp_rel)
+
+
+class LocalImages:
+    """The images folder of a local output: :class:`~batch.storage.base.ImageSink` on disk.
+
+    Staged files are fsynced by the group commit (one thread for a batch), so
+    ``prepare`` has nothing to do; ``publish`` is the rename after the record.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def open(
+        self, job_id: str, index: int, *, max_pixels: int,
+        transform: StreamTransform | None = None,
+    ) -> ImageWriter:
+        return ImageWriter(self.root, job_id, index, max_pixels=max_pixels, transform=transform)
+
+    def local_path(self, staged: StagedImage) -> Path:
+        return staged.spool or self.root / staged.tmp_rel
+
+    async def prepare(self, staged: Sequence[StagedImage]) -> tuple[StagedImage, ...]:
+        return tuple(staged)
+
+    def discard(self, staged: StagedImage) -> None:
+        discard(self.root, staged)
+
+    def release(self, staged: StagedImage) -> None:
+        staged.file.close()
+
+    def remove(self, rel: str) -> None:
+        remove_quietly(self.root / rel)
 
 
 def final_name(job_id: str, index: int, ext: str) -> str:

@@ -31,8 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 from batch.imagecheck import DecodeChecked, decode_check  # noqa: E402
 from batch.imageinfo import probe  # noqa: E402
-from batch.images import OpenFile, StagedImage  # noqa: E402
+from batch.images import LocalImages, OpenFile, StagedImage  # noqa: E402
 from batch.jobs import DEFAULT_MODEL, Job  # noqa: E402
+from batch.storage.base import ImageSink  # noqa: E402
 
 FORMATS = {"png": ("PNG", {"compress_level": 6}), "jpg": ("JPEG", {"quality": 90}),
            "webp": ("WEBP", {"quality": 85})}
@@ -70,8 +71,8 @@ class Instant:
         self.root, self.rel = root, rel
         self.info = probe((root / rel).read_bytes())
 
-    async def generate(self, job: Job, root: Path) -> Answer:
-        fd = os.open(root / self.rel, os.O_RDONLY)
+    async def generate(self, job: Job, sink: ImageSink) -> Answer:
+        fd = os.open(self.root / self.rel, os.O_RDONLY)
         return Answer((StagedImage(self.rel, self.rel, "", 0, self.info, 0, OpenFile(fd)),))
 
     async def close(self) -> None:
@@ -86,7 +87,7 @@ async def through_wrapper(root: Path, rel: str, images: int, concurrency: int,
 
     async def one() -> None:
         async with gate:
-            answer = await provider.generate(job, root)
+            answer = await provider.generate(job, LocalImages(root))
             answer.images[0].file.close()
 
     started = time.perf_counter()

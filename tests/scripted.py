@@ -21,16 +21,15 @@ import selectors
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from batch.cost import PriceTable
 from batch.errors import FatalApiError, RateLimited, RejectedError, ServerError
 from batch.imageinfo import DEFAULT_MAX_PIXELS
-from batch.images import ImageWriter
 from batch.jobs import Job
 from batch.providers.base import Generation
 from batch.sim.images import PngMaker
+from batch.storage.base import ImageSink
 
 PNG = PngMaker(0).png(2, 2, b"\x10\x20\x30", b"scripted")
 
@@ -122,7 +121,7 @@ class ScriptedProvider:
         scripted = self.script.get(job_id, ())
         return scripted[n] if n < len(scripted) else self.then
 
-    async def generate(self, job: Job, root: Path) -> Generation:
+    async def generate(self, job: Job, sink: ImageSink) -> Generation:
         n = self.requests[job.id]
         self.requests[job.id] += 1
         if job.id in self.answered_ok:
@@ -142,7 +141,7 @@ class ScriptedProvider:
             raise FatalApiError("scripted 401", job_id=job.id, http_status=401)
         staged = []
         for index in range(answer.images):
-            writer = ImageWriter(root, job.id, index, max_pixels=DEFAULT_MAX_PIXELS)
+            writer = sink.open(job.id, index, max_pixels=DEFAULT_MAX_PIXELS)
             writer.write(PNG)
             staged.append(writer.finish())
         price = self.prices.job_micros(job) or 0

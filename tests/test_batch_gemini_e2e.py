@@ -13,15 +13,18 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from PIL import Image
 
 from batch.sim.images import image_dims
 from tests.conftest import (
+    ROOT,
     Simulator,
     cli_env,
     read_results,
@@ -68,9 +71,13 @@ def write_catalog(folder: Path, n: int, *, extra: str = "", prefix: str = "j") -
     return path
 
 
-def run(sim: Simulator, manifest: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def run(sim: Simulator, manifest: Path, out: Path, *extra: str,
+        decode: bool = False) -> subprocess.CompletedProcess[str]:
+    """``imgbatch run``; the decode check (a spawned child per run) only where asked."""
+    verify = () if decode else ("--verify", "structure")
     return run_cli("run", str(manifest), "--output", str(out), "--base-url",
-                   f"nightly={base(sim)}", "--no-gallery", *extra, env=env(), timeout=300)
+                   f"nightly={base(sim)}", "--no-gallery", *verify, *extra, env=env(),
+                   timeout=300)
 
 
 def check_images(out: Path, manifest: Path) -> int:
@@ -119,7 +126,7 @@ def test_three_runs_submit_collect_resubmit(tmp_path: Path) -> None:
         assert second.returncode == 1 and "40 jobs in 3 batches submitted" in second.stderr
         assert batch_stats(sim)["calls"]["create"] == 3
         advance(sim, 3600)
-        third = run(sim, manifest, out, "--batch-size", "15")
+        third = run(sim, manifest, out, "--batch-size", "15", decode=True)
         assert third.returncode == 1, third.stderr
         rows = {row["id"]: row for row in read_results(out)}
         back = [r for r in rows.values() if r["status"] == "pending"]
@@ -209,7 +216,8 @@ def kill_then_rerun(tmp_path: Path, hang: str, reached: Any) -> tuple[dict[str, 
         if hang == "download":
             assert run(sim, manifest, out).returncode == 1  # submitted; collected next run
         process = spawn_cli("run", str(manifest), "--output", str(out), "--base-url",
-                            f"nightly={base(sim)}", "--no-gallery", env=env())
+                            f"nightly={base(sim)}", "--no-gallery", "--verify", "structure",
+                            env=env())
         try:
             wait_for(sim, reached, process)
         finally:
@@ -242,3 +250,42 @@ def test_kill_between_create_and_ledger_adopts_the_batch(tmp_path: Path) -> None
 def test_kill_during_download_collects_once(tmp_path: Path) -> None:
     stats, _ = kill_then_rerun(tmp_path, "download", lambda s: s["hung"] >= 1)
     assert stats["calls"]["create"] == 1 and stats["calls"]["download"] == 2
+
+
+def test_catalog_of_500_in_three_runs(tmp_path: Path) -> None:
+    """Issue 13's "done when" for Gemini: submit; collect part and resubmit the failed
+    lines; collect the rest. Every image intact, one paid image per job, the batch price
+    in the summary."""
+    manifest = write_catalog(tmp_path, 500)
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE, "--batch-line-fail", "0.1", "--batch-max-requests",
+                   "200") as sim:
+        first = run(sim, manifest, out, "--batch-size", "200")
+        assert first.returncode == 1 and "500 jobs in 3 batches submitted" in first.stderr
+        second = run(sim, manifest, out, "--batch-size", "200")
+        assert second.returncode == 1, second.stderr
+        pending = sum(r["status"] == "pending" for r in read_results(out))
+        assert 0 < pending < 100 and f"{pending} jobs in 1 batches submitted" in second.stderr
+        third = run(sim, manifest, out, "--batch-size", "200")
+        stats = batch_stats(sim)
+    assert third.returncode == 0, third.stderr
+    assert check_images(out, manifest) == 500
+    assert stats["paid_images"] == 500 and stats["paid_twice"] == 0
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert sum(run["batch"]["succeeded"] for run in runs) == 500
+    assert all(run["batch"]["cost_usd"] * 2 == pytest.approx(run["batch"]["sync_usd"])
+               for run in runs)
+    assert "at the batch price" in third.stderr
+
+
+def test_collect_memory_stays_flat(tmp_path: Path) -> None:
+    """Peak RSS of the run that collects a results file of 12 images of 4 MB (about 64 MB
+    of base64), measured by bench/batch_rss.py in its own child; the 200 x 7.5 MB case
+    (a 2 GB file) is the bench itself."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "batch_rss.py"), "--images", "12",
+         "--image-bytes", "4000000", "--max-rss-mb", "100"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    report = json.loads(done.stdout)
+    assert done.returncode == 0 and report["ok"], (done.stdout, done.stderr)
+    assert report["collect_peak_rss_mb"] < 100

@@ -54,6 +54,7 @@ from batch.errors import (
     TransportError,
 )
 from batch.imageinfo import probe
+from batch.images import LocalImages
 from batch.jobs import DEFAULT_MODEL, InputImage, InputKind, Job, Status
 from batch.providers import transport
 from batch.providers.base import ClientConfig, Generation, Secret
@@ -774,7 +775,7 @@ def generate(config: ClientConfig, root: Path, job: Job | None = None) -> Genera
     async def once() -> Generation:
         client = ChatCompletionsClient(config)
         try:
-            return await client.generate(job or a_job(), root)
+            return await client.generate(job or a_job(), LocalImages(root))
         finally:
             await client.close()
 

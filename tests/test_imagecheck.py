@@ -20,8 +20,9 @@ from PIL import Image
 
 from batch.imagecheck import DecodeChecked, _png_rows, decode_check, decode_problem
 from batch.imageinfo import ImageFormatError, probe
-from batch.images import ImageWriter, StagedImage, discard
+from batch.images import LocalImages, StagedImage, discard
 from batch.jobs import DEFAULT_MODEL, Job
+from batch.storage.base import ImageSink
 
 MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
 
@@ -157,10 +158,10 @@ class Staging:
         self.bodies = bodies
         self.closed = False
 
-    async def generate(self, job: Job, root: Path) -> Answer:
+    async def generate(self, job: Job, sink: ImageSink) -> Answer:
         staged = []
         for index, body in enumerate(self.bodies):
-            writer = ImageWriter(root, job.id, index, max_pixels=1 << 30)
+            writer = sink.open(job.id, index, max_pixels=1 << 30)
             writer.write(body)
             staged.append(writer.finish())
         return Answer(tuple(staged))
@@ -176,7 +177,8 @@ def run_wrapped(tmp_path: Path, bodies: list[bytes]) -> tuple[Answer | ImageForm
     async def once() -> Answer | ImageFormatError:
         provider = DecodeChecked(inner)
         try:
-            return await provider.generate(Job("j1", "p", DEFAULT_MODEL, "1:1", "1K"), tmp_path)
+            job = Job("j1", "p", DEFAULT_MODEL, "1:1", "1K")
+            return await provider.generate(job, LocalImages(tmp_path))
         except ImageFormatError as exc:
             return exc
         finally:
@@ -217,7 +219,7 @@ def test_a_decode_child_that_dies_is_replaced_and_the_image_checked_again(
     async def once() -> tuple[Answer, bool]:
         provider = DecodeChecked(Staging([body]))
         task = asyncio.create_task(
-            provider.generate(Job("j1", "p", DEFAULT_MODEL, "1:1", "1K"), tmp_path)
+            provider.generate(Job("j1", "p", DEFAULT_MODEL, "1:1", "1K"), LocalImages(tmp_path))
         )
         while provider._pool is None or not provider._pool._processes:
             await asyncio.sleep(0)  # the child is spawned when the check is submitted
@@ -257,7 +259,7 @@ def test_ctrl_c_reaching_the_decode_child_leaves_it_to_the_run(tmp_path: Path) -
 
     async def once() -> bool:
         provider = DecodeChecked(Staging([noise("PNG")]))
-        (staged,) = (await provider.generate(job, tmp_path)).images
+        (staged,) = (await provider.generate(job, LocalImages(tmp_path))).images
         discard(tmp_path, staged)  # its temporary name may be reused below
         first = provider._pool
         assert first is not None
@@ -270,7 +272,7 @@ def test_ctrl_c_reaching_the_decode_child_leaves_it_to_the_run(tmp_path: Path) -
         for process in children:  # a child that took the SIGINT dies within this
             process.join(timeout=0.5)
             assert process.is_alive()
-        (staged,) = (await provider.generate(job, tmp_path)).images
+        (staged,) = (await provider.generate(job, LocalImages(tmp_path))).images
         staged.file.close()
         kept = provider._pool is first
         await provider.close()
@@ -305,7 +307,7 @@ def test_an_abort_during_the_decode_keeps_the_paid_answer(tmp_path: Path) -> Non
 
         async def caller() -> None:
             received.append(await provider.generate(
-                Job("j1", "p", DEFAULT_MODEL, "1:1", "1K"), tmp_path))
+                Job("j1", "p", DEFAULT_MODEL, "1:1", "1K"), LocalImages(tmp_path)))
             await asyncio.Future()  # the caller's next await sees the cancellation
 
         task = asyncio.create_task(caller())

@@ -44,10 +44,11 @@ from batch import fsops
 from batch.checkpoint import Checkpoint, JobState
 from batch.cli import EXIT_INCOMPLETE, EXIT_OK
 from batch.errors import MalformedResponse, NotRecorded, RejectedError, StorageError
-from batch.images import ImageWriter, StagedImage, discard
+from batch.images import StagedImage
 from batch.jobs import Job, Status
 from batch.providers import registry
 from batch.providers.base import Generation
+from batch.storage.base import ImageSink, ImageStream
 
 SOAK = int(os.environ.get("IMGBATCH_SOAK_EXAMPLES", "0"))
 EXAMPLES = SOAK or 300
@@ -206,7 +207,7 @@ class Scripted:
         for _ in range(self._rng.randrange(3)):
             await asyncio.sleep(0)  # interleave jobs differently for each seed
 
-    async def generate(self, job: Job, root: Path) -> Generation:
+    async def generate(self, job: Job, sink: ImageSink) -> Generation:
         self.requests[job.id] += 1
         attempt = self.requests[job.id]
         script = self.scripts.get(job.id, "ok1")
@@ -214,12 +215,12 @@ class Scripted:
         if script == "rejected":
             raise RejectedError("refused by the script", job_id=job.id, http_status=400)
         count = 2 if script == "ok2" else 1
-        writers: list[ImageWriter] = []
+        writers: list[ImageStream] = []
         staged: list[StagedImage] = []
         try:
             for index in range(count):
                 data = png(f"{job.id}/{attempt}/{index}/{self.seed}")
-                writer = ImageWriter(root, job.id, index, max_pixels=1 << 20)
+                writer = sink.open(job.id, index, max_pixels=1 << 20)
                 writers.append(writer)
                 half = len(data) // 2
                 writer.write(data[:half])
@@ -233,7 +234,7 @@ class Scripted:
             for writer in writers:
                 writer.abort()
             for image in staged:
-                discard(root, image)
+                sink.discard(image)
             raise
         return Generation(images=tuple(staged), usage=None, text="", latency_s=0.01)
 

@@ -15,6 +15,7 @@ from batch import __version__
 from batch.imageinfo import DEFAULT_MAX_PIXELS
 from batch.images import StagedImage, StreamTransform
 from batch.jobs import Job
+from batch.storage.base import ImageSink
 
 DEFAULT_BASE_URL = "https://api.qnaigc.com/v1"
 
@@ -65,8 +66,8 @@ class Answer:
 class Provider(Protocol):
     """What the engine needs from any image provider."""
 
-    async def generate(self, job: Job, root: Path) -> Generation:
-        """Send one request for ``job``; stage its images under ``root``, or raise a JobError."""
+    async def generate(self, job: Job, sink: ImageSink) -> Generation:
+        """Send one request for ``job``; stage its images in ``sink``, or raise a JobError."""
         ...
 
     async def close(self) -> None: ...

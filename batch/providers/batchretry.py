@@ -22,7 +22,7 @@ from batch.retry import RetryPolicy, decide
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-CONTROL_POLICY = RetryPolicy(max_attempts=8, base_s=1.0, cap_s=60.0, max_server_wait_s=300.0)
+CONTROL_POLICY = RetryPolicy(max_attempts=8, base_s=0.5, cap_s=60.0, max_server_wait_s=300.0)
 
 
 async def retrying(call: Callable[[], Awaitable[T]],

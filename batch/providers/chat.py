@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncGenerator, Mapping
-from pathlib import Path
 from typing import Any
 
 from batch.errors import JobError
@@ -18,6 +17,7 @@ from batch.jobs import Job
 from batch.providers.base import Answer, ClientConfig, Generation
 from batch.providers.chat_wire import body_parts, error_for_status, interpret
 from batch.providers.transport import Request, Transport, stream_body
+from batch.storage.base import ImageSink
 
 
 class ChatCompletionsClient:
@@ -31,15 +31,15 @@ class ChatCompletionsClient:
     async def close(self) -> None:
         await self.transport.close()
 
-    async def generate(self, job: Job, root: Path) -> Generation:
-        """Send one request for ``job``; stage its images under ``root``, or raise a JobError."""
+    async def generate(self, job: Job, sink: ImageSink) -> Generation:
+        """Send one request for ``job``; stage its images in ``sink``, or raise a JobError."""
         request = Request(self.url, {}, b"", 0)
         request.body, request.length = self._body(job, request.problems)
         request.headers = self.transport.headers({
             "Authorization": f"Bearer {self.config.api_key}",
             "Content-Type": "application/json",
         })
-        return await self.transport.generate(job, root, request, _errors, _interpret)
+        return await self.transport.generate(job, sink, request, _errors, _interpret)
 
     @staticmethod
     def _body(

@@ -9,13 +9,13 @@ fetched first (:mod:`batch.providers.fetch`), as the API does not fetch them.
 from __future__ import annotations
 
 import secrets
-from pathlib import Path
 
 from batch.jobs import Job
 from batch.providers import gemini_wire as wire
 from batch.providers.base import ClientConfig, Generation
 from batch.providers.fetch import urls_fetched
 from batch.providers.transport import Request, Transport, stream_body
+from batch.storage.base import ImageSink
 
 
 class GeminiClient:
@@ -28,8 +28,8 @@ class GeminiClient:
     async def close(self) -> None:
         await self.transport.close()
 
-    async def generate(self, job: Job, root: Path) -> Generation:
-        """Send one request for ``job``; stage its images under ``root``, or raise a JobError."""
+    async def generate(self, job: Job, sink: ImageSink) -> Generation:
+        """Send one request for ``job``; stage its images in ``sink``, or raise a JobError."""
         async with urls_fetched(self.transport, job) as ready:
             parts = wire.body_parts(ready, secrets.token_hex(16))
             request = Request(
@@ -46,5 +46,5 @@ class GeminiClient:
                 parts.pieces[0] if not parts.files else stream_body(parts, request.problems)
             )
             return await self.transport.generate(
-                ready, root, request, wire.error_for_status, wire.interpret
+                ready, sink, request, wire.error_for_status, wire.interpret
             )

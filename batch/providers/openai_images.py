@@ -8,12 +8,12 @@ local input images streamed from disk as multipart parts (or data URLs).
 from __future__ import annotations
 
 import secrets
-from pathlib import Path
 
 from batch.jobs import Job
 from batch.providers import images_wire as wire
 from batch.providers.base import ClientConfig, Generation
 from batch.providers.transport import Request, Transport, stream_body
+from batch.storage.base import ImageSink
 
 
 class OpenAIImagesClient:
@@ -28,8 +28,8 @@ class OpenAIImagesClient:
     async def close(self) -> None:
         await self.transport.close()
 
-    async def generate(self, job: Job, root: Path) -> Generation:
-        """Send one request for ``job``; stage its images under ``root``, or raise a JobError."""
+    async def generate(self, job: Job, sink: ImageSink) -> Generation:
+        """Send one request for ``job``; stage its images in ``sink``, or raise a JobError."""
         parts, content_type = wire.body_parts(job, secrets.token_hex(16))
         request = Request(
             self.urls[wire.is_edit(job)],
@@ -43,5 +43,5 @@ class OpenAIImagesClient:
         )
         request.body = parts.pieces[0] if not parts.files else stream_body(parts, request.problems)
         return await self.transport.generate(
-            job, root, request, wire.error_for_status, wire.interpret
+            job, sink, request, wire.error_for_status, wire.interpret
         )

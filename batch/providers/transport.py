@@ -40,10 +40,11 @@ from batch.errors import (
     RequestTimeout,
     TransportError,
 )
-from batch.images import ImageWriter, StagedImage, discard, final_name
+from batch.images import StagedImage, final_name
 from batch.jobs import InputImage, Job
 from batch.providers.base import Answer, ClientConfig, Generation
 from batch.providers.bodies import BodyParts
+from batch.storage.base import ImageSink, ImageStream
 
 log = logging.getLogger(__name__)
 
@@ -261,16 +262,17 @@ class Transport:
         }
 
     async def generate(
-        self, job: Job, root: Path, request: Request, errors: ErrorMap, interpret: Interpret
+        self, job: Job, sink: ImageSink, request: Request, errors: ErrorMap,
+        interpret: Interpret,
     ) -> Generation:
-        """Send ``request``; stage the images ``interpret`` names under ``root``, or raise."""
+        """Send ``request``; stage the images ``interpret`` names in ``sink``, or raise."""
         started = time.monotonic()
-        writers: dict[int, ImageWriter] = {}
+        writers: dict[int, ImageStream] = {}
         staged: dict[int, StagedImage] = {}
         try:
             try:
                 document, streamed = await self._exchange(
-                    job, root, request, errors, writers, staged
+                    job, sink, request, errors, writers, staged
                 )
             except TimeoutError:
                 raise RequestTimeout(
@@ -290,7 +292,7 @@ class Transport:
         except BaseException as exc:
             if isinstance(exc, JobError) and not exc.job_id:
                 exc.job_id = job.id
-            _abort(root, writers, staged)
+            _abort(sink, writers, staged)
             raise
         finally:
             if not isinstance(request.body, bytes):
@@ -300,7 +302,7 @@ class Transport:
         # streamed before them must not push the first image to "<id>~2".
         keep = [_renamed(staged.pop(i), job.id, n)
                 for n, i in enumerate(i for i in answer.image_indexes if i in staged)]
-        _abort(root, {}, staged)  # images the answer does not count (drafts, stray data URLs)
+        _abort(sink, {}, staged)  # images the answer does not count (drafts, stray data URLs)
         return Generation(
             tuple(keep),
             dict(answer.usage) if answer.usage else None,
@@ -311,10 +313,10 @@ class Transport:
     async def _exchange(
         self,
         job: Job,
-        root: Path,
+        sink: ImageSink,
         request: Request,
         errors: ErrorMap,
-        writers: dict[int, ImageWriter],
+        writers: dict[int, ImageStream],
         staged: dict[int, StagedImage],
     ) -> tuple[Any, dict[str, int]]:
         session = self.open()
@@ -355,8 +357,8 @@ class Transport:
                             writers[current[-1]].write(event.data)
                         elif type(event) is ImageBegin:
                             current.append(event.index)
-                            writers[event.index] = ImageWriter(
-                                root, job.id, event.index,
+                            writers[event.index] = sink.open(
+                                job.id, event.index,
                                 max_pixels=self.config.max_image_pixels,
                                 transform=self.config.stamp(job) if self.config.stamp else None,
                             )
@@ -400,10 +402,11 @@ def _renamed(image: StagedImage, job_id: str, position: int) -> StagedImage:
 
 
 def _abort(
-    root: Path, writers: dict[int, ImageWriter], staged: dict[int, StagedImage] | None = None
+    sink: ImageSink, writers: dict[int, ImageStream],
+    staged: dict[int, StagedImage] | None = None,
 ) -> None:
     for writer in writers.values():
         writer.abort()
     writers.clear()
     for image in (staged or {}).values():
-        discard(root, image)
+        sink.discard(image)

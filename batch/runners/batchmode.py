@@ -23,23 +23,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-from batch import fsops
-from batch.checkpoint import STATE_DIR, Checkpoint, FileMeta, JobState, fingerprint
+from batch.checkpoint import STATE_DIR, FileMeta, JobState, fingerprint
 from batch.commit import GroupCommitter
-from batch.cost import PriceTable, to_usd
-from batch.errors import FatalApiError, JobError, RejectedError, StorageError
+from batch.cost import PriceTable
+from batch.errors import FatalApiError, JobError, NotRecorded, RejectedError, StorageError
+from batch.imagecheck import decode_problem
 from batch.imageinfo import DEFAULT_MAX_PIXELS
-from batch.images import ImageWriter, StagedImage, discard, final_name
+from batch.images import StagedImage, final_name
 from batch.jobs import ImageRecord, Job, Status
 from batch.providers.batchapi import (
     BatchApi,
@@ -47,14 +46,18 @@ from batch.providers.batchapi import (
     BatchLimits,
     BatchSpec,
     BatchSubmitUnknown,
+    LineError,
+    LineErrorKind,
     ResultLine,
 )
 from batch.runners import batchplan as plan
+from batch.runners.batchfiles import copy_range, write_spool
 from batch.runners.batchledger import REQUESTS_DIR, BatchRecord, Ledger, run_id
+from batch.runners.batchplan import BatchStats
+from batch.storage.base import ImageSink, ImageStream, StateStore
 
 log = logging.getLogger(__name__)
 
-COPY_BYTES = 1024 * 1024
 MAX_UNCOMMITTED = 32  # result lines whose commit is queued (each holds an open image file)
 
 
@@ -79,61 +82,27 @@ class BatchConfig:
     max_cost_usd: float | None = None
     prices: PriceTable = field(default_factory=lambda: PriceTable.with_overrides({}))
     max_pixels: int = DEFAULT_MAX_PIXELS
+    decode_check: bool = True  # --verify decode: each image decoded in a child first
 
 
-@dataclass
-class BatchStats:
-    submitted_jobs: int = 0
-    submitted_batches: int = 0
-    adopted_batches: int = 0
-    collected_batches: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    back_to_pending: int = 0
-    images_written: int = 0
-    bytes_written: int = 0
-    cost_micros: int = 0  # collected images at the batch rate
-    sync_micros: int = 0  # what they would have cost in sync mode
-    open_batches: int = 0
-    open_jobs: int = 0
-    open_micros: int = 0  # submitted, unfinished: counted as spent by --max-cost
-    fatal: str = ""
+class _SinkStage:
+    """Stages a results stream's images in the store's image sink, named for the batch
+    until a line says whose they are."""
 
-    def as_record(self) -> dict[str, Any]:
-        record = dataclasses.asdict(self)
-        for name in ("cost_micros", "sync_micros", "open_micros"):
-            record[name.replace("micros", "usd")] = round(to_usd(record.pop(name)), 4)
-        return record
+    def __init__(self, sink: ImageSink, tag: str, max_pixels: int) -> None:
+        self.sink, self.tag, self.max_pixels = sink, tag, max_pixels
 
-    def line(self) -> str:
-        text = (f"batch: {self.open_jobs} jobs in {self.open_batches} batches submitted"
-                f" ({self.submitted_jobs} this run, ~${to_usd(self.open_micros):.2f} at the "
-                f"batch rate)")
-        if self.collected_batches:
-            text += (f"; {self.collected_batches} batch(es) collected: {self.succeeded} "
-                     f"succeeded, {self.failed} failed, {self.back_to_pending} back to pending,"
-                     f" ~${to_usd(self.cost_micros):.2f} at the batch price "
-                     f"(sync ~${to_usd(self.sync_micros):.2f})")
-        return text
-
-
-class _FolderStage:
-    """Stages a results stream's images under the output folder (ImageWriter)."""
-
-    def __init__(self, root: Path, tag: str, max_pixels: int) -> None:
-        self.root, self.tag, self.max_pixels = root, tag, max_pixels
-
-    def open(self, n: int) -> ImageWriter:
-        return ImageWriter(self.root, self.tag, n, max_pixels=self.max_pixels)
+    def open(self, n: int) -> ImageStream:
+        return self.sink.open(self.tag, n, max_pixels=self.max_pixels)
 
     def discard(self, image: StagedImage) -> None:
-        discard(self.root, image)
+        self.sink.discard(image)
 
 
 class BatchRunner:
     """Settles and submits the batches of one output folder; see the module docstring."""
 
-    def __init__(self, endpoints: Mapping[str, BatchEndpoint], store: Checkpoint,
+    def __init__(self, endpoints: Mapping[str, BatchEndpoint], store: StateStore,
                  ledger: Ledger, config: BatchConfig) -> None:
         self.endpoints = dict(endpoints)
         self.store = store
@@ -143,6 +112,7 @@ class BatchRunner:
         self._stop = asyncio.Event()
         self._tags = ledger.new_tag(run_id())
         self._committer = GroupCommitter(store)
+        self._pool: ProcessPoolExecutor | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -164,6 +134,8 @@ class BatchRunner:
         except FatalApiError as exc:
             self.stats.fatal = str(exc)
         finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
             await self._committer.close()
             opened = self.ledger.open_batches()
             self.stats.open_batches = len(opened)
@@ -206,7 +178,7 @@ class BatchRunner:
         prints = dict(zip(record.keys, record.fingerprints, strict=True))
         answered: set[str] = set()
         queued: list[asyncio.Future[None]] = []
-        stage = _FolderStage(self.store.root, record.tag, self.config.max_pixels)
+        stage = _SinkStage(self.store.sink, record.tag, self.config.max_pixels)
         async for line in endpoint.api.results(info, stage):
             job = by_id.get(line.key)
             fp = prints.get(line.key)
@@ -217,7 +189,8 @@ class BatchRunner:
                     stage.discard(image)
                 continue
             answered.add(line.key)
-            future = self._commit_line(job, fp, line, stage)
+            line = await self._decoded(line, stage)
+            future = await self._commit_line(job, fp, line, stage)
             if future is not None:
                 queued.append(future)
             if len(queued) >= MAX_UNCOMMITTED:
@@ -229,8 +202,38 @@ class BatchRunner:
             log.info("batch %s (%s): %d job(s) without a result line, back to pending",
                      record.tag, info.state.value, missing)
 
-    def _commit_line(self, job: Job, fp: str, line: ResultLine,
-                     stage: _FolderStage) -> asyncio.Future[None] | None:
+    async def _commit_images(self, state: JobState, images: tuple[StagedImage, ...],
+                             sink: ImageSink) -> None:
+        try:
+            await self._committer.commit(state, images)
+        except StorageError as exc:
+            for image in images:
+                if isinstance(exc, NotRecorded):
+                    sink.discard(image)
+                else:  # (maybe) recorded: the next open publishes it; deleting loses it
+                    sink.release(image)
+            raise
+
+    async def _decoded(self, line: ResultLine, stage: _SinkStage) -> ResultLine:
+        """``line``, or a retryable error if one of its images does not decode."""
+        if not self.config.decode_check or not line.images:
+            return line
+        if self._pool is None:
+            # spawn: a forked child would inherit the commit thread's locks.
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        loop = asyncio.get_running_loop()
+        for image in line.images:
+            problem = await loop.run_in_executor(
+                self._pool, decode_problem, stage.sink.local_path(image), image.info.mime)
+            if problem is not None:
+                for staged in line.images:
+                    stage.discard(staged)
+                return ResultLine(line.key, error=LineError(
+                    LineErrorKind.RETRYABLE, "image_format", problem))
+        return line
+
+    async def _commit_line(self, job: Job, fp: str, line: ResultLine,
+                           stage: _SinkStage) -> asyncio.Future[None] | None:
         fate = plan.line_outcome(bool(line.images), line.error)
         if self.store.is_done(job, fp):
             for image in line.images:
@@ -238,9 +241,16 @@ class BatchRunner:
             return None
         attempts = self.store.attempts(job.id)
         if fate is plan.JobFate.SUCCEEDED:
-            images = [dataclasses.replace(image, final_rel=final_name(
+            named = [dataclasses.replace(image, final_rel=final_name(
                 job.id, n, image.final_rel.rsplit(".", 1)[-1]))
                 for n, image in enumerate(line.images)]
+            try:
+                # Where any later open finds them (an object store uploads them here).
+                images = await stage.sink.prepare(named)
+            except StorageError:
+                for image in named:
+                    stage.discard(image)
+                raise
             state = JobState(
                 id=job.id, fingerprint=fp, status=Status.SUCCEEDED, attempts=attempts,
                 images=tuple(ImageRecord(s.final_rel, s.sha256, s.bytes, s.info.mime,
@@ -255,7 +265,7 @@ class BatchRunner:
             price = plan.batch_micros(self.config.prices, job)
             self.stats.cost_micros += (price or 0) * len(images)
             self.stats.sync_micros += (self.config.prices.job_micros(job) or 0) * len(images)
-            return self._committer.submit(state, tuple(images))
+            return asyncio.ensure_future(self._commit_images(state, images, stage.sink))
         for image in line.images:
             stage.discard(image)
         error = line.error
@@ -305,35 +315,22 @@ class BatchRunner:
     async def _submit_endpoint(self, endpoint: BatchEndpoint,
                                items: list[tuple[Job, str]]) -> None:
         api = endpoint.api
-        folder = self.store.root / STATE_DIR / REQUESTS_DIR
-        spool = folder / f"spool-{os.getpid()}.tmp"
         fps = dict((job.id, fp) for job, fp in items)
         jobs = {job.id: job for job, _ in items}
-        lines: list[plan.Line] = []
-        offsets: list[int] = []
-        with spool.open("wb") as out:
-            for job, route in plan.grouped((job, api.route(job)) for job, _ in items):
-                try:
-                    request = api.request_line(job.id, job)
-                    start = out.tell()
-                    async for chunk in request.chunks:
-                        out.write(chunk)
-                except JobError as exc:
-                    out.truncate(start)
-                    out.seek(start)
-                    await self._committer.commit(JobState(
-                        id=job.id, fingerprint=fps[job.id], status=Status.FAILED,
-                        attempts=self.store.attempts(job.id),
-                        error={**exc.as_record(), "type": "batch_refused"}))
-                    self.stats.failed += 1
-                    continue
-                offsets.append(start)
-                lines.append(plan.Line(job.id, (job.model, route), out.tell() - start))
-            offsets.append(out.tell())
         limits = api.limits
         if self.config.batch_size:
             limits = BatchLimits(min(limits.max_requests, self.config.batch_size),
                                  limits.max_file_bytes)
+        spool_path = self.store.root / STATE_DIR / REQUESTS_DIR / f"spool-{os.getpid()}.tmp"
+        spool = await write_spool(api, [job for job, _ in items], spool_path,
+                                  limits.max_file_bytes)
+        lines, offsets = spool.lines, spool.offsets
+        for job, error in spool.refused:
+            await self._committer.commit(JobState(
+                id=job.id, fingerprint=fps[job.id], status=Status.FAILED,
+                attempts=self.store.attempts(job.id),
+                error={**error.as_record(), "type": "batch_refused"}))
+            self.stats.failed += 1
         try:
             for cut in plan.split(lines, limits):
                 if self._stop.is_set():
@@ -341,7 +338,7 @@ class BatchRunner:
                 tag = next(self._tags)
                 keys = tuple(line.key for line in lines[cut.start:cut.stop])
                 rel = f"{STATE_DIR}/{REQUESTS_DIR}/{tag}.jsonl"
-                sha = _copy_range(spool, offsets[cut.start], offsets[cut.stop],
+                sha = copy_range(spool_path, offsets[cut.start], offsets[cut.stop],
                                   self.store.root / rel)
                 price = sum(plan.batch_micros(self.config.prices, jobs[k]) or 0 for k in keys)
                 record = self.ledger.intend(BatchRecord(
@@ -355,7 +352,7 @@ class BatchRunner:
                 self.stats.submitted_jobs += len(keys)
                 await self._create(endpoint, record)
         finally:
-            spool.unlink(missing_ok=True)
+            spool_path.unlink(missing_ok=True)
 
     async def _create(self, endpoint: BatchEndpoint, record: BatchRecord) -> None:
         path = self.store.root / record.request_file
@@ -397,21 +394,3 @@ async def _drain(queued: list[asyncio.Future[None]]) -> None:
     for result in done:
         if isinstance(result, BaseException):
             raise result
-
-
-def _copy_range(source: Path, start: int, stop: int, target: Path) -> str:
-    """Copy bytes [start, stop) of ``source`` to ``target`` (fsynced); their sha256."""
-    sha = hashlib.sha256()
-    with source.open("rb") as handle, target.open("wb") as out:
-        handle.seek(start)
-        left = stop - start
-        while left > 0:
-            chunk = handle.read(min(COPY_BYTES, left))
-            if not chunk:
-                raise StorageError(f"{source} ended early")
-            sha.update(chunk)
-            out.write(chunk)
-            left -= len(chunk)
-        out.flush()
-        fsops.fsync(out.fileno())
-    return sha.hexdigest()

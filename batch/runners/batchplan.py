@@ -9,15 +9,18 @@ and acts on the answers, and the tests drive them with tables.
   what a finished batch means for the jobs it did not answer.
 - :func:`batch_micros` prices an image at the batch rate: the manifest's row for
   ``"<model>@batch"`` when it has one, else half the sync price.
+- :class:`BatchStats` counts what a run's batch passes did; its summary line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from batch.cost import PriceTable, to_micros
+from batch.cost import PriceTable, to_micros, to_usd
 from batch.jobs import Job
 from batch.pricing import price_key
 from batch.providers.batchapi import BatchLimits, BatchState, LineError, LineErrorKind
@@ -139,3 +142,39 @@ def describe_age(age_s: float) -> str:
     if s < 86400:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+@dataclass
+class BatchStats:
+    submitted_jobs: int = 0
+    submitted_batches: int = 0
+    adopted_batches: int = 0
+    collected_batches: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    back_to_pending: int = 0
+    images_written: int = 0
+    bytes_written: int = 0
+    cost_micros: int = 0  # collected images at the batch rate
+    sync_micros: int = 0  # what they would have cost in sync mode
+    open_batches: int = 0
+    open_jobs: int = 0
+    open_micros: int = 0  # submitted, unfinished: counted as spent by --max-cost
+    fatal: str = ""
+
+    def as_record(self) -> dict[str, Any]:
+        record = dataclasses.asdict(self)
+        for name in ("cost_micros", "sync_micros", "open_micros"):
+            record[name.replace("micros", "usd")] = round(to_usd(record.pop(name)), 4)
+        return record
+
+    def line(self) -> str:
+        text = (f"batch: {self.open_jobs} jobs in {self.open_batches} batches submitted"
+                f" ({self.submitted_jobs} this run, ~${to_usd(self.open_micros):.2f} at the "
+                f"batch rate)")
+        if self.collected_batches:
+            text += (f"; {self.collected_batches} batch(es) collected: {self.succeeded} "
+                     f"succeeded, {self.failed} failed, {self.back_to_pending} back to pending,"
+                     f" ~${to_usd(self.cost_micros):.2f} at the batch price "
+                     f"(sync ~${to_usd(self.sync_micros):.2f})")
+        return text
