@@ -365,16 +365,26 @@ def test_find_walks_the_pages(sim: Simulator, tmp_path: Path) -> None:
     assert control(sim, "/_openai_batch/stats")["calls"]["list"] - lists >= 3
 
 
-def test_an_unanswered_create_is_found_by_its_tag(sim: Simulator, tmp_path: Path) -> None:
-    configure(sim, hang_create=next_ordinal(sim))
+@pytest.mark.parametrize("how", ["no answer", "502 after making it"])
+def test_an_unanswered_create_is_found_by_its_tag(sim: Simulator, tmp_path: Path,
+                                                  how: str) -> None:
+    """Neither a create whose answer never came nor one answered 5xx is retried: the
+    batch may exist, and is found by its tag."""
+    if how == "no answer":
+        configure(sim, hang_create=next_ordinal(sim))
+    else:
+        configure(sim, create_status=502)
+    tag = f"tag-hang-{how}"
 
     async def run() -> None:
         api = client(sim, timeout_s=2.0)
         try:
+            creates = control(sim, "/_openai_batch/stats")["calls"].get("create", 0)
             with pytest.raises(BatchSubmitUnknown):
-                await submit(api, tmp_path, "tag-hang", jobs("hang", 1))
-            found = await api.find("tag-hang")
-            assert found is not None and found.tag == "tag-hang"
+                await submit(api, tmp_path, tag, jobs("hang", 1))
+            assert control(sim, "/_openai_batch/stats")["calls"]["create"] == creates + 1
+            found = await api.find(tag)
+            assert found is not None and found.tag == tag
         finally:
             await api.close()
 

@@ -35,6 +35,7 @@ import aiohttp
 from batch.errors import (
     JobError,
     MalformedResponse,
+    RateLimited,
     RejectedError,
     RequestTimeout,
     RetryableError,
@@ -120,8 +121,11 @@ class OpenAIBatchClient:
         body = wire.create_body(file_id, spec.route or wire.GENERATIONS, spec.tag)
         try:
             batch = await self._json("POST", "/batches", body=body)
-        except (TransportError, RequestTimeout) as exc:
-            # The create may have reached the server: only a listing can tell.
+        except RetryableError as exc:
+            if isinstance(exc, RateLimited):
+                raise  # refused before any work: no batch was made
+            # A lost answer, a 5xx or a 200 we cannot read: the batch may well exist, and
+            # only a listing by its tag can tell (the next run looks).
             raise BatchSubmitUnknown(
                 f"creating batch {spec.tag}: {exc.message}; the next run looks it up by tag",
                 http_status=exc.http_status,

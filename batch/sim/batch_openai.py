@@ -12,8 +12,9 @@ error file, as the real API does, and every image billed is counted per
 custom_id and per prompt, so tests can prove nothing was paid for twice.
 
 Test controls: ``POST /_openai_batch/advance`` ``{"seconds": S}``, ``POST
-/_openai_batch/config`` (a BatchSimConfig's fields, and ``ignore_range``: answer
-every download whole, as a server without Range support), ``GET /_openai_batch/stats``.
+/_openai_batch/config`` (a BatchSimConfig's fields; ``ignore_range``: answer every
+download whole, as a server without Range support; ``create_status``: make the
+batch, then answer with this status), ``GET /_openai_batch/stats``.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class OpenAIBatchSim:
         self.paid_by_key: dict[str, int] = {}
         self.serial = 0
         self.ignore_range = False  # answer Range requests with the whole file (a 200)
+        self.create_status = 200  # what a create answers after making the batch
 
     def _id(self, prefix: str) -> str:
         self.serial += 1
@@ -199,6 +201,8 @@ class OpenAIBatchSim:
         self.batches[rec.id] = rec
         if n == self.state.config.hang_create:
             await self.state.hang()
+        if self.create_status != 200:  # made, but the answer says otherwise (a gateway's 502)
+            return _error(self.create_status, "upstream error", None, kind="server_error")
         return web.json_response(self._object(rec))
 
     async def retrieve(self, request: web.Request) -> web.StreamResponse:
@@ -322,6 +326,7 @@ class OpenAIBatchSim:
                   if k in known}
         self.state.config = dataclasses.replace(self.state.config, **values)
         self.ignore_range = bool(body.get("ignore_range", False))
+        self.create_status = int(body.get("create_status", 200))
         return web.json_response({"ok": True})
 
     async def stats(self, request: web.Request) -> web.Response:
