@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from batch.errors import RetryableError, ServerError
+from batch.errors import RejectedError, RetryableError, ServerError
 from batch.imageinfo import probe
 from batch.jobs import Job
 from batch.providers.base import ClientConfig, Secret
@@ -333,7 +333,7 @@ def test_a_changed_request_file_is_not_uploaded(sim: Simulator, tmp_path: Path) 
             sha = await write_file(api, path, batch)
             path.write_bytes(path.read_bytes().replace(b"changed prompt", b"chanGed prompt"))
             spec = BatchSpec("tag-changed", "gpt-image-1", api.route(batch[0]), 2, sha)
-            with pytest.raises(ValueError, match="changed since"):
+            with pytest.raises(RejectedError, match="changed since"):
                 await api.submit(spec, path)
         finally:
             await api.close()

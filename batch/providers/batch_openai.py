@@ -232,8 +232,8 @@ class OpenAIBatchClient:
         """``POST /files`` multipart (purpose ``batch``), the file streamed and checked."""
         size = path.stat().st_size
         if size > wire.MAX_FILE_BYTES:
-            raise ValueError(f"{path}: {size} bytes, over the {wire.MAX_FILE_BYTES} a batch "
-                             "file may have")
+            raise RejectedError(f"{path.name}: {size} bytes, over the {wire.MAX_FILE_BYTES} "
+                                "a batch file may have")
         boundary = secrets.token_hex(16)
         dash = f"--{boundary}\r\n".encode()
         head = (dash + b'Content-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
@@ -252,7 +252,8 @@ class OpenAIBatchClient:
                 self._headers(f"multipart/form-data; boundary={boundary}"), parts.length())
         except TransportError:
             if problems:
-                raise ValueError(f"{path}: {problems[0]}") from None
+                # Not the file the intent names: refused, so its jobs are planned afresh.
+                raise RejectedError(f"request file {path.name}: {problems[0]}") from None
             raise
         finally:
             await body.aclose()
