@@ -327,6 +327,9 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
     endpoints = routing.endpoints_in_use(manifest, settings)
     keys = routing.api_keys(endpoints, os.environ)
     batched = batchcli.batch_names(endpoints, args.mode)
+    if batched and args.force:
+        raise UsageError("--force with batch mode would resubmit finished jobs on every run "
+                         "(each paid again); use a new --output folder to redo them")
     root: Path = args.output or Path("output") / args.manifest.stem
     prices = PriceTable.with_overrides(manifest.pricing)
     if args.max_cost is not None:
@@ -364,11 +367,11 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
     # The manifest and checkpoint are live for the whole run; keep the cyclic
     # GC from walking 100,000 jobs over and over (it showed in profiles).
     gc.freeze()
-    ledger = None
+    # Read even by a sync run: a job a live batch holds is not requested again.
+    ledger = Ledger.open(root, writable=bool(batched))
     try:
-        batch = None
+        runner = None
         if batched:
-            ledger = Ledger.open(root)
             client = ClientConfig(timeout_s=args.timeout, stall_timeout_s=args.stall_timeout,
                                   ca_bundle=args.ca_bundle)
             runner = BatchRunner(
@@ -376,17 +379,21 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
                 BatchConfig(wait=args.wait, poll_interval_s=args.poll_interval,
                             batch_size=args.batch_size, force=args.force,
                             max_cost_usd=args.max_cost, prices=prices,
-                            decode_check=args.verify is Verify.DECODE))
-            batch = (runner, [job for job in manifest.jobs if job.endpoint in batched])
-        sync = {name: ep for name, ep in endpoints.items() if name not in batched}
+                            decode_check=args.verify is Verify.DECODE,
+                            fallback_sync=args.batch_fallback == "sync",
+                            deadline_s=args.batch_deadline))
+        batch = batchcli.BatchPart(
+            runner, [job for job in manifest.jobs if job.endpoint in batched], ledger)
+        # With --batch-fallback sync a batch endpoint may also send jobs one by one.
+        sync = {name: ep for name, ep in endpoints.items()
+                if name not in batched or args.batch_fallback == "sync"}
         return asyncio.run(
             _run(manifest, root, store, routing.build_routes(sync, keys, settings),
                  engine_config, deadline, args.quiet, args.progress_interval,
                  not args.no_gallery, metrics, args.verify, batch)
         )
     finally:
-        if ledger is not None:
-            ledger.close()
+        ledger.close()
         store.close()
 
 
@@ -442,7 +449,7 @@ async def _run(
     gallery: bool = True,
     metrics: MetricsFile | None = None,
     verify: Verify = Verify.DECODE,
-    batch: tuple[BatchRunner, list[Job]] | None = None,
+    batch: batchcli.BatchPart | None = None,
 ) -> int:
     progress = ConsoleProgress(
         sys.stderr, bar=sys.stderr.isatty() and not quiet, interval_s=progress_interval_s
@@ -460,8 +467,8 @@ async def _run(
         received.append(signum)
         signalled.set()
         engine.interrupt(signum.name)
-        if batch is not None:
-            batch[0].stop()
+        if batch is not None and batch.runner is not None:
+            batch.runner.stop()
 
     for signum in EXIT_SIGNAL:
         loop.add_signal_handler(signum, on_signal, signum)
@@ -473,10 +480,10 @@ async def _run(
     crashed = False
     batch_stats = None
     try:
-        if batch is not None:
-            batch_stats = await batch[0].run(batch[1])
-        batched = {job.id for job in batch[1]} if batch is not None else set()
-        todo = engine.plan([job for job in manifest.jobs if job.id not in batched])
+        if batch is not None and batch.runner is not None:
+            batch_stats = await batch.runner.run(batch.jobs)
+        held = batch.held() if batch is not None else set()
+        todo = engine.plan([job for job in manifest.jobs if job.id not in held])
         # What is left of the process's deadline once the manifest is loaded and planned.
         left = None if deadline is None else deadline - time.monotonic()
         stats = await engine.run(todo, runtime_left_s=left)
@@ -487,8 +494,8 @@ async def _run(
         await progress.close()
         for route in routes.values():
             await route.provider.close()
-        if batch is not None:
-            for endpoint in batch[0].endpoints.values():
+        if batch is not None and batch.runner is not None:
+            for endpoint in batch.runner.endpoints.values():
                 await endpoint.api.close()
             if batch_stats is not None:
                 stats.images_written += batch_stats.images_written
@@ -523,8 +530,8 @@ async def _run(
         line = report.one_line(record, root / RESULTS)
         if batch_stats is not None:
             line += "; " + batch_stats.line()
-            if batch_stats.fatal:
-                line += f"; stopped: {batch_stats.fatal}"
+            if batch_stats.stop_message:
+                line += f"; stopped: {batch_stats.stop_message}"
         try:
             store.record_run("end", summary=line, exit_code=code)
         except StorageError as exc:

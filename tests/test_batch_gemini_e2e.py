@@ -191,6 +191,7 @@ def test_wait_polls_until_done_through_faults(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert check_images(out, manifest) == 12
     assert stats["paid_twice"] == 0 and stats["calls"]["create"] == 3
+    assert stats["calls"].get("download_cut", 0) >= 1  # and resumed with Range
 
 
 def test_cancel_sends_jobs_back_to_pending(tmp_path: Path) -> None:
@@ -198,6 +199,8 @@ def test_cancel_sends_jobs_back_to_pending(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with simulator("--scale", SCALE, "--batch-delay", "3600") as sim:
         run(sim, manifest, out)
+        synced = run(sim, manifest, out, "--mode", "sync")  # a live batch holds them all
+        assert synced.returncode == 1 and sim.stats()["by_prompt"] == {}, synced.stderr
         status = run_cli("status", str(out), env=env())
         assert "open batches: 1, 5 job(s)" in status.stdout and "batches/" in status.stdout
         cancelled = run_cli("cancel", str(out), env=env())
@@ -289,3 +292,43 @@ def test_collect_memory_stays_flat(tmp_path: Path) -> None:
     report = json.loads(done.stdout)
     assert done.returncode == 0 and report["ok"], (done.stdout, done.stderr)
     assert report["collect_peak_rss_mb"] < 100
+
+
+def test_max_cost_counts_open_batches_and_sync_jobs_are_not_resubmitted(tmp_path: Path) -> None:
+    """--max-cost holds what open batches will cost as spent; jobs a sync run finished
+    are never submitted; validate shows both estimates."""
+    small = write_catalog(tmp_path, 3)
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE, "--batch-delay", "3600") as sim:
+        synced = run(sim, small, out, "--mode", "sync")
+        assert synced.returncode == 0, synced.stderr
+        manifest = write_catalog(tmp_path, 10)
+        plan_text = run_cli("validate", str(manifest), env=env()).stdout
+        assert "sync, $" in plan_text and "at the batch rate" in plan_text
+        # 7 jobs left at $0.067 each: $0.30 buys 4 of them.
+        first = run(sim, manifest, out, "--max-cost", "0.30")
+        assert "4 jobs in 1 batches submitted" in first.stderr, first.stderr
+        second = run(sim, manifest, out, "--max-cost", "0.30")  # $0.268 already committed
+        assert "4 jobs in 1 batches submitted" in second.stderr, second.stderr
+        ledger = [json.loads(line) for line in
+                  (out / ".imgbatch" / "batches.jsonl").read_text().splitlines()]
+        submitted = {key for record in ledger for key in record["keys"]}
+        forced = run(sim, manifest, out, "--force")
+    assert submitted.isdisjoint({"j000", "j001", "j002"})  # done by the sync run
+    assert forced.returncode == 2 and "--force" in forced.stderr
+
+
+def test_fallback_sync_after_the_deadline(tmp_path: Path) -> None:
+    """--batch-fallback sync: a batch past --batch-deadline is cancelled and its jobs are
+    sent one request each in the same run; none is paid twice."""
+    manifest = write_catalog(tmp_path, 6)
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE, "--batch-delay", "3600") as sim:
+        first = run(sim, manifest, out, "--batch-fallback", "sync", "--batch-deadline", "0")
+        assert "6 jobs in 1 batches submitted" in first.stderr, first.stderr
+        second = run(sim, manifest, out, "--batch-fallback", "sync", "--batch-deadline", "0")
+        stats = sim.stats()
+    assert second.returncode == 0, second.stderr
+    assert check_images(out, manifest) == 6
+    assert stats["batch"]["calls"]["cancel"] == 1 and stats["batch"]["paid_images"] == 0
+    assert stats["requests"] >= 6 and max(stats["by_prompt"].values()) == 1

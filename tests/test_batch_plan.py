@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import itertools
 import json
 import zlib
@@ -28,6 +29,7 @@ from batch.providers.batchapi import (
 )
 from batch.providers.batchlines import decode_lines
 from batch.runners import batchplan as plan
+from batch.runners.batchledger import BatchRecord, Ledger
 from batch.runners.batchplan import JobFate, Line
 
 
@@ -243,3 +245,30 @@ def test_decoder_any_chunking(tmp_path: Path, cuts: list[int]) -> None:
     assert by_key["d"].error is not None and by_key["d"].error.kind is LineErrorKind.REFUSED
     assert by_key["e"].error is not None and by_key["e"].error.kind is LineErrorKind.RETRYABLE
     assert not list((tmp_path / "images").iterdir())  # nothing left behind
+
+
+def record(tag: str, **changes: Any) -> BatchRecord:
+    base = BatchRecord(tag=tag, endpoint="e", provider="gemini", base_url="http://x/v1beta",
+                       api_key_env="K", model="m", route="", keys=("a", "b"),
+                       fingerprints=("fa", "fb"), file_sha256="0" * 64,
+                       request_file=f".imgbatch/batches/{tag}.jsonl", created_s=1.0,
+                       price_micros=10)
+    return dataclasses.replace(base, **changes)
+
+
+def test_ledger_steps_and_a_torn_tail(tmp_path: Path) -> None:
+    ledger = Ledger.open(tmp_path)
+    ledger.intend(record("t1"))
+    ledger.intend(record("t2"))
+    ledger.submitted("t1", "batches/1")
+    ledger.close_batch("t2", "succeeded")
+    ledger.close()
+    with (tmp_path / ".imgbatch" / "batches.jsonl").open("ab") as handle:
+        handle.write(record("t3").to_line()[:40])  # a crash in the middle of an intent
+    again = Ledger.open(tmp_path)
+    assert [r.tag for r in again.open_batches()] == ["t1"]
+    assert again.records["t1"].batch_id == "batches/1" and "t3" not in again.records
+    assert again.live_keys() == {"a", "b"}
+    again.intend(record("t4"))  # appends start on a line of their own
+    again.close()
+    assert sorted(Ledger.open(tmp_path, writable=False).records) == ["t1", "t2", "t4"]

@@ -13,16 +13,18 @@ import argparse
 import importlib
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from batch.checkpoint import Checkpoint
 from batch.cost import to_usd
 from batch.endpoints import BATCH, CHAT, GEMINI, OPENAI_IMAGES, SYNC, Endpoint
 from batch.errors import UsageError
+from batch.jobs import Job
 from batch.providers.base import ClientConfig, Secret
 from batch.providers.batchapi import BatchApi
 from batch.runners.batchledger import Ledger
-from batch.runners.batchmode import BatchEndpoint
+from batch.runners.batchmode import BatchEndpoint, BatchRunner
 from batch.runners.batchplan import describe_age
 
 # provider -> "module:class" of its BatchApi client (imported when a run needs it).
@@ -42,9 +44,30 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
     add("--poll-interval", type=float, default=60.0, metavar="S",
         help="batch mode with --wait: seconds between polls (grows by half each time, "
              "up to 15 min)")
+    add("--batch-fallback", choices=("none", SYNC), default="none",
+        help="batch mode: jobs still not done --batch-deadline after their first submission "
+             "run synchronously (an overdue batch is cancelled first, its finished lines kept)")
+    add("--batch-deadline", type=float, default=86400.0, metavar="S",
+        help="with --batch-fallback sync: seconds a job may wait in batches (default 24 h)")
     add("--batch-size", type=int, default=None, metavar="N",
         help="batch mode: at most N requests per provider batch (default: the provider's "
              "limit)")
+
+
+@dataclass
+class BatchPart:
+    """A run's batch side: the runner (None when no endpoint is in batch mode), its jobs,
+    and the folder's ledger, which also keeps jobs of live batches from the sync engine."""
+
+    runner: BatchRunner | None
+    jobs: list[Job]
+    ledger: Ledger
+
+    def held(self) -> set[str]:
+        """Job ids the sync engine must leave alone: those of batch endpoints (but the
+        overdue ones of --batch-fallback sync) and any a live batch holds."""
+        fallback = {job.id for job in self.runner.fallback} if self.runner else set()
+        return ({job.id for job in self.jobs} - fallback) | self.ledger.live_keys()
 
 
 def batch_names(endpoints: Mapping[str, Endpoint], mode: str | None) -> set[str]:

@@ -1,14 +1,18 @@
-"""Batch request files: every line written once to a spool, each batch's range copied out.
+"""Batch mode's files: request files out, result images in.
+
+Request files: every line written once to a spool, each batch's range copied out.
 
 The spool holds the request lines of one submit pass in (model, route) groups,
 local input images inline (streamed from disk as base64, never held whole); its
 line sizes feed :func:`batch.runners.batchplan.split`, and each batch's lines,
 a contiguous range, become that batch's request file, fsynced, with the sha256
-its intent records.
+its intent records. Result images: staged through the store's image sink
+(:class:`SinkStage`), their commits queued and drained in bounded groups.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,9 +20,11 @@ from pathlib import Path
 
 from batch import fsops
 from batch.errors import JobError, RejectedError, StorageError
+from batch.images import StagedImage
 from batch.jobs import Job
 from batch.providers.batchapi import BatchApi
 from batch.runners import batchplan as plan
+from batch.storage.base import ImageSink, ImageStream
 
 COPY_BYTES = 1024 * 1024
 
@@ -81,3 +87,28 @@ def copy_range(source: Path, start: int, stop: int, target: Path) -> str:
         out.flush()
         fsops.fsync(out.fileno())
     return sha.hexdigest()
+
+
+class SinkStage:
+    """Stages a results stream's images in the store's image sink, named for the batch
+    until a line says whose they are."""
+
+    def __init__(self, sink: ImageSink, tag: str, max_pixels: int) -> None:
+        self.sink, self.tag, self.max_pixels = sink, tag, max_pixels
+
+    def open(self, n: int) -> ImageStream:
+        return self.sink.open(self.tag, n, max_pixels=self.max_pixels)
+
+    def discard(self, image: StagedImage) -> None:
+        self.sink.discard(image)
+
+
+async def drain(queued: list[asyncio.Future[None]]) -> None:
+    """Wait for the queued commits; the first failure is raised (the rest still finish)."""
+    if not queued:
+        return
+    done = await asyncio.gather(*queued, return_exceptions=True)
+    queued.clear()
+    for result in done:
+        if isinstance(result, BaseException):
+            raise result

@@ -1,5 +1,4 @@
-"""Batch mode: jobs of ``mode: batch`` endpoints go as provider batches, collected by a later run.
-
+"""Batch mode: jobs of ``mode: batch`` endpoints go as provider batches, collected later.
 Each pass (one per run; repeated with ``--wait``):
 
 1. *settle* every open batch of the folder's ledger: an intent without an id is
@@ -12,10 +11,9 @@ Each pass (one per run; repeated with ``--wait``):
    the provider's limits, each batch's file recorded (intent, fsynced) before
    its create call and its id right after.
 
-A job is thus in at most one live batch, a job a sync run finished is never
+So a job is in at most one live batch, a job a sync run finished is never
 submitted, and a batch whose create may have happened is never created again
-without asking the provider first. What a line or a finished batch means for
-its jobs is :mod:`batch.runners.batchplan`'s to say.
+without asking the provider first (what outcomes mean: :mod:`.batchplan`).
 """
 
 from __future__ import annotations
@@ -51,10 +49,10 @@ from batch.providers.batchapi import (
     ResultLine,
 )
 from batch.runners import batchplan as plan
-from batch.runners.batchfiles import copy_range, write_spool
+from batch.runners.batchfiles import SinkStage, copy_range, drain, write_spool
 from batch.runners.batchledger import REQUESTS_DIR, BatchRecord, Ledger, run_id
 from batch.runners.batchplan import BatchStats
-from batch.storage.base import ImageSink, ImageStream, StateStore
+from batch.storage.base import ImageSink, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +81,10 @@ class BatchConfig:
     prices: PriceTable = field(default_factory=lambda: PriceTable.with_overrides({}))
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_check: bool = True  # --verify decode: each image decoded in a child first
-
-
-class _SinkStage:
-    """Stages a results stream's images in the store's image sink, named for the batch
-    until a line says whose they are."""
-
-    def __init__(self, sink: ImageSink, tag: str, max_pixels: int) -> None:
-        self.sink, self.tag, self.max_pixels = sink, tag, max_pixels
-
-    def open(self, n: int) -> ImageStream:
-        return self.sink.open(self.tag, n, max_pixels=self.max_pixels)
-
-    def discard(self, image: StagedImage) -> None:
-        self.sink.discard(image)
+    # --batch-fallback sync: a job first submitted over deadline_s ago and still not done
+    # is run synchronously once no live batch holds it (an overdue batch is cancelled).
+    fallback_sync: bool = False
+    deadline_s: float = 86400.0
 
 
 class BatchRunner:
@@ -113,6 +101,7 @@ class BatchRunner:
         self._tags = ledger.new_tag(run_id())
         self._committer = GroupCommitter(store)
         self._pool: ProcessPoolExecutor | None = None
+        self.fallback: list[Job] = []  # for the sync engine (--batch-fallback sync)
 
     def stop(self) -> None:
         self._stop.set()
@@ -124,15 +113,25 @@ class BatchRunner:
         try:
             while True:
                 await self._settle(by_id)
+                if self.config.fallback_sync:
+                    late = plan.overdue(self.ledger.records.values(), self.ledger.live_keys(),
+                                        time.time() - self.config.deadline_s)
+                    self.fallback = [job for job in jobs if job.id in late
+                                     and not self.store.is_done(job, fingerprint(job))]
                 if submit and not self._stop.is_set():
-                    await self._submit(jobs)
+                    late_ids = {job.id for job in self.fallback}
+                    await self._submit([job for job in jobs if job.id not in late_ids])
+                if self.fallback:
+                    break  # the sync engine takes them now
                 if not (self.config.wait and self.ledger.open_batches()) or self._stop.is_set():
                     break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), interval)
                 interval = min(interval * 1.5, self.config.max_poll_interval_s)
         except FatalApiError as exc:
-            self.stats.fatal = str(exc)
+            self.stats.fatal, self.stats.stop_message = True, str(exc)
+        except StorageError as exc:
+            self.stats.stop_message = f"{exc}; re-run to collect again"
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
@@ -154,31 +153,47 @@ class BatchRunner:
                 log.warning("batch %s: endpoint %r is not in this run; left open",
                             record.tag, record.endpoint)
                 continue
-            if not record.batch_id:
-                found = await endpoint.api.find(record.tag)
-                if found is None:
-                    log.info("batch %s: never created; creating it now", record.tag)
-                    await self._create(endpoint, record)
-                    continue
-                log.info("batch %s: adopted %s (created by a run that stopped before "
-                         "recording it)", record.tag, found.batch_id)
-                record = self.ledger.submitted(record.tag, found.batch_id)
-                self.stats.adopted_batches += 1
+            try:
+                await self._settle_one(endpoint, record, by_id)
+            except FatalApiError:
+                raise
+            except JobError as exc:  # this batch only: the others still get their turn
+                log.error("batch %s %s: %s; left open, the next run tries again",
+                          record.tag, record.batch_id, exc)
+
+    async def _settle_one(self, endpoint: BatchEndpoint, record: BatchRecord,
+                          by_id: Mapping[str, Job]) -> None:
+        if not record.batch_id:
+            found = await endpoint.api.find(record.tag)
+            if found is None:
+                log.info("batch %s: never created; creating it now", record.tag)
+                await self._create(endpoint, record)
+                return
+            log.info("batch %s: adopted %s (created by a run that stopped before "
+                     "recording it)", record.tag, found.batch_id)
+            record = self.ledger.submitted(record.tag, found.batch_id)
+            self.stats.adopted_batches += 1
+        info = await endpoint.api.poll(record.batch_id)
+        if (self.config.fallback_sync and not info.state.finished
+                and record.created_s < time.time() - self.config.deadline_s):
+            log.warning("batch %s: past --batch-deadline; cancelled, its unfinished jobs "
+                        "go synchronous", record.tag)
+            await endpoint.api.cancel(record.batch_id)
             info = await endpoint.api.poll(record.batch_id)
-            record = self.ledger.update(record.tag, state=info.state.value, total=info.total,
-                                        succeeded=info.succeeded, failed=info.failed)
-            if plan.batch_end(info.state) is None:
-                continue
-            await self._collect(endpoint, record, info, by_id)
-            self.ledger.close_batch(record.tag, info.state.value, info.message)
-            self.stats.collected_batches += 1
+        record = self.ledger.update(record.tag, state=info.state.value, total=info.total,
+                                    succeeded=info.succeeded, failed=info.failed)
+        if plan.batch_end(info.state) is None:
+            return
+        await self._collect(endpoint, record, info, by_id)
+        self.ledger.close_batch(record.tag, info.state.value, info.message)
+        self.stats.collected_batches += 1
 
     async def _collect(self, endpoint: BatchEndpoint, record: BatchRecord, info: BatchInfo,
                        by_id: Mapping[str, Job]) -> None:
         prints = dict(zip(record.keys, record.fingerprints, strict=True))
         answered: set[str] = set()
         queued: list[asyncio.Future[None]] = []
-        stage = _SinkStage(self.store.sink, record.tag, self.config.max_pixels)
+        stage = SinkStage(self.store.sink, record.tag, self.config.max_pixels)
         async for line in endpoint.api.results(info, stage):
             job = by_id.get(line.key)
             fp = prints.get(line.key)
@@ -194,8 +209,8 @@ class BatchRunner:
             if future is not None:
                 queued.append(future)
             if len(queued) >= MAX_UNCOMMITTED:
-                await _drain(queued)
-        await _drain(queued)
+                await drain(queued)
+        await drain(queued)
         missing = len(set(record.keys) - answered)
         self.stats.back_to_pending += missing
         if missing:
@@ -214,7 +229,7 @@ class BatchRunner:
                     sink.release(image)
             raise
 
-    async def _decoded(self, line: ResultLine, stage: _SinkStage) -> ResultLine:
+    async def _decoded(self, line: ResultLine, stage: SinkStage) -> ResultLine:
         """``line``, or a retryable error if one of its images does not decode."""
         if not self.config.decode_check or not line.images:
             return line
@@ -233,7 +248,7 @@ class BatchRunner:
         return line
 
     async def _commit_line(self, job: Job, fp: str, line: ResultLine,
-                           stage: _SinkStage) -> asyncio.Future[None] | None:
+                           stage: SinkStage) -> asyncio.Future[None] | None:
         fate = plan.line_outcome(bool(line.images), line.error)
         if self.store.is_done(job, fp):
             for image in line.images:
@@ -383,14 +398,3 @@ class BatchRunner:
         self.ledger.submitted(record.tag, batch_id)
         self.stats.submitted_batches += 1
         log.info("batch %s: %d job(s) submitted as %s", record.tag, len(record.keys), batch_id)
-
-
-async def _drain(queued: list[asyncio.Future[None]]) -> None:
-    """Wait for the queued commits; the first failure is raised (the rest still finish)."""
-    if not queued:
-        return
-    done = await asyncio.gather(*queued, return_exceptions=True)
-    queued.clear()
-    for result in done:
-        if isinstance(result, BaseException):
-            raise result

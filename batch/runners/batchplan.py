@@ -111,6 +111,16 @@ def batch_end(state: BatchState) -> JobFate | None:
     return JobFate.PENDING if state.finished else None
 
 
+def overdue(records: Iterable[Any], live: set[str], before_s: float) -> set[str]:
+    """Job ids first put in a batch before ``before_s`` (unix seconds) and in no live
+    batch now: what ``--batch-fallback sync`` runs synchronously."""
+    first: dict[str, float] = {}
+    for record in records:
+        for key in record.keys:
+            first[key] = min(first.get(key, record.created_s), record.created_s)
+    return {key for key, at in first.items() if at < before_s and key not in live}
+
+
 def batch_micros(table: PriceTable, job: Job) -> int | None:
     """One image of ``job`` at the batch rate, in micro-dollars (None: unknown)."""
     own = table.price(job.model + BATCH_PRICE_SUFFIX, price_key(job))
@@ -160,7 +170,8 @@ class BatchStats:
     open_batches: int = 0
     open_jobs: int = 0
     open_micros: int = 0  # submitted, unfinished: counted as spent by --max-cost
-    fatal: str = ""
+    fatal: bool = False  # a 401/403 or a used-up quota ended it (exit 3)
+    stop_message: str = ""
 
     def as_record(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)
