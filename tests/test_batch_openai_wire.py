@@ -24,6 +24,7 @@ from batch.providers.batchapi import BatchLimits, BatchState, LineErrorKind, Res
 from batch.providers.batchlines import decode_lines
 from batch.providers.transport import stream_body
 from batch.runners.batchplan import Line, LineTooBig, grouped, split
+from batch.sim import batch_openai_wire as simwire
 from batch.sim.images import PngMaker
 
 PNG = PngMaker(0).png(4, 4, b"\x10\x20\x30", b"one")
@@ -301,3 +302,40 @@ def test_skip_for(status: int, content_range: str | None, offset: int, skip: int
 def test_skip_for_refuses_a_wrong_range(content_range: str | None) -> None:
     with pytest.raises(MalformedResponse):
         _skip_for(206, content_range, 500)
+
+
+def input_line(key: str = "k", url: str = G, method: str = "POST", **body: Any) -> bytes:
+    fields = {"model": "gpt-image-1", "prompt": "p", "size": "1024x1024", **body}
+    return json.dumps({"custom_id": key, "method": method, "url": url,
+                       "body": fields}).encode() + b"\n"
+
+
+@pytest.mark.parametrize(("lines", "codes"), [
+    ([input_line("a"), input_line("b")], []),
+    ([input_line("a"), input_line("a")], ["duplicate_custom_id"]),
+    ([input_line(url=E)], ["mismatched_endpoint"]),
+    ([input_line(method="GET")], ["invalid_request"]),
+    ([input_line(style="vivid")], ["unknown_parameter"]),
+    ([input_line(size="512x512")], ["invalid_value"]),
+    ([b"not json\n"], ["invalid_json"]),
+    ([input_line("a"), input_line("b", model="gpt-image-1-mini")], ["mismatched_model"]),
+    ([input_line(str(i)) for i in range(4)], ["too_many_requests"]),
+    ([b"\n"], ["empty_file"]),
+])
+def test_simulated_validation(lines: list[bytes], codes: list[str], tmp_path: Path) -> None:
+    """The simulator refuses a file as strictly as the API's validating step."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"".join(lines))
+    rec = simwire.BatchRec("b", 1, "f", G, {}, 0.0)
+    simwire.validate(rec, path, limit=3)
+    assert [e["code"] for e in rec.errors] == codes
+
+
+def test_simulated_edit_lines_take_data_urls(tmp_path: Path) -> None:
+    url = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(input_line(url=E, images=[{"image_url": url}])
+                     + input_line("b", url=E, images=[{"file": "x"}]))
+    rec = simwire.BatchRec("b", 1, "f", E, {}, 0.0)
+    simwire.validate(rec, path, limit=10)
+    assert [e["line"] for e in rec.errors] == [2] and [k for k, _, _ in rec.lines] == ["k"]

@@ -22,17 +22,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import hashlib
 import json
 import re
 import secrets
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from aiohttp import BodyPartReader, web
 
+from batch.sim import batch_openai_wire as wire
 from batch.sim import images_wire
+from batch.sim.batch_openai_wire import BatchRec, FileRec
 from batch.sim.batchclock import (
     BatchSimConfig,
     BatchSimState,
@@ -45,41 +44,10 @@ from batch.sim.batchclock import (
 )
 from batch.sim.config import SimConfig
 from batch.sim.images import PngMaker, colour, label_lines, request_text
-from batch.sim.wire import Parsed, Reject
+from batch.sim.wire import Parsed
 
-ENDPOINTS = ("/v1/images/generations", "/v1/images/edits")
-MAX_LINES = 50_000
-MAX_FILE_BYTES = 200_000_000
 CHUNK = 64 * 1024
 _RANGE = re.compile(r"bytes=(\d+)-$")
-
-
-@dataclass
-class FileRec:
-    id: str
-    path: Path
-    bytes: int
-    purpose: str
-    filename: str
-    created_at: int
-
-
-@dataclass
-class BatchRec:
-    id: str
-    ordinal: int
-    input_file_id: str
-    endpoint: str
-    metadata: dict[str, str]
-    created_s: float
-    lines: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)  # key, sha, body
-    errors: list[dict[str, Any]] = field(default_factory=list)  # validation errors
-    cancelled_s: float | None = None
-    status: str = ""  # set once final
-    output_file_id: str | None = None
-    error_file_id: str | None = None
-    completed: int = 0
-    failed: int = 0
 
 
 class OpenAIBatchSim:
@@ -142,7 +110,7 @@ class OpenAIBatchSim:
                 with saved.open("wb") as out:
                     while chunk := await part.read_chunk(CHUNK):
                         size += len(chunk)
-                        if size > MAX_FILE_BYTES:
+                        if size > wire.MAX_FILE_BYTES:
                             saved.unlink()
                             return _error(400, "File is too large: a batch file may have at "
                                           "most 200 MB", "file_too_large")
@@ -161,7 +129,7 @@ class OpenAIBatchSim:
         self.files[rec.id] = rec
         if n == self.state.config.hang_upload:
             await self.state.hang()
-        return web.json_response(_file_object(rec))
+        return web.json_response(wire.file_object(rec))
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         if (refused := self._auth(request)) is not None:
@@ -179,12 +147,12 @@ class OpenAIBatchSim:
         if body["completion_window"] != "24h":
             return _error(400, "Invalid value for 'completion_window': only '24h'.",
                           "invalid_value", param="completion_window")
-        if body["endpoint"] not in ENDPOINTS:
+        if body["endpoint"] not in wire.ENDPOINTS:
             return _error(400, f"Invalid value for 'endpoint': {body['endpoint']!r} (the "
                           "simulator serves image batches only).", "invalid_value",
                           param="endpoint")
         metadata = body.get("metadata") or {}
-        if not _metadata_ok(metadata):
+        if not wire.metadata_ok(metadata):
             return _error(400, "metadata: at most 16 string pairs, keys <= 64 and values "
                           "<= 512 characters", "invalid_value", param="metadata")
         source = self.files.get(body["input_file_id"])
@@ -194,7 +162,7 @@ class OpenAIBatchSim:
         n = self.state.count("create")
         rec = BatchRec(self._id("batch_"), n, source.id, body["endpoint"], dict(metadata),
                        self.state.clock.now())
-        self._validate(rec, source.path)
+        wire.validate(rec, source.path, self.state.config.max_requests or wire.MAX_LINES)
         if not rec.errors:
             for _key, sha, _body in rec.lines:
                 self.state.batch_attempts[sha] = self.state.batch_attempts.get(sha, 0) + 1
@@ -268,7 +236,7 @@ class OpenAIBatchSim:
                           None)
         rec.cancelled_s = self.state.clock.now()
         # The real API answers "cancelling"; the next poll sees "cancelled".
-        return web.json_response({**self._object(rec, final=False), "status": "cancelling"})
+        return web.json_response(wire.batch_object(rec, "cancelling"))
 
     async def content(self, request: web.Request) -> web.StreamResponse:
         if (refused := self._auth(request)) is not None:
@@ -336,63 +304,8 @@ class OpenAIBatchSim:
 
     # ----- batches -------------------------------------------------------------------
 
-    def _validate(self, rec: BatchRec, path: Path) -> None:
-        """Read the input file as the API's validation step does."""
-        seen: set[str] = set()
-        models: set[str] = set()
-        limit = self.state.config.max_requests or MAX_LINES
-        with path.open("rb") as handle:
-            for number, raw in enumerate(handle, 1):
-                if not raw.strip():
-                    continue
-                problem = self._check_line(raw, rec.endpoint, seen, models, rec)
-                if problem is not None:
-                    rec.errors.append({"code": problem[0], "message": problem[1],
-                                       "param": None, "line": number})
-                if len(rec.errors) >= 10:
-                    break
-        if len(rec.lines) > limit:
-            rec.errors.append({"code": "too_many_requests", "line": None, "param": None,
-                               "message": f"{len(rec.lines)} requests, over {limit}"})
-        if len(models) > 1:
-            rec.errors.append({"code": "mismatched_model", "line": None, "param": None,
-                               "message": "all requests of a batch must use one model, "
-                               f"found {sorted(models)}"})
-        if not rec.lines and not rec.errors:
-            rec.errors.append({"code": "empty_file", "line": None, "param": None,
-                               "message": "the input file has no requests"})
-
-    def _check_line(self, raw: bytes, endpoint: str, seen: set[str], models: set[str],
-                    rec: BatchRec) -> tuple[str, str] | None:
-        try:
-            line = json.loads(raw)
-        except ValueError:
-            return "invalid_json", "the line is not valid JSON"
-        if not isinstance(line, dict):
-            return "invalid_request", "the line is not a JSON object"
-        key, body = line.get("custom_id"), line.get("body")
-        if not isinstance(key, str) or not key:
-            return "invalid_request", "custom_id is required"
-        if key in seen:
-            return "duplicate_custom_id", f"custom_id {key!r} appears more than once"
-        seen.add(key)
-        if line.get("method") != "POST":
-            return "invalid_request", "method must be POST"
-        if line.get("url") != endpoint:
-            return "mismatched_endpoint", f"url {line.get('url')!r} is not the batch's " \
-                f"endpoint {endpoint}"
-        if not isinstance(body, dict):
-            return "invalid_request", "body must be a JSON object"
-        try:
-            edit = endpoint.endswith("/edits")
-            count = images_wire.json_images(body) if edit else 0
-            fields = {k: v for k, v in body.items() if k != "images"}
-            parsed = images_wire.parse_fields(fields, count, edit=edit)
-        except Reject as exc:
-            return exc.code or "invalid_request", exc.message
-        models.add(parsed.model)
-        rec.lines.append((key, hashlib.sha256(parsed.prompt.encode()).hexdigest(), body))
-        return None
+    def _object(self, rec: BatchRec) -> dict[str, Any]:
+        return wire.batch_object(rec, self._status(rec))
 
     def _status(self, rec: BatchRec) -> str:
         if rec.status:
@@ -426,17 +339,18 @@ class OpenAIBatchSim:
         with out_path.open("wb") as out, err_path.open("wb") as err:
             for key, sha, body in rec.lines:
                 line_id = self._id("batch_req_")
-                if end is not End.SUCCEEDED and not line_finished_before_expiry(key,
-                                                                                self.state.config):
-                    err.write(_line(line_id, key, None, {"code": unfinished_code, "message":
-                              "This request could not be executed before the completion "
-                              "window ended." if unfinished_code == "batch_expired" else
-                              "The batch was cancelled before this request executed."}))
+                finished = line_finished_before_expiry(key, self.state.config)
+                if end is not End.SUCCEEDED and not finished:
+                    why = ("This request could not be executed before the completion window "
+                           "ended." if unfinished_code == "batch_expired" else
+                           "The batch was cancelled before this request executed.")
+                    err.write(wire.output_line(line_id, key, None,
+                                               {"code": unfinished_code, "message": why}))
                     rec.failed += 1
                     continue
                 status, pieces = self._run(key, sha, body)
                 target = out if status == 200 else err
-                head, tail = _line(line_id, key, (status, f"req_{line_id[-8:]}"), None,
+                head, tail = wire.output_line(line_id, key, (status, f"req_{line_id[-8:]}"), None,
                                    split=True)
                 target.write(head)
                 for piece in pieces:
@@ -481,52 +395,6 @@ class OpenAIBatchSim:
         label = tuple(label_lines(key, parsed.prompt))
         return self.pngs.png(dims[0], dims[1], colour(sha, 0),
                              request_text(sha, self.state.batch_attempts.get(sha, 1)), label)
-
-    def _object(self, rec: BatchRec, *, final: bool = True) -> dict[str, Any]:
-        status = self._status(rec) if final else "cancelling"
-        created = int(rec.created_s)
-        return {
-            "id": rec.id, "object": "batch", "endpoint": rec.endpoint,
-            "errors": {"object": "list", "data": rec.errors} if rec.errors else None,
-            "input_file_id": rec.input_file_id, "completion_window": "24h",
-            "status": status, "output_file_id": rec.output_file_id,
-            "error_file_id": rec.error_file_id, "created_at": created,
-            "expires_at": created + 86400,
-            "cancelled_at": int(rec.cancelled_s) if status == "cancelled" and rec.cancelled_s
-            else None,
-            "request_counts": {"total": len(rec.lines), "completed": rec.completed,
-                               "failed": rec.failed},
-            "metadata": rec.metadata or None,
-        }
-
-
-def _line(line_id: str, key: str, response: tuple[int, str] | None,
-          error: dict[str, str] | None, split: bool = False) -> Any:
-    """A request-output line; with ``split``, (head, tail) around the response body."""
-    mark = "@@BODY@@"
-    document: dict[str, Any] = {"id": line_id, "custom_id": key, "response": None,
-                                "error": error}
-    if response is not None:
-        document["response"] = {"status_code": response[0], "request_id": response[1],
-                                "body": mark}
-    text = json.dumps(document)
-    if not split:
-        return text.encode() + b"\n"
-    head, tail = text.split(json.dumps(mark), 1)
-    return head.encode(), tail.encode() + b"\n"
-
-
-def _metadata_ok(metadata: Any) -> bool:
-    return isinstance(metadata, dict) and len(metadata) <= 16 and all(
-        isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512
-        for k, v in metadata.items())
-
-
-def _file_object(rec: FileRec) -> dict[str, Any]:
-    return {"id": rec.id, "object": "file", "bytes": rec.bytes, "created_at": rec.created_at,
-            "filename": rec.filename, "purpose": rec.purpose, "status": "processed",
-            "expires_at": rec.created_at + 30 * 86400}
-
 
 def _error(status: int, message: str, code: str | None, *, param: str | None = None,
            kind: str = "invalid_request_error") -> web.Response:
