@@ -375,7 +375,8 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
             client = ClientConfig(timeout_s=args.timeout, stall_timeout_s=args.stall_timeout,
                                   ca_bundle=args.ca_bundle)
             runner = BatchRunner(
-                batchcli.build_endpoints(endpoints, batched, keys, client), store, ledger,
+                batchcli.build_endpoints(endpoints, batched, keys, client,
+                                         not args.no_embed_metadata), store, ledger,
                 BatchConfig(wait=args.wait, poll_interval_s=args.poll_interval,
                             batch_size=args.batch_size, force=args.force,
                             max_cost_usd=args.max_cost, prices=prices,

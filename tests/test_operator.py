@@ -125,7 +125,8 @@ def test_validate_estimates_cost() -> None:
     done = run_cli("validate", "jobs/example.yaml")
     assert done.returncode == 0, done.stderr
     # 7 images at $0.134 and one flash 1K image at $0.039
-    assert "estimated cost: $0.98 for one image per job\n" in done.stdout
+    assert "estimated cost: $0.98 sync, $0.49 at the batch rate, for one image per job\n" \
+        in done.stdout
 
 
 def test_catalog_with_vars_and_count_runs_resumes_and_reports_per_job(tmp_path: Path) -> None:

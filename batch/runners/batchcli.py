@@ -21,6 +21,7 @@ from batch.cost import to_usd
 from batch.endpoints import BATCH, CHAT, GEMINI, OPENAI_IMAGES, SYNC, Endpoint
 from batch.errors import UsageError
 from batch.jobs import Job
+from batch.provenance import Stamper
 from batch.providers.base import ClientConfig, Secret
 from batch.providers.batchapi import BatchApi
 from batch.runners.batchledger import Ledger
@@ -94,7 +95,8 @@ def build_client(provider: str, config: ClientConfig) -> BatchApi:
 
 
 def build_endpoints(endpoints: Mapping[str, Endpoint], names: set[str],
-                    keys: Mapping[str, Secret], config: ClientConfig) -> dict[str, BatchEndpoint]:
+                    keys: Mapping[str, Secret], config: ClientConfig,
+                    embed_metadata: bool = True) -> dict[str, BatchEndpoint]:
     """One batch client per batch endpoint (``config`` gives timeouts and TLS)."""
     out = {}
     for name in names:
@@ -103,7 +105,8 @@ def build_endpoints(endpoints: Mapping[str, Endpoint], names: set[str],
             base_url=ep.base_url, api_key=keys[name], timeout_s=config.timeout_s,
             stall_timeout_s=config.stall_timeout_s, ca_bundle=config.ca_bundle)
         out[name] = BatchEndpoint(name, ep.provider, ep.base_url, ep.api_key_env,
-                                  build_client(ep.provider, client_config))
+                                  build_client(ep.provider, client_config),
+                                  Stamper(ep.provider, ep.base_url) if embed_metadata else None)
     return out
 
 

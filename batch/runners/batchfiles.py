@@ -13,14 +13,15 @@ its intent records. Result images: staged through the store's image sink
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from batch import fsops
 from batch.errors import JobError, RejectedError, StorageError
-from batch.images import StagedImage
+from batch.images import StagedImage, StreamTransform, final_name
 from batch.jobs import Job
 from batch.providers.batchapi import BatchApi
 from batch.runners import batchplan as plan
@@ -91,16 +92,45 @@ def copy_range(source: Path, start: int, stop: int, target: Path) -> str:
 
 class SinkStage:
     """Stages a results stream's images in the store's image sink, named for the batch
-    until a line says whose they are."""
+    until a line says whose they are; ``stamp`` (provenance) is applied then."""
 
-    def __init__(self, sink: ImageSink, tag: str, max_pixels: int) -> None:
-        self.sink, self.tag, self.max_pixels = sink, tag, max_pixels
+    def __init__(self, sink: ImageSink, tag: str, max_pixels: int,
+                 stamp: Callable[[Job], StreamTransform] | None = None) -> None:
+        self.sink, self.tag, self.max_pixels, self.stamp = sink, tag, max_pixels, stamp
 
     def open(self, n: int) -> ImageStream:
         return self.sink.open(self.tag, n, max_pixels=self.max_pixels)
 
     def discard(self, image: StagedImage) -> None:
         self.sink.discard(image)
+
+    async def owned(self, image: StagedImage, job: Job, index: int) -> StagedImage:
+        """``image`` as image ``index`` of ``job``: renamed, or, with a stamp, copied
+        through it (the provenance packet streamed in, as sync mode does while receiving)."""
+        ext = image.final_rel.rsplit(".", 1)[-1]
+        if self.stamp is None:
+            return dataclasses.replace(image, final_rel=final_name(job.id, index, ext))
+        stamp = self.stamp
+
+        def copy() -> StagedImage:
+            stream = self.sink.open(job.id, index, max_pixels=self.max_pixels,
+                                    transform=stamp(job))
+            try:
+                with self.sink.local_path(image).open("rb") as handle:
+                    while chunk := handle.read(COPY_BYTES):
+                        stream.write(chunk)
+                return stream.finish()
+            except BaseException:
+                stream.abort()
+                raise
+
+        try:
+            stamped = await asyncio.to_thread(copy)
+        except BaseException:
+            self.discard(image)
+            raise
+        self.discard(image)
+        return stamped
 
 
 async def drain(queued: list[asyncio.Future[None]]) -> None:

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
@@ -36,7 +35,7 @@ from batch.cost import PriceTable
 from batch.errors import FatalApiError, JobError, NotRecorded, RejectedError, StorageError
 from batch.imagecheck import decode_problem
 from batch.imageinfo import DEFAULT_MAX_PIXELS
-from batch.images import StagedImage, final_name
+from batch.images import StagedImage, StreamTransform
 from batch.jobs import ImageRecord, Job, Status
 from batch.providers.batchapi import (
     BatchApi,
@@ -68,6 +67,7 @@ class BatchEndpoint:
     base_url: str
     api_key_env: str
     api: BatchApi
+    stamp: Callable[[Job], StreamTransform] | None = None  # provenance, as in sync mode
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ class BatchRunner:
         prints = dict(zip(record.keys, record.fingerprints, strict=True))
         answered: set[str] = set()
         queued: list[asyncio.Future[None]] = []
-        stage = SinkStage(self.store.sink, record.tag, self.config.max_pixels)
+        stage = SinkStage(self.store.sink, record.tag, self.config.max_pixels, endpoint.stamp)
         async for line in endpoint.api.results(info, stage):
             job = by_id.get(line.key)
             fp = prints.get(line.key)
@@ -256,14 +256,14 @@ class BatchRunner:
             return None
         attempts = self.store.attempts(job.id)
         if fate is plan.JobFate.SUCCEEDED:
-            named = [dataclasses.replace(image, final_rel=final_name(
-                job.id, n, image.final_rel.rsplit(".", 1)[-1]))
-                for n, image in enumerate(line.images)]
+            named: list[StagedImage] = []
             try:
+                for n, image in enumerate(line.images):
+                    named.append(await stage.owned(image, job, n))  # ``image`` is gone then
                 # Where any later open finds them (an object store uploads them here).
                 images = await stage.sink.prepare(named)
-            except StorageError:
-                for image in named:
+            except (StorageError, JobError):
+                for image in [*named, *line.images[len(named) + 1:]]:
                     stage.discard(image)
                 raise
             state = JobState(
