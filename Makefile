@@ -41,6 +41,7 @@ soak: $(STAMP)
 		tests/test_storage_faults.py -k randomized
 	IMGBATCH_SCENARIO_SEEDS=30 $(VENV)/bin/pytest -q -p no:randomly tests/test_congestion.py
 	IMGBATCH_SOAK_BATCH=1 $(VENV)/bin/pytest -q -p no:randomly tests/test_batch_gemini_e2e.py -k 500
+	IMGBATCH_SOAK_BATCH=1 $(VENV)/bin/pytest -q -p no:randomly tests/test_batch_openai_e2e.py -k three_runs
 
 # The benchmark's extras (openai for the peer script, psutil), installed once.
 BENCH_STAMP := $(VENV)/.bench-installed
