@@ -337,3 +337,19 @@ def test_fallback_sync_after_the_deadline(tmp_path: Path) -> None:
     assert check_images(out, manifest) == 6
     assert stats["batch"]["calls"]["cancel"] == 1 and stats["batch"]["paid_images"] == 0
     assert stats["requests"] >= 6 and max(stats["by_prompt"].values()) == 1
+
+
+def test_wait_gives_up_on_lines_that_keep_failing(tmp_path: Path) -> None:
+    """--wait never loops for ever: a job whose line fails every time is submitted three
+    times in a run, then left pending with the provider's reason."""
+    manifest = write_catalog(tmp_path, 2)
+    out = tmp_path / "out"
+    with simulator("--scale", SCALE, "--batch-line-fail", "1", "--batch-line-fail-attempts",
+                   "99") as sim:
+        done = run(sim, manifest, out, "--wait", "--poll-interval", "0.01")
+        stats = batch_stats(sim)
+    assert done.returncode == 1, done.stderr
+    assert stats["calls"]["create"] == 3 and stats["paid_images"] == 0
+    rows = read_results(out)
+    assert {row["status"] for row in rows} == {"pending"}
+    assert {row["error"]["type"] for row in rows} == {"batch_retryable"}

@@ -22,18 +22,16 @@ import asyncio
 import contextlib
 import json
 import logging
-import multiprocessing
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 from batch.checkpoint import STATE_DIR, FileMeta, JobState, fingerprint
 from batch.commit import GroupCommitter
 from batch.cost import PriceTable
 from batch.errors import FatalApiError, JobError, NotRecorded, RejectedError, StorageError
-from batch.imagecheck import decode_problem
 from batch.imageinfo import DEFAULT_MAX_PIXELS
 from batch.images import StagedImage, StreamTransform
 from batch.jobs import ImageRecord, Job, Status
@@ -48,13 +46,14 @@ from batch.providers.batchapi import (
     ResultLine,
 )
 from batch.runners import batchplan as plan
-from batch.runners.batchfiles import SinkStage, copy_range, drain, write_spool
+from batch.runners.batchfiles import DecodeCheck, SinkStage, copy_range, drain, write_spool
 from batch.runners.batchledger import REQUESTS_DIR, BatchRecord, Ledger, run_id
 from batch.runners.batchplan import BatchStats
 from batch.storage.base import ImageSink, StateStore
 
 log = logging.getLogger(__name__)
 
+MAX_SUBMITS_PER_RUN = 3
 MAX_UNCOMMITTED = 32  # result lines whose commit is queued (each holds an open image file)
 
 
@@ -100,8 +99,10 @@ class BatchRunner:
         self._stop = asyncio.Event()
         self._tags = ledger.new_tag(run_id())
         self._committer = GroupCommitter(store)
-        self._pool: ProcessPoolExecutor | None = None
+        self._decoder = DecodeCheck()
         self.fallback: list[Job] = []  # for the sync engine (--batch-fallback sync)
+        # Submissions per job in this run: --wait gives up on a job whose line keeps failing.
+        self._sent: Counter[str] = Counter()
 
     def stop(self) -> None:
         self._stop.set()
@@ -133,8 +134,7 @@ class BatchRunner:
         except StorageError as exc:
             self.stats.stop_message = f"{exc}; re-run to collect again"
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
+            self._decoder.close()
             await self._committer.close()
             opened = self.ledger.open_batches()
             self.stats.open_batches = len(opened)
@@ -233,13 +233,8 @@ class BatchRunner:
         """``line``, or a retryable error if one of its images does not decode."""
         if not self.config.decode_check or not line.images:
             return line
-        if self._pool is None:
-            # spawn: a forked child would inherit the commit thread's locks.
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        loop = asyncio.get_running_loop()
         for image in line.images:
-            problem = await loop.run_in_executor(
-                self._pool, decode_problem, stage.sink.local_path(image), image.info.mime)
+            problem = await self._decoder.problem(stage.sink.local_path(image), image.info.mime)
             if problem is not None:
                 for staged in line.images:
                     stage.discard(staged)
@@ -306,7 +301,8 @@ class BatchRunner:
             budget = int(self.config.max_cost_usd * 1_000_000) - spent - self.stats.cost_micros
         todo: dict[str, list[tuple[Job, str]]] = {}
         for job in jobs:
-            if job.endpoint not in self.endpoints or job.id in live:
+            if (job.endpoint not in self.endpoints or job.id in live
+                    or self._sent[job.id] >= MAX_SUBMITS_PER_RUN):
                 continue
             fp = fingerprint(job)
             if not self.config.force and self.store.is_done(job, fp):
@@ -364,6 +360,7 @@ class BatchRunner:
                     request_file=rel, created_s=time.time(), price_micros=price))
                 for key in keys:
                     self.store.mark_attempt(jobs[key], fps[key])
+                    self._sent[key] += 1
                 self.stats.submitted_jobs += len(keys)
                 await self._create(endpoint, record)
         finally:
