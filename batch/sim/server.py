@@ -21,6 +21,7 @@ import time
 
 from aiohttp import web
 
+from batch.sim import batch_openai
 from batch.sim.batch_gemini import GeminiBatchSim
 from batch.sim.batchclock import BatchSimState
 from batch.sim.config import SimConfig
@@ -307,6 +308,7 @@ def build_app(config: SimConfig) -> web.Application:
     app.router.add_route("*", "/v1beta/models/{tail}", sim.gemini)
     app.router.add_route("*", "/v1/images/generations", sim.images)
     app.router.add_route("*", "/v1/images/edits", sim.images)
+    batch_openai.install(app, config, sim.batches)
     app.router.add_route("*", "/{tail:.*}", sim.not_found)
     return app
 
