@@ -30,7 +30,7 @@ from batch.providers.batchapi import (
 from batch.providers.batchlines import decode_lines
 from batch.runners import batchplan as plan
 from batch.runners.batchledger import BatchRecord, Ledger
-from batch.runners.batchplan import JobFate, Line
+from batch.runners.batchplan import BatchStats, JobFate, Line
 
 
 def lines(*spec: tuple[str, int]) -> list[Line]:
@@ -272,3 +272,18 @@ def test_ledger_steps_and_a_torn_tail(tmp_path: Path) -> None:
     again.intend(record("t4"))  # appends start on a line of their own
     again.close()
     assert sorted(Ledger.open(tmp_path, writable=False).records) == ["t1", "t2", "t4"]
+
+
+@pytest.mark.parametrize(("stats", "shown", "hidden"), [
+    (BatchStats(), "batch: no batch open", "submitted"),
+    (BatchStats(open_batches=3, open_jobs=40, submitted_jobs=40, open_micros=2_680_000),
+     "batch: 40 jobs in 3 batches submitted (40 this run, ~$2.68 at the batch rate)",
+     "collected"),
+    (BatchStats(collected_batches=2, succeeded=4, cost_micros=154_500, sync_micros=309_000),
+     "2 batch(es) collected: 4 succeeded, 0 failed, 0 back to pending, ~$0.15 at the batch "
+     "price (sync ~$0.31)", "submitted"),
+])
+def test_the_batch_line_says_what_is_open_and_what_was_collected(
+    stats: BatchStats, shown: str, hidden: str
+) -> None:
+    assert shown in stats.line() and hidden not in stats.line()

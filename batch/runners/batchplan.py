@@ -182,7 +182,7 @@ class BatchStats:
     def line(self) -> str:
         text = (f"batch: {self.open_jobs} jobs in {self.open_batches} batches submitted"
                 f" ({self.submitted_jobs} this run, ~${to_usd(self.open_micros):.2f} at the "
-                f"batch rate)")
+                f"batch rate)") if self.open_batches else "batch: no batch open"
         if self.collected_batches:
             text += (f"; {self.collected_batches} batch(es) collected: {self.succeeded} "
                      f"succeeded, {self.failed} failed, {self.back_to_pending} back to pending,"
