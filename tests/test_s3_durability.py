@@ -93,6 +93,24 @@ def test_an_upload_that_keeps_failing_keeps_the_paid_image(
     assert not [k for k in moto.objects(proxied.bucket, "out") if "/staging/" in k]
 
 
+def test_an_uploaded_image_that_cannot_be_recorded_is_kept(
+    location: S3Location, moto: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    store = S3State.open(location)
+    job = a_job(6)
+    (uploaded,) = asyncio.run(store.sink.prepare([stage(store, job, png(6))]))
+    assert store._lease is not None
+    store._lease.lost.set()
+    with pytest.raises(NotRecorded):
+        store.commit_batch([succeeded(store, job, uploaded)], [uploaded])
+    store.sink.discard(uploaded)  # what the engine does with what is not recorded
+    store.close()
+    (kept,) = (tmp_path / "cache" / "imgbatch" / "unuploaded").rglob("*.png")
+    assert kept.read_bytes() == png(6)
+    assert not [k for k in moto.objects(location.bucket, "out") if "/staging/" in k]
+
+
 def test_a_segment_write_failing_past_the_client_retries_is_written_again(
     proxied: S3Location, faults: Faults, moto: S3Server
 ) -> None:

@@ -13,7 +13,9 @@ Path of one image (the local rule, with keys for names):
    aborted by the next open. One that fails past obstore's retries is tried
    again from the spool (``retry_delays_s``); if it still fails, the answer's
    spool files move to ``keep_dir`` and the run stops with a StorageError
-   naming it, rather than delete a paid image.
+   naming it, rather than delete a paid image. An uploaded image the state
+   could not record (:meth:`S3Images.discard`, the lease lost) is downloaded
+   there too before its staging key goes.
 3. The state store records the job, with the staging key beside it.
 4. :meth:`S3Images.publish` copies the staging key to the final key
    server-side, create-only (``If-None-Match: *`` on the completion), then
@@ -208,11 +210,26 @@ class S3Images:
         return target
 
     def discard(self, staged: StagedImage) -> None:
+        """Drop a spooled image (a broken answer); one already uploaded is paid for and
+        was not recorded (the lease was lost): kept in :attr:`keep_dir` first."""
         staged.file.close()
         if staged.spool is not None:
             remove_quietly(staged.spool)
-        else:
-            self._delete(staged.tmp_rel)
+            return
+        import obstore
+
+        target = self.keep_dir / self._tag / staged.final_rel
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with target.open("wb") as out:
+                for chunk in obstore.get(self._store, self.location.key(staged.tmp_rel)).stream():
+                    out.write(chunk)
+        except Exception as exc:  # left under its staging key, for whoever comes next
+            log.error("could not keep %s, paid but not recorded, from %s: %s",
+                      staged.final_rel, staged.tmp_rel, describe(exc))
+            return
+        log.error("%s was paid for but not recorded; kept in %s", staged.final_rel, target)
+        self._delete(staged.tmp_rel)
 
     def release(self, staged: StagedImage) -> None:
         staged.file.close()
