@@ -465,8 +465,9 @@ class Engine:
             # Where any later open finds them (an object store uploads them here).
             images = await self.sink.prepare(generation.images)
         except StorageError as exc:
+            # Paid images: prepare kept what it could not make durable (never discard them).
             for staged in generation.images:
-                self.sink.discard(staged)
+                self.sink.release(staged)
             self.stop(StopReason.STORAGE, f"{exc}; jobs left pending, re-run to resume")
             return
         pairs = [

@@ -1,7 +1,8 @@
 """A fault-injecting HTTP proxy in front of the S3 server, over real sockets.
 
 moto answers every request correctly; the faults a real bucket shows under
-load are injected here, between the run and moto: ``503 SlowDown``, a
+load are injected here, between the run and moto: ``503 SlowDown`` (at
+random, or on every request to some keys for a while: a brownout), a
 connection reset half way through a part upload's body, and a ``412
 Precondition Failed`` on a create-only write (``If-None-Match: *``) that
 moto would have accepted. Requests are forwarded verbatim (moto does not
@@ -36,6 +37,9 @@ class Faults:
     # The first N create-only writes to a key containing each string get a 412 they did
     # not earn: {"/journal/": 1, "/images/": 2}.
     precondition: dict[str, int] = field(default_factory=dict)
+    # The first N requests to a key containing each string get a 503 (a brownout longer
+    # than the client's retries): {"/.imgbatch/staging/": 3}; may be raised mid-test.
+    brownout: dict[str, int] = field(default_factory=dict)
     seed: int = 0
     seen: Counter[str] = field(default_factory=Counter)
 
@@ -95,6 +99,11 @@ class FaultProxy:
             assert request.transport is not None
             request.transport.abort()  # a reset, half way through the part's body
             raise asyncio.CancelledError
+        for part, count in faults.brownout.items():
+            if part in request.path and faults.seen[f"503{part}"] < count:
+                faults.seen[f"503{part}"] += 1
+                await request.read()
+                return web.Response(status=503, body=_SLOWDOWN, content_type="application/xml")
         for part, count in faults.precondition.items():
             if create_only and part in request.path and faults.seen[f"412{part}"] < count:
                 faults.seen[f"412{part}"] += 1

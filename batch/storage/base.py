@@ -64,7 +64,8 @@ class ImageSink(Protocol):
     async def prepare(self, staged: Sequence[StagedImage]) -> tuple[StagedImage, ...]:
         """Make staged images durable where any later open can find them, before the record.
 
-        Raises StorageError if it cannot; the caller then discards them.
+        Raises StorageError if it cannot, having kept the images somewhere it names (they
+        are paid for); the caller then releases them.
         """
         ...
 

@@ -80,20 +80,26 @@ class S3Location:
         return key[len(self.prefix) + 1:] if self.prefix else key
 
 
-def open_store(location: S3Location) -> Any:
-    """The obstore S3Store of ``location`` (credentials from the environment)."""
+def open_store(location: S3Location, *, max_retries: int = 8, retry_timeout_s: float = 120.0,
+               timeout_s: float = 120.0) -> Any:
+    """The obstore S3Store of ``location`` (credentials from the environment).
+
+    The lease uses one of its own whose calls end well within its TTL.
+    """
     try:
         from obstore.store import S3Store
     except ImportError:
         raise UsageError("s3:// outputs need obstore: pip install 'imgbatch[s3]'") from None
-    client: Any = {"connect_timeout": "10s", "timeout": "120s"}
+    client: Any = {"connect_timeout": f"{int(min(10.0, timeout_s) * 1000)}ms",
+                   "timeout": f"{int(timeout_s * 1000)}ms"}
     config: Any = {"region": location.region, "copy_if_not_exists": "multipart",
                               "conditional_put": "etag"}
     if location.endpoint is not None:
         config["endpoint"] = location.endpoint
         if location.endpoint.startswith("http://"):
             client["allow_http"] = True
-    retry: Any = {"max_retries": 8, "retry_timeout": datetime.timedelta(seconds=120),
+    retry: Any = {"max_retries": max_retries,
+             "retry_timeout": datetime.timedelta(seconds=retry_timeout_s),
              "backoff": {"init_backoff": datetime.timedelta(milliseconds=100),
                          "max_backoff": datetime.timedelta(seconds=8), "base": 2}}
     try:

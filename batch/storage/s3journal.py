@@ -1,7 +1,7 @@
 """The journal of an ``s3://`` output as objects: segment names, their order, and reading them.
 
-Pure naming and ordering (tested with tables) apart from the one function
-that fetches segments.
+Pure naming and ordering (tested with tables) apart from the two functions
+that fetch segments and create one.
 
 - ``g<gen>-w-<writer>-<seq>.jsonl``: one group commit of one writer;
 - ``g<gen>-a-snapshot.jsonl``: every job's last state and the last 50 runs,
@@ -12,12 +12,17 @@ that fetches segments.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from batch.storage.s3client import S3Location
+from batch.errors import StorageError
+from batch.storage.s3client import S3Location, describe
+
+log = logging.getLogger(__name__)
 
 JOURNAL_DIR = ".imgbatch/journal"
 COMPACT_AFTER = 32  # segments an open reads before it writes a snapshot
@@ -77,3 +82,50 @@ def fetch_all(store: Any, location: S3Location, rels: list[str]) -> list[bytes]:
         return list(await asyncio.gather(*(one(rel) for rel in rels)))
 
     return asyncio.run(fetch()) if rels else []
+
+
+def put_new(store: Any, location: S3Location, rel: str, data: bytes,
+            delays_s: Sequence[float], *, held: Callable[[], bool]) -> None:
+    """Create ``rel`` holding ``data``; StorageError unless it is there, whole, after.
+
+    A failure past obstore's retries is tried again under the same name after
+    each of ``delays_s`` while ``held()`` (the writer's lease) is true: a
+    segment given up on leaves its records out, and the next open deletes the
+    staging keys of its images as unreferenced.
+    """
+    import obstore
+    from obstore.exceptions import AlreadyExistsError
+
+    key = location.key(rel)
+    delays = list(delays_s)
+    refused = 0
+    while refused < 5:
+        try:
+            obstore.put(store, key, data, mode="create")
+            return
+        except AlreadyExistsError:
+            refused += 1
+        except Exception as exc:
+            failed = f"writing {location.url}/{rel} failed: {describe(exc)}"
+            if not delays:
+                raise StorageError(failed) from None
+            log.warning("%s; trying again in %gs", failed, delays[0])
+            time.sleep(delays.pop(0))
+            if not held():
+                raise StorageError(f"{failed}, and the lease is no longer held") from None
+            continue
+        # Only this writer names this object, so it is most likely a retry finding its
+        # own first try; a 412 from a confused gateway is not believed unread.
+        try:
+            found = bytes(obstore.get(store, key).bytes())
+        except FileNotFoundError:
+            continue
+        except Exception as exc:
+            raise StorageError(f"checking {location.url}/{rel} failed: {describe(exc)}"
+                               ) from None
+        if found == data:
+            return
+        raise StorageError(f"{location.url}/{rel} exists with other content: is "
+                           "another writer using this prefix?")
+    raise StorageError(f"writing {location.url}/{rel}: the server keeps refusing "
+                       "a create-only write of an object that does not exist")

@@ -10,6 +10,15 @@ renewal that fails its precondition means someone took the lease over, and
 the store stops writing. A holder killed with SIGKILL leaves a lease that
 expires within ``ttl_s`` (45 s).
 
+The holder counts its lease valid until ``send time + ttl_s - margin_s`` of
+its last successful put (acquire or renewal): a renewal that cannot get
+through (a brownout, a partition) lets that pass, and the state store then
+refuses every write and delete, before another run may take the lease over.
+Lease calls use a store of their own whose retries end within ``ttl_s / 3``.
+Release marks the lease released, conditionally on our etag, and leaves the
+object: S3 has no conditional delete, and an unconditional one could remove
+a new holder's lease.
+
 Expiry is wall-clock time, so machines sharing a prefix need their clocks
 within a few seconds (NTP).
 """
@@ -26,7 +35,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from batch.errors import LockHeld, OutputError
+from batch.errors import LockHeld, NotRecorded, OutputError
 from batch.storage.s3client import describe
 
 log = logging.getLogger(__name__)
@@ -82,6 +91,38 @@ class Lease:
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Clocks differ a little between machines; the other run judges expiry by its own.
+        self.margin_s = ttl_s / 9
+        self._valid_until = 0.0  # time.monotonic()
+
+    def _renewed(self, sent: float) -> None:
+        self._valid_until = sent + self.ttl_s - self.margin_s
+
+    def valid(self) -> bool:
+        """Held for sure: not taken over, and renewed recently enough that it has not expired."""
+        return not self.lost.is_set() and time.monotonic() < self._valid_until
+
+    def check(self) -> None:
+        """NotRecorded unless :meth:`valid`."""
+        if self.lost.is_set():
+            raise NotRecorded(f"the lease on {self._url} was taken over by another run")
+        if time.monotonic() >= self._valid_until:
+            raise NotRecorded(f"the lease on {self._url} could not be renewed in time; "
+                              "another run may hold it now")
+
+    def confirm(self) -> None:
+        """Read the lease object back: NotRecorded unless it still names us (before deletes)."""
+        import obstore
+
+        self.check()
+        try:
+            info = LeaseInfo.parse(bytes(obstore.get(self._store, self._key).bytes()))
+        except Exception as exc:
+            raise NotRecorded(f"cannot read the lease on {self._url}: {describe(exc)}"
+                              ) from None
+        if info is None or info.holder != self.holder:
+            self.lost.set()
+        self.check()
 
     def _body(self) -> bytes:
         record = {"holder": self.holder, "host": self.host, "pid": os.getpid(),
@@ -94,9 +135,11 @@ class Lease:
         from obstore.exceptions import AlreadyExistsError, PreconditionError
 
         for _ in range(3):  # a holder that releases between our two requests: look again
+            sent = time.monotonic()
             try:
                 result = obstore.put(self._store, self._key, self._body(), mode="create")
                 self._etag = result["e_tag"]
+                self._renewed(sent)
                 break
             except AlreadyExistsError:
                 pass
@@ -114,6 +157,7 @@ class Lease:
                                   ) from None
             if info is not None and not info.dead(time.time(), self.host):
                 raise LockHeld(self._url, info.pid if info.host == self.host else None)
+            sent = time.monotonic()
             try:
                 result = obstore.put(self._store, self._key, self._body(),
                                      mode={"e_tag": etag})
@@ -126,6 +170,7 @@ class Lease:
                 log.warning("%s: took over the lease of process %d on %s, which is gone",
                             self._url, info.pid, info.host)
             self._etag = result["e_tag"]
+            self._renewed(sent)
             break
         else:
             raise LockHeld(self._url, None)
@@ -138,34 +183,43 @@ class Lease:
         from obstore.exceptions import PreconditionError
 
         while not self._stop.wait(self.ttl_s / 3):
+            sent = time.monotonic()
             try:
                 result = obstore.put(self._store, self._key, self._body(),
                                      mode={"e_tag": self._etag})
                 self._etag = result["e_tag"]
+                self._renewed(sent)
             except (PreconditionError, FileNotFoundError):
                 log.error("%s: the lease was taken over by another run; stopping writes",
                           self._url)
                 self.lost.set()
                 return
             except Exception as exc:  # a blip: the next renewal may get through
-                log.warning("%s: renewing the lease failed: %s", self._url, describe(exc))
+                log.warning("%s: renewing the lease failed: %s (writes stop in %.0fs unless "
+                            "it gets through)", self._url, describe(exc),
+                            max(0.0, self._valid_until - time.monotonic()))
 
     def release(self) -> None:
-        """Stop renewing and delete the lease if it is still ours."""
+        """Stop renewing and mark the lease released if it is still ours."""
         self._stop.set()
+        self._valid_until = 0.0
         if self._thread is not None:
-            self._thread.join()
+            # A renewal in flight ends within the lease store's retry timeout.
+            self._thread.join(self.ttl_s / 2)
+            if self._thread.is_alive():
+                log.warning("%s: a lease renewal is still in flight; the lease expires in "
+                            "%gs", self._url, self.ttl_s)
+                return
             self._thread = None
         if self._etag is None or self.lost.is_set():
             return
         import obstore
 
         try:
-            # Marked expired first (conditionally), so a delete racing a take-over
-            # cannot remove someone else's lease.
+            # Conditional on our etag: a take-over in between keeps the new holder's lease.
+            # Released, not deleted (no conditional delete); acquire takes it over.
             obstore.put(self._store, self._key, b'{"released": true}',
                         mode={"e_tag": self._etag})
-            obstore.delete(self._store, self._key)
         except Exception as exc:
             log.warning("%s: could not release the lease (it expires in %gs): %s",
                         self._url, self.ttl_s, describe(exc))

@@ -15,8 +15,11 @@ them ignored.
 
 A success is recorded before its image is copied from its staging key to
 its final key (:mod:`batch.storage.s3images`); an open copies what a crash
-left unpublished, deletes staging keys nobody needs, and aborts multipart
-uploads left under the prefix. ``root`` is a local folder for results.jsonl,
+left unpublished (:mod:`batch.storage.s3recovery`), then, only under a lease
+read back and still ours, deletes staging keys nobody needs and aborts
+multipart uploads left under the prefix; a shard writer publishes and never
+deletes. Every write and delete refuses once the lease is lost or was not
+renewed in time. ``root`` is a local folder for results.jsonl,
 summary.json and the gallery, copied to the bucket by :meth:`sync_out`.
 """
 
@@ -40,7 +43,7 @@ from batch.checkpoint import JobState
 from batch.errors import NotRecorded, OutputError, StorageError, Unpublished
 from batch.images import StagedImage
 from batch.jobs import Job, Status
-from batch.storage import s3client, s3journal
+from batch.storage import s3client, s3journal, s3lease, s3recovery
 from batch.storage.s3client import S3Location, describe
 from batch.storage.s3images import STAGING, S3Images
 from batch.storage.s3lease import LEASE, Lease
@@ -69,6 +72,7 @@ class S3State:
         self._objects: dict[str, int] = {}  # published image rel -> size
         self._intact: set[str] = set()
         self._lease: Lease | None = None
+        self.put_retry_delays_s: tuple[float, ...] = (1.0, 4.0, 10.0)
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="imgbatch-s3")
         self.sink = S3Images(store, location, self.root / ".spool", f"g{self.gen:08d}-{writer}")
         self._closed = False
@@ -77,25 +81,31 @@ class S3State:
 
     @classmethod
     def open(cls, location: S3Location, *, writer: str = "main",
-             shard_of: int | None = None) -> S3State:
+             shard_of: int | None = None, store: Any = None) -> S3State:
         """Take the lease, load the journal, finish interrupted publications, clean up.
 
         ``shard_of=GEN`` opens a shard writer under a driver that holds the lease
         and opened generation ``GEN``: no lease, no compaction and no clean-up
         (they would delete or abort what other shards are writing); ``writer``
-        must then be unique among the driver's shards.
+        must then be unique among the driver's shards. ``store``: an obstore store
+        instead of one from the environment.
         """
-        state = cls(location, s3client.open_store(location), writer=writer)
+        state = cls(location, store or s3client.open_store(location), writer=writer)
         try:
             if shard_of is None:
-                state._lease = Lease(state._store, location.key(LEASE), location.url)
+                ttl_s = s3lease.TTL_S
+                lease_store = s3client.open_store(location, retry_timeout_s=ttl_s / 3,
+                                                  timeout_s=ttl_s / 3)
+                state._lease = Lease(lease_store, location.key(LEASE), location.url, ttl_s)
                 state._lease.acquire()
                 state._load(writable=True)
                 state._recover()
             else:
                 state._load(writable=False)
                 state._use_generation(shard_of)
-                state._list_images()
+                # An earlier attempt of this shard may have recorded jobs and died before
+                # publishing them: publish (never delete) so they are done, not paid again.
+                state._recover(clean=False)
             state._download(MIRRORED)
         except BaseException:
             state.close()
@@ -118,8 +128,10 @@ class S3State:
     def refresh(self) -> None:
         """Read every segment again (shard writers' too) and finish what they left staged.
 
-        For the driver of a cluster run once every shard has ended; the lease stays held.
+        For the driver of a cluster run once every shard has ended; the lease stays held
+        (NotRecorded if it is not: the deletes would hit another run's staged images).
         """
+        self._hold_lease(confirm=True)
         gen = self.gen
         self.states.clear()
         self.runs.clear()
@@ -159,6 +171,8 @@ class S3State:
         if not writable:
             return
         stale = journal.stale
+        if stale or journal.compact:
+            self._hold_lease(confirm=True)
         if journal.compact:
             self._compact()
             stale = journal.stale + journal.live
@@ -174,7 +188,11 @@ class S3State:
                 self.runs.append(record)
             else:
                 state = JobState.from_record(record)
-                self.states[state.id] = state
+                # A dead shard attempt's segments may sort after its retry's (node clocks
+                # differ); attempts only grow, so the one with more is the later record.
+                old = self.states.get(state.id)
+                if old is None or state.attempts >= old.attempts:
+                    self.states[state.id] = state
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("%s:%d: skipping an unreadable record (%s)", name, number, exc)
 
@@ -189,38 +207,28 @@ class S3State:
         for meta in self._list("images"):
             self._objects[meta["path"][len(prefix):]] = int(meta["size"])
 
-    def _recover(self) -> None:
-        """Publish what a crash left staged, then drop staging keys and multipart leftovers."""
+    def _recover(self, *, clean: bool = True) -> None:
+        """Publish what a crash left staged; ``clean``: then, under a lease confirmed still
+        ours, drop staging keys and multipart leftovers."""
         self._list_images()
         staged = {self.location.rel(meta["path"]) for meta in self._list(STAGING)}
-        for state in self.states.values():
-            if state.status is not Status.SUCCEEDED:
-                continue
-            intact = True
-            for image, meta in zip(state.images, state.image_meta, strict=True):
-                if self._objects.get(image.path) == image.bytes:
-                    continue
-                if meta.tmp and meta.tmp in staged:
-                    self.sink.copy_to_final(meta.tmp, image.path)
-                    self._objects[image.path] = image.bytes
-                    log.info("recovered %s from an interrupted run", image.path)
-                    continue
-                intact = False
-            if intact:
-                self._intact.add(state.id)
+        self._intact |= s3recovery.publish_recorded(
+            self.states.values(), self._objects, staged, self.sink, tolerant=not clean)
+        if not clean:
+            return
+        self._hold_lease(confirm=True)
         for rel in staged:
             self._delete(rel)
-        self._abort_uploads()
+        s3recovery.abort_uploads(self.location)
 
-    def _abort_uploads(self) -> None:
-        try:
-            uploads = s3client.incomplete_uploads(self.location, self.location.key(""))
-            for key, upload_id in uploads:
-                s3client.abort_upload(self.location, key, upload_id)
-                log.info("aborted an incomplete multipart upload of %s", key)
-        except OSError as exc:
-            log.warning("could not abort incomplete multipart uploads under %s (%s); a "
-                        "lifecycle rule removes them", self.location.url, describe(exc))
+    def _hold_lease(self, *, confirm: bool = False) -> None:
+        """NotRecorded unless this store holds a valid lease (``confirm``: read back)."""
+        if self._lease is None:
+            raise NotRecorded(f"{self.location.url}: deleting needs the lease")
+        if confirm:
+            self._lease.confirm()
+        else:
+            self._lease.check()
 
     def _download(self, names: Iterable[str]) -> None:
         import obstore
@@ -341,8 +349,8 @@ class S3State:
         """Write the pending records and ``data`` as the next segment (create-only)."""
         if self._closed:
             raise NotRecorded("the state store is closed")
-        if self._lease is not None and self._lease.lost.is_set():
-            raise NotRecorded(f"the lease on {self.location.url} was taken over by another run")
+        if self._lease is not None:
+            self._lease.check()
         with self._lock:
             pending, self._pending = self._pending, []
             self._seq += 1
@@ -350,39 +358,13 @@ class S3State:
         self._put(name, b"".join(pending) + data)
 
     def _put(self, rel: str, data: bytes) -> None:
-        """Create ``rel`` holding ``data``; StorageError unless it is there, whole, after."""
-        import obstore
-        from obstore.exceptions import AlreadyExistsError
-
-        key = self.location.key(rel)
-        for _ in range(5):
-            try:
-                obstore.put(self._store, key, data, mode="create")
-                return
-            except AlreadyExistsError:
-                pass
-            except Exception as exc:
-                raise StorageError(f"writing {self.location.url}/{rel} failed: "
-                                   f"{describe(exc)}") from None
-            # Only this writer names this object, so it is most likely a retry finding
-            # its own first try; a 412 from a confused gateway is not believed unread.
-            try:
-                found = bytes(obstore.get(self._store, key).bytes())
-            except FileNotFoundError:
-                continue
-            except Exception as exc:
-                raise StorageError(f"checking {self.location.url}/{rel} failed: {describe(exc)}"
-                                   ) from None
-            if found == data:
-                return
-            raise StorageError(f"{self.location.url}/{rel} exists with other content: is "
-                               "another writer using this prefix?")
-        raise StorageError(f"writing {self.location.url}/{rel}: the server keeps refusing "
-                           "a create-only write of an object that does not exist")
+        s3journal.put_new(self._store, self.location, rel, data, self.put_retry_delays_s,
+                          held=lambda: self._lease is None or self._lease.valid())
 
     def _delete(self, rel: str) -> None:
         import obstore
 
+        self._hold_lease()
         try:
             obstore.delete(self._store, self.location.key(rel))
         except Exception as exc:
@@ -407,7 +389,7 @@ class S3State:
             return
         self._closed = True
         try:
-            if self._pending and not (self._lease is not None and self._lease.lost.is_set()):
+            if self._pending and (self._lease is None or self._lease.valid()):
                 self._closed = False
                 try:
                     self._flush(b"")
