@@ -17,17 +17,20 @@ from typing import Any
 
 import pytest
 
-from batch.checkpoint import JobState
+from batch.checkpoint import Checkpoint, JobState
 from batch.congestion import ControlConfig
-from batch.engine import StopReason
+from batch.cost import PriceTable
+from batch.engine import Engine, EngineConfig, Route, RunStats, StopReason
 from batch.errors import ClusterError, RateLimited, StorageError
 from batch.jobs import Job, Status
+from batch.progress import Observer
 from batch.runners.coordinator import Control, Coordinator, SharedBudget, StopRelay
 from batch.runners.segments import DriverCheckpoint, SegmentStore, segment_files
 from batch.runners.shard import forced
 from batch.runners.shared_limits import EndEvent, Grant, LimitsServer, SharedLimits
 from batch.sharding import Shard, make_shards, shard_id, writer_id
 from tests.conftest import cli_env, run_args, run_cli, simulator
+from tests.scripted import ScriptedProvider
 from tests.test_e2e import catalog
 
 IDS = [f"j{i}" for i in range(7)]
@@ -302,6 +305,33 @@ async def test_a_lease_that_keeps_failing_fails_every_waiter() -> None:
     assert all(isinstance(o, ClusterError) and isinstance(o, StorageError) for o in outcomes)
     assert remote.calls == 4
     await limits.close()
+
+
+def test_an_engine_whose_shared_limits_stay_unreachable_stops_with_its_jobs_pending(
+    tmp_path: Path,
+) -> None:
+    remote = FlakyLimits(LimitsServer(ControlConfig(max_limit=4)), failures=math.inf)
+    provider = ScriptedProvider({}, PriceTable.with_overrides({}))
+    jobs = [Job(id=f"j{i}", prompt="p", model="gemini-2.5-flash-image", aspect_ratio="1:1",
+                image_size="1K") for i in range(5)]
+    store = Checkpoint.open(tmp_path)
+
+    async def main() -> RunStats:
+        limits = SharedLimits(remote, "w", lease_retries=3, retry_s=0.001)  # type: ignore[arg-type]
+        engine = Engine({"": Route(provider, limits, 4)}, store, EngineConfig(concurrency=4),
+                        Observer())
+        try:
+            async with asyncio.timeout(20):
+                return await engine.run(engine.plan(jobs))
+        finally:
+            await limits.close()
+
+    try:
+        stats = asyncio.run(main())
+    finally:
+        store.close()
+    assert stats.stop is StopReason.STORAGE and "shared limits" in stats.stop_message
+    assert sum(provider.requests.values()) == 0 and stats.succeeded == 0
 
 
 class Swappable:

@@ -326,8 +326,7 @@ class SharedLimits(Limits):
                 if failures > self._lease_retries:
                     log.error("limits unreachable after %d tries: %s", failures, exc)
                     self._fail_waiters(ClusterError(
-                        f"the shared limits stayed unreachable ({exc!r}); "
-                        "jobs left pending, re-run to resume"))
+                        f"the shared limits stayed unreachable ({exc!r})"))
                     return
                 log.warning("lease failed (%r); trying again in %.1fs", exc, self._retry_s)
                 await asyncio.sleep(self._retry_s)
