@@ -25,11 +25,15 @@ from batch.errors import ClusterError, RateLimited, StorageError
 from batch.jobs import Job, Status
 from batch.progress import Observer
 from batch.runners.coordinator import Control, Coordinator, SharedBudget, StopRelay
+from batch.runners.s3segments import open_shard
 from batch.runners.segments import DriverCheckpoint, SegmentStore, segment_files
 from batch.runners.shard import forced
 from batch.runners.shared_limits import EndEvent, Grant, LimitsServer, SharedLimits
 from batch.sharding import Shard, make_shards, shard_id, writer_id
+from batch.storage.s3client import S3Location
+from batch.storage.s3state import S3State
 from tests.conftest import cli_env, run_args, run_cli, simulator
+from tests.s3server import CREDENTIALS, S3Server
 from tests.scripted import ScriptedProvider
 from tests.test_e2e import catalog
 
@@ -460,3 +464,26 @@ def test_force_redoes_a_job_once_per_run_even_from_a_store_read_anew(tmp_path: P
     assert forced(todo, store, prior, force=True) == [todo[0], todo[2]]
     assert forced(todo, store, prior, force=False) == todo
     store.close()
+
+
+def test_a_shard_of_an_s3_output_keeps_only_its_own_jobs(
+    moto: S3Server, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    url = f"s3://{moto.bucket('ray-shard-keeps-its-own')}/out"
+    driver = S3State.open(S3Location.parse(url, moto.endpoint))
+    try:
+        for n in range(6):
+            driver.record(JobState(f"j{n}", "f", Status.FAILED, 1), durable=True)
+        driver.record(JobState("j1", "f", Status.PENDING, 2), durable=True)
+        mine = open_shard(url, moto.endpoint, "r.s1.a1", driver.gen, ["j1", "j4"])
+        everything = open_shard(url, moto.endpoint, "r.s1.a2", driver.gen)
+    finally:
+        driver.close()
+    try:
+        assert set(mine.states) == {"j1", "j4"} and mine.states["j1"].attempts == 2
+        assert set(everything.states) == {f"j{n}" for n in range(6)}
+    finally:
+        mine.close()
+        everything.close()
