@@ -105,6 +105,11 @@ class Unpublished(StorageError):
     """
 
 
+class ClusterError(StorageError):
+    """A cluster run's shared actor (limits, budget) stayed unreachable: the shard stops,
+    its unsent jobs left pending (a stop like a storage error's, so nothing waits for good)."""
+
+
 class JobError(ImgbatchError):
     """One attempt at one job failed.
 

@@ -201,6 +201,15 @@ def test_catalog_into_s3_from_the_cluster(cluster: Any, moto: S3Server, tmp_path
     assert marker.exists()  # a worker died mid-shard; its retry finished the shard
     check_bucket(moto, bucket, "nightly", jobs)
     assert sum(n - 1 for n in stats["paid_by_prompt"].values()) <= 4
+    # --force on the cluster redoes each job once (shards compare states by value).
+    few = catalog(4, tmp_path / "few.jsonl")
+    with simulator("--scale", SCALE, "--latency", "0.1") as sim:
+        argv[argv.index(str(manifest))] = str(few)
+        argv[argv.index("--base-url") + 1] = sim.url
+        forced = run_driver(cluster, [*argv, "--force"])
+        paid = sim.stats()["paid_by_prompt"]
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert sorted(paid.values()) == [1] * 4
 
 
 def test_node_removed_mid_run(cluster: Any, tmp_path: Path) -> None:

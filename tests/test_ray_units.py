@@ -10,19 +10,31 @@ import asyncio
 import functools
 import itertools
 import json
+import math
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from batch.checkpoint import Checkpoint, JobState
 from batch.congestion import ControlConfig
-from batch.errors import RateLimited
-from batch.runners.coordinator import Coordinator, SharedBudget
+from batch.cost import PriceTable
+from batch.engine import Engine, EngineConfig, Route, RunStats, StopReason
+from batch.errors import ClusterError, RateLimited, StorageError
+from batch.jobs import Job, Status
+from batch.progress import Observer
+from batch.runners.coordinator import Control, Coordinator, SharedBudget, StopRelay
+from batch.runners.s3segments import open_shard
 from batch.runners.segments import DriverCheckpoint, SegmentStore, segment_files
-from batch.runners.shared_limits import LimitsServer, SharedLimits
+from batch.runners.shard import forced
+from batch.runners.shared_limits import EndEvent, Grant, LimitsServer, SharedLimits
 from batch.sharding import Shard, make_shards, shard_id, writer_id
+from batch.storage.s3client import S3Location
+from batch.storage.s3state import S3State
 from tests.conftest import cli_env, run_args, run_cli, simulator
+from tests.s3server import CREDENTIALS, S3Server
+from tests.scripted import ScriptedProvider
 from tests.test_e2e import catalog
 
 IDS = [f"j{i}" for i in range(7)]
@@ -139,8 +151,9 @@ async def test_a_restarted_server_starts_cautious() -> None:
     fresh = LimitsServer(config, clock=clock)
     restarted = LimitsServer(config, cautious=True, clock=clock)
     assert fresh.controller.wait_s(clock()) == 0
-    assert restarted.controller.wait_s(clock()) >= 1.0  # paused, as after a 429
-    clock.t += 1.5
+    # Paused, as after a 429, and for every live client to adopt what it has in flight.
+    assert restarted.controller.wait_s(clock()) >= 6.0
+    clock.t += 7.5
     assert len((await restarted.lease("w", 8)).seqs) == 1  # then slow start from one
 
 
@@ -243,3 +256,234 @@ def test_a_single_machine_run_never_imports_ray(tmp_path: Path) -> None:
         clustered = run_cli(*run_args(manifest, tmp_path / "out2", sim), "--cluster", "ray",
                             env=env)
     assert clustered.returncode == 2 and "pip install 'imgbatch[ray]'" in clustered.stderr
+
+
+class FlakyLimits:
+    """A remote whose ``lease`` raises ``failures`` times (an actor restarting, or a bug)."""
+
+    def __init__(self, server: LimitsServer, failures: float) -> None:
+        self.server = server
+        self.failures = failures
+        self.calls = 0
+
+    async def lease(self, worker: str, want: int) -> Grant:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionError("actor unavailable")
+        return await self.server.lease(worker, want)
+
+    async def end(self, worker: str, epoch: str, events: list[EndEvent]) -> None:
+        await self.server.end(worker, epoch, events)
+
+    async def renew(self, worker: str) -> str:
+        return await self.server.renew(worker)
+
+    async def adopt(self, worker: str, count: int) -> Grant:
+        return await self.server.adopt(worker, count)
+
+
+async def _take_slots(limits: SharedLimits, n: int) -> list[BaseException | None]:
+    async def one() -> None:
+        async with limits.slot() as ticket:
+            limits.on_answer(ticket)
+
+    async with asyncio.timeout(10):  # a hang fails the test, it does not hang the suite
+        return list(await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True))
+
+
+@run_async
+async def test_a_lease_that_fails_for_a_while_is_tried_again() -> None:
+    remote = FlakyLimits(LimitsServer(ControlConfig(max_limit=4, adaptive=False)), failures=3)
+    limits = SharedLimits(remote, "w", lease_retries=5, retry_s=0.001)  # type: ignore[arg-type]
+    assert await _take_slots(limits, 6) == [None] * 6
+    await limits.close()
+    assert remote.calls > 3
+
+
+@run_async
+async def test_a_lease_that_keeps_failing_fails_every_waiter() -> None:
+    remote = FlakyLimits(LimitsServer(ControlConfig(max_limit=4)), failures=math.inf)
+    limits = SharedLimits(remote, "w", lease_retries=3, retry_s=0.001)  # type: ignore[arg-type]
+    outcomes = await _take_slots(limits, 5)
+    # A StorageError to the engine: it stops the run with these jobs pending.
+    assert all(isinstance(o, ClusterError) and isinstance(o, StorageError) for o in outcomes)
+    assert remote.calls == 4
+    await limits.close()
+
+
+def test_an_engine_whose_shared_limits_stay_unreachable_stops_with_its_jobs_pending(
+    tmp_path: Path,
+) -> None:
+    remote = FlakyLimits(LimitsServer(ControlConfig(max_limit=4)), failures=math.inf)
+    provider = ScriptedProvider({}, PriceTable.with_overrides({}))
+    jobs = [Job(id=f"j{i}", prompt="p", model="gemini-2.5-flash-image", aspect_ratio="1:1",
+                image_size="1K") for i in range(5)]
+    store = Checkpoint.open(tmp_path)
+
+    async def main() -> RunStats:
+        limits = SharedLimits(remote, "w", lease_retries=3, retry_s=0.001)  # type: ignore[arg-type]
+        engine = Engine({"": Route(provider, limits, 4)}, store, EngineConfig(concurrency=4),
+                        Observer())
+        try:
+            async with asyncio.timeout(20):
+                return await engine.run(engine.plan(jobs))
+        finally:
+            await limits.close()
+
+    try:
+        stats = asyncio.run(main())
+    finally:
+        store.close()
+    assert stats.stop is StopReason.STORAGE and "shared limits" in stats.stop_message
+    assert sum(provider.requests.values()) == 0 and stats.succeeded == 0
+
+
+class Swappable:
+    """One endpoint's actor handle: ``server`` is replaced as when Ray restarts the actor."""
+
+    def __init__(self, server: LimitsServer) -> None:
+        self.server = server
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args: getattr(self.server, name)(*args)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(5):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+@run_async
+async def test_a_restarted_limits_server_adopts_the_requests_in_flight() -> None:
+    clock = Clock()
+    config = ControlConfig(max_limit=2, adaptive=False)
+    remote = Swappable(LimitsServer(config, clock=clock))
+    holder = SharedLimits(remote, "holder", renew_s=0.005)  # type: ignore[arg-type]
+    release = asyncio.Event()
+    held = 0
+
+    async def hold() -> None:
+        nonlocal held
+        async with holder.slot() as ticket:
+            held += 1
+            await release.wait()
+            holder.on_answer(ticket)
+
+    holding = [asyncio.ensure_future(hold()) for _ in range(2)]
+    await _until(lambda: held == 2)
+    restarted = LimitsServer(config, cautious=True, clock=clock)
+    remote.server = restarted  # the actor died and came back, knowing nothing
+    await _until(lambda: restarted.controller.in_flight == 2)  # the holder's renewal adopted
+    clock.t += 60  # past the restart's pause
+    other = SharedLimits(restarted, "other")  # type: ignore[arg-type]
+    waiting = asyncio.ensure_future(_take_slots(other, 1))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # both slots are held by requests of the earlier life
+    release.set()
+    await asyncio.gather(*holding)
+    assert await waiting == [None]
+    for limits in (holder, other):
+        await limits.close()
+    stats = await restarted.stats()
+    assert stats["in_flight"] == 0 and stats["peak"] == 2
+
+
+@run_async
+async def test_a_restarted_coordinator_with_a_cap_stops_and_leases_nothing() -> None:
+    capped = Coordinator(1.0, restarted=True)
+    assert await capped.take("w", 1000) == (0, 0)
+    control = await capped.report("w", [])
+    assert control.stop == StopReason.BUDGET.value and not control.abort
+    uncapped = Coordinator(None, restarted=True)
+    assert await uncapped.take("w", 1000) == (1000, 0)
+    assert (await uncapped.report("w", [])).stop is None
+    fresh = Coordinator(1.0)
+    assert await fresh.take("w", 1000) == (1000, 0) and (await fresh.report("w", [])).stop is None
+
+
+@run_async
+async def test_the_driver_sends_its_stop_again_to_a_restarted_coordinator() -> None:
+    relay = StopRelay()
+    first = Coordinator(None)
+    relay.again((await first.drain())[2])
+    await first.stop(*relay.stop("signal", "SIGINT received"))
+    assert relay.again((await first.drain())[2]) is None  # the same actor: nothing again
+    await first.stop(*relay.stop("signal", "again: stop now", True))
+    second = Coordinator(None, restarted=True)
+    assert (await second.report("w", [])).stop is None  # the stop was lost with the actor
+    again = relay.again((await second.drain())[2])
+    assert again == ("signal", "SIGINT received", True)
+    await second.stop(*again)
+    assert await second.report("w", []) == Control("signal", "SIGINT received", True)
+
+
+@run_async
+async def test_attempts_of_a_shard_are_numbered_by_the_coordinator() -> None:
+    coordinator = Coordinator(None)
+    assert [await coordinator.attempt(s) for s in ("s1", "s1", "s2", "s1")] == [1, 2, 1, 3]
+
+
+def _segment(root: Path, writer: str, *lines: str) -> None:
+    folder = root / ".imgbatch" / "segments"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{writer}.jsonl").write_text("".join(lines))
+
+
+def _line(job_id: str, status: str, attempts: int) -> str:
+    return json.dumps({"id": job_id, "fp": "f", "status": status, "attempts": attempts,
+                       "images": []}) + "\n"
+
+
+def test_a_dead_attempts_pending_never_hides_its_retrys_success(tmp_path: Path) -> None:
+    # The retry's name sorts first (a node whose clock was behind, or a restarted counter).
+    _segment(tmp_path, "r.s1.a1", _line("x", "pending", 2), _line("x", "succeeded", 2),
+             _line("y", "failed", 3))
+    _segment(tmp_path, "r.s1.a2", _line("x", "pending", 1), _line("y", "pending", 3))
+    retry = SegmentStore.open_segment(tmp_path, "r.s1.a3", "s1", [])
+    assert retry.states["x"].status is Status.SUCCEEDED
+    assert retry.states["y"].status is Status.PENDING  # as many attempts: the later line
+    retry.close()
+    driver = DriverCheckpoint.open(tmp_path)
+    assert driver.states["x"].status is Status.SUCCEEDED
+    driver.close()
+    again = DriverCheckpoint.open(tmp_path)  # the main journal alone, last line wins
+    assert again.states["x"].status is Status.SUCCEEDED and again.states["x"].attempts == 2
+    again.close()
+
+
+def test_force_redoes_a_job_once_per_run_even_from_a_store_read_anew(tmp_path: Path) -> None:
+    todo = [(Job(id=i, prompt="p", model="m", aspect_ratio="1:1", image_size="1K"), "f")
+            for i in ("same", "redone", "new")]
+    prior = [JobState.from_record(json.loads(_line(i, "succeeded", 1)))
+             for i in ("same", "redone")]
+    # What a shard of an s3:// output reads itself: equal states, not the same objects.
+    _segment(tmp_path, "r.s1.a1", _line("same", "succeeded", 1), _line("redone", "succeeded", 2))
+    store = SegmentStore.open_segment(tmp_path, "r.s1.a2", "s1", [])
+    assert store.states["same"] == prior[0] and store.states["same"] is not prior[0]
+    assert forced(todo, store, prior, force=True) == [todo[0], todo[2]]
+    assert forced(todo, store, prior, force=False) == todo
+    store.close()
+
+
+def test_a_shard_of_an_s3_output_keeps_only_its_own_jobs(
+    moto: S3Server, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    url = f"s3://{moto.bucket('ray-shard-keeps-its-own')}/out"
+    driver = S3State.open(S3Location.parse(url, moto.endpoint))
+    try:
+        for n in range(6):
+            driver.record(JobState(f"j{n}", "f", Status.FAILED, 1), durable=True)
+        driver.record(JobState("j1", "f", Status.PENDING, 2), durable=True)
+        mine = open_shard(url, moto.endpoint, "r.s1.a1", driver.gen, ["j1", "j4"])
+        everything = open_shard(url, moto.endpoint, "r.s1.a2", driver.gen)
+    finally:
+        driver.close()
+    try:
+        assert set(mine.states) == {"j1", "j4"} and mine.states["j1"].attempts == 2
+        assert set(everything.states) == {f"j{n}" for n in range(6)}
+    finally:
+        mine.close()
+        everything.close()

@@ -15,7 +15,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from batch import report
@@ -26,6 +26,7 @@ from batch.jobs import Job, Status
 from batch.manifest import Manifest
 from batch.progress import ConsoleProgress
 from batch.results import RESULTS, write_results
+from batch.runners.coordinator import StopRelay
 from batch.runners.segments import DriverCheckpoint
 from batch.storage import outputs
 from batch.storage.base import StateStore
@@ -53,6 +54,7 @@ class Outcome:
     signal: signal.Signals | None = None
     crashed: BaseException | None = None
     usage: str | None = None
+    stops: StopRelay = field(default_factory=StopRelay)  # sent again to a restarted coordinator
 
 
 def add(total: RunStats, shard: RunStats) -> None:

@@ -15,6 +15,12 @@ driver, so it dies with it). It holds
 
 A shard whose heartbeat fails for ``orphan_s`` lost its driver: it aborts,
 so a killed driver leaves no task writing for long.
+
+Ray restarts the actor if its process dies, with none of its memory. A
+restarted coordinator with a cap starts stopped (``max_cost``): what was
+spent and held is lost, and only stopping keeps ``--max-cost`` from being
+spent twice. The stop the driver issued is lost too: the driver sees the new
+``epoch`` in :meth:`Coordinator.drain` and sends it again (:class:`StopRelay`).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -51,7 +58,8 @@ class Control:
 class Coordinator:
     """See the module docstring."""
 
-    def __init__(self, cap_usd: float | None, *, lease_ttl_s: float = 15.0,
+    def __init__(self, cap_usd: float | None, *, restarted: bool = False,
+                 lease_ttl_s: float = 15.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.cap = None if cap_usd is None else to_micros(cap_usd)
         self.spent = 0
@@ -62,6 +70,16 @@ class Coordinator:
         self._changed: asyncio.Event | None = None
         self.control = Control()
         self.events: list[Event] = []
+        self.epoch = uuid.uuid4().hex[:12]
+        self.attempts: dict[str, int] = {}  # shard -> attempts started
+        self.closed = False  # no budget is leased any more
+        if restarted:
+            log.warning("the run's coordinator restarted")
+        if restarted and self.cap is not None:
+            self.closed = True
+            self.control = Control(StopReason.BUDGET.value,
+                                   "the run's coordinator restarted and lost what was spent; "
+                                   "stopping so that --max-cost is never passed")
 
     # -- budget -------------------------------------------------------------------
 
@@ -76,7 +94,7 @@ class Coordinator:
             self._expire(now)
             if self.cap is None:
                 return amount, self.spent
-            if self.spent + amount > self.cap:
+            if self.closed or self.spent + amount > self.cap:
                 return 0, self.spent
             if self.spent + sum(self.held.values()) + amount <= self.cap:
                 self.held[worker] = self.held.get(worker, 0) + amount
@@ -93,6 +111,16 @@ class Coordinator:
         self.spent += spent
         self._notify()
 
+    async def attempt(self, shard: str) -> int:
+        """The number of a new attempt of ``shard`` (1, 2, ...): its segments' order.
+
+        Counted here, not read off a node's clock: a retry on a node whose clock is
+        behind still sorts after the attempt it replaces. (A restarted coordinator
+        counts from 1 again; the journal's fold keeps the state with the most attempts.)
+        """
+        self.attempts[shard] = self.attempts.get(shard, 0) + 1
+        return self.attempts[shard]
+
     # -- stop and progress -------------------------------------------------------------
 
     async def report(self, worker: str, events: list[Event]) -> Control:
@@ -108,10 +136,11 @@ class Coordinator:
         elif abort:
             self.control = Control(self.control.stop, self.control.message, True)
 
-    async def drain(self) -> tuple[list[Event], float]:
-        """The events since the last drain, and the spend so far in USD."""
+    async def drain(self) -> tuple[list[Event], float, str]:
+        """The events since the last drain, the spend so far in USD, and the epoch (a new
+        one: the actor restarted)."""
         events, self.events = self.events, []
-        return events, to_usd(self.spent)
+        return events, to_usd(self.spent), self.epoch
 
     def _touch(self, worker: str, now: float) -> None:
         self._seen[worker] = now
@@ -133,12 +162,36 @@ class Coordinator:
             self._changed = None
 
 
+class StopRelay:
+    """The driver's record of the stop it sent, to send again to a restarted coordinator."""
+
+    def __init__(self) -> None:
+        self.sent: tuple[str, str, bool] | None = None
+        self._epoch: str | None = None
+
+    def stop(self, reason: str, message: str, abort: bool = False) -> tuple[str, str, bool]:
+        """The arguments of the coordinator's ``stop`` to send now (the first reason kept)."""
+        if self.sent is None:
+            self.sent = (reason, message, abort)
+        elif abort:
+            self.sent = (self.sent[0], self.sent[1], True)
+        return reason, message, abort
+
+    def again(self, epoch: str) -> tuple[str, str, bool] | None:
+        """After a drain: the stop to send again if ``epoch`` says the coordinator restarted."""
+        changed = self._epoch is not None and epoch != self._epoch
+        self._epoch = epoch
+        return self.sent if changed else None
+
+
 class CoordinatorRemote(Protocol):
     def take(self, worker: str, amount: int) -> Awaitable[tuple[int, int]]: ...
 
     def give(self, worker: str, released: int, spent: int) -> Awaitable[None]: ...
 
     def report(self, worker: str, events: list[Event]) -> Awaitable[Control]: ...
+
+    def attempt(self, shard: str) -> Awaitable[int]: ...
 
 
 class SharedBudget(Budget):

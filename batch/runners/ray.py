@@ -92,6 +92,14 @@ class LimitsActor(LimitsServer):
         super().__init__(config, cautious=restarted)
 
 
+class CoordinatorActor(Coordinator):
+    """The run's coordinator (see :class:`Coordinator`); stopped after a restart if capped."""
+
+    def __init__(self, cap_usd: float | None) -> None:
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        super().__init__(cap_usd, restarted=restarted)
+
+
 def _actor(cls: type[Any], name: str) -> Any:
     """An async actor class, restarted whenever its process dies.
 
@@ -170,7 +178,7 @@ async def _drive(
         if config.force or not store.is_done(job, fp):
             todo.append((job, fp))
     stats = RunStats(planned=len(todo), skipped=len(manifest.jobs) - len(todo))
-    coordinator = _actor(Coordinator, f"run-{run}").remote(config.max_cost_usd)
+    coordinator = _actor(CoordinatorActor, f"run-{run}").remote(config.max_cost_usd)
     limits = {
         name: _actor(LimitsActor, f"limits-{run}-{name or 'default'}").remote(
             ControlConfig(max_limit=ep.concurrency or settings.concurrency,
@@ -190,7 +198,7 @@ async def _drive(
         signalled.set()
         message = (f"{signum.name} received; finishing requests in flight for up to "
                    f"{config.grace_s:g}s (send it again to stop now)")
-        coordinator.stop.remote(StopReason.SIGNAL.value, message, not first)
+        coordinator.stop.remote(*outcome.stops.stop(StopReason.SIGNAL.value, message, not first))
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
@@ -227,8 +235,8 @@ async def _run_shards(
     stopping = False
     while pending or outstanding:
         if deadline is not None and time.monotonic() >= deadline and not stopping:
-            coordinator.stop.remote(StopReason.RUNTIME.value,
-                                    f"--max-runtime of {config.max_runtime_s:g}s reached")
+            coordinator.stop.remote(*outcome.stops.stop(
+                StopReason.RUNTIME.value, f"--max-runtime of {config.max_runtime_s:g}s reached"))
         stopping = stopping or outcome.signal is not None or outcome.stats.stop is not \
             StopReason.NONE or (deadline is not None and time.monotonic() >= deadline)
         while pending and not stopping and len(outstanding) < max_shards:
@@ -237,9 +245,9 @@ async def _run_shards(
             spec = ShardSpec(
                 run=run, shard=shard.id, output=where.url, s3_endpoint=where.s3_endpoint,
                 todo=items,
-                # An s3:// shard reads the segments itself; a folder's starts from these.
-                prior=() if where.s3 else tuple(
-                    store.states[job.id] for job, _ in items if job.id in store.states),
+                # A folder's shard starts from these (an s3:// one reads the segments
+                # itself); --force compares with them in both.
+                prior=tuple(store.states[job.id] for job, _ in items if job.id in store.states),
                 endpoints=endpoints, settings=settings, config=config, verify=verify,
                 deadline_unix=deadline_unix, exit_after=seam,
                 s3_gen=getattr(store, "gen", None) if where.s3 else None,
@@ -251,7 +259,10 @@ async def _run_shards(
         for ref in ready:
             shard_id = outstanding.pop(ref)
             _collect(ref, shard_id, outcome, coordinator)
-        events, _spent = await coordinator.drain.remote()
+        events, _spent, epoch = await coordinator.drain.remote()
+        if (again := outcome.stops.again(epoch)) is not None:
+            log.warning("the coordinator restarted: sending the stop again")
+            coordinator.stop.remote(*again)
         replay(events, by_id, progress)
         if outstanding:
             await asyncio.sleep(0.2)
@@ -274,7 +285,7 @@ def _collect(ref: Any, shard_id: str, outcome: Outcome, coordinator: Any) -> Non
         log.error("%s", message)
         stats.stop = stats.stop if stats.stop is not StopReason.NONE else stop
         stats.stop_message = stats.stop_message or message
-        coordinator.stop.remote(stop.value, message)
+        coordinator.stop.remote(*outcome.stops.stop(stop.value, message))
         return
     except ray.exceptions.RayError as exc:  # its retries used up (workers or nodes died)
         log.error("shard %s lost after %d retries: %s", shard_id, TASK_RETRIES, exc)
@@ -282,4 +293,4 @@ def _collect(ref: Any, shard_id: str, outcome: Outcome, coordinator: Any) -> Non
     add(stats, shard)
     if shard.stop not in (StopReason.NONE, StopReason.SIGNAL) and stats.stop is StopReason.NONE:
         stats.stop, stats.stop_message = shard.stop, shard.stop_message
-        coordinator.stop.remote(shard.stop.value, shard.stop_message)
+        coordinator.stop.remote(*outcome.stops.stop(shard.stop.value, shard.stop_message))

@@ -15,15 +15,25 @@ so no two processes ever append to one file, on NFS or a local disk alike.
   before crash recovery, it folds every segment into the main journal
   (appended, fsynced, then the segment removed), so the plan, the results
   and the next run see one journal. A crash between the append and the
-  removal only repeats identical lines (the last line for an id wins).
+  removal only repeats identical lines.
+
+Which line of a segment wins: not simply the last read. Segments are read in
+name order, and two attempts of a shard may write the same job (the first
+died after marking it, the retry finished it); a line never replaces a state
+with more attempts (every request counts one more), so a dead attempt's
+``pending`` never hides its retry's ``succeeded``, whatever order the names
+sort in. The driver appends only the lines that won, so the main journal,
+read with "the last line wins", says the same.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from batch import fsops
 from batch.checkpoint import JOURNAL, STATE_DIR, Checkpoint, JobState
@@ -50,6 +60,28 @@ def segment_files(root: Path, shard: str | None = None) -> list[Path]:
         return sorted(folder.glob(pattern))
     except OSError as exc:
         raise OutputError(f"cannot list {folder}: {exc.strerror}") from None
+
+
+def fold_line(states: dict[str, JobState], runs: list[dict[str, Any]], line: bytes,
+              path: Path, number: int) -> bool:
+    """Apply one segment line to ``states``/``runs``; False: it lost (fewer attempts than
+    the state already there) or is unreadable, and is not kept."""
+    try:
+        record = json.loads(line)
+        if "run" in record:
+            runs.append(record)
+            return True
+        state = JobState.from_record(record)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("%s:%d: skipping an unreadable record (%s)", path, number, exc)
+        return False
+    known = states.get(state.id)
+    if known is not None and state.attempts < known.attempts:
+        log.info("%s:%d: %s at %d attempt(s) is older than the %d known; not kept",
+                 path, number, state.id, state.attempts, known.attempts)
+        return False
+    states[state.id] = state
+    return True
 
 
 def complete_lines(path: Path) -> list[bytes]:
@@ -83,7 +115,7 @@ class SegmentStore(Checkpoint):
             raise OutputError(f"cannot create {folder}: {exc.strerror}") from None
         for path in segment_files(root, shard):
             for number, line in enumerate(complete_lines(path), 1):
-                store._load_line(line, path, number)
+                fold_line(store.states, store.runs, line, path, number)
         store._journal = Journal.open(folder / f"{writer}{SUFFIX}", lines=0, torn_at=None)
         try:
             store._finish_renames()
@@ -129,11 +161,10 @@ class DriverCheckpoint(Checkpoint):
         folded = 0
         paths = segment_files(self.root)
         for path in paths:
-            lines = complete_lines(path)
+            lines = [line for number, line in enumerate(complete_lines(path), 1)
+                     if fold_line(self.states, self.runs, line, path, number)]
             if lines:
                 self._journal.append(b"".join(lines), durable=True, lines=len(lines))
-                for number, line in enumerate(lines, 1):
-                    self._load_line(line, path, number)
                 folded += len(lines)
             try:
                 fsops.unlink(path)

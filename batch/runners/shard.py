@@ -22,7 +22,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -51,7 +51,7 @@ class ShardSpec:
     output: str  # a folder every node mounts at this path, or s3://bucket/prefix
     s3_endpoint: str | None
     todo: tuple[tuple[Job, str], ...]  # (job, fingerprint), in manifest order
-    prior: tuple[JobState, ...]  # what the driver knew of these jobs
+    prior: tuple[JobState, ...]  # what the driver knew of these jobs (--force compares)
     endpoints: Mapping[str, Endpoint]
     settings: routing.Settings
     config: EngineConfig
@@ -82,10 +82,28 @@ class _ExitSeam(Reporter):
             os._exit(17)
 
 
+def forced(todo: list[tuple[Job, str]], store: StateStore, prior: Iterable[JobState], *,
+           force: bool) -> list[tuple[Job, str]]:
+    """What a shard attempt still does of ``todo`` (the engine's plan, ``--force``: all).
+
+    ``--force`` redoes every job once per run, not once per attempt of the shard: a
+    job whose state is no longer the one the driver planned with (``prior``) was
+    redone by an earlier attempt, and is skipped if done. Compared by value: a
+    store that reads its own state (s3://) holds equal states, not the same objects.
+    """
+    if not force:
+        return todo
+    before = {state.id: state for state in prior}
+    return [(job, fp) for job, fp in todo
+            if store.states.get(job.id) == before.get(job.id) or not store.is_done(job, fp)]
+
+
 async def run_shard(spec: ShardSpec, limits: Mapping[str, LimitsRemote],
                     coordinator: CoordinatorRemote) -> RunStats:
     """Run one shard to its end or the cluster's stop; the stats of this attempt."""
-    attempt = f"a{time.time_ns():016x}{uuid.uuid4().hex[:6]}"
+    # Numbered by the coordinator, so a retry sorts after its shard's earlier attempts
+    # whatever the nodes' clocks say; the random tail keeps two zombies apart.
+    attempt = f"a{await coordinator.attempt(spec.shard):06d}{uuid.uuid4().hex[:6]}"
     worker = writer_id(spec.run, spec.shard, attempt)
     keys = routing.api_keys(spec.endpoints, os.environ)  # UsageError names what is unset
     routes = routing.build_routes(spec.endpoints, keys, spec.settings)
@@ -110,19 +128,14 @@ async def run_shard(spec: ShardSpec, limits: Mapping[str, LimitsRemote],
 
         # In a thread: the S3 state runs its own event loop to read the segments.
         store = await asyncio.to_thread(open_shard, spec.output, spec.s3_endpoint,
-                                        worker, spec.s3_gen)
+                                        worker, spec.s3_gen, [job.id for job, _ in spec.todo])
     else:
         store = SegmentStore.open_segment(Path(spec.output), worker, spec.shard, spec.prior)
     engine = Engine(shared, store, spec.config, reporter)
     engine.budget = budget
     try:
-        todo = engine.plan([job for job, _ in spec.todo])
-        if spec.config.force:
-            # --force redoes every job once per run, not once per attempt of this shard.
-            prior = {state.id: state for state in spec.prior}
-            todo = [(job, fp) for job, fp in todo
-                    if store.states.get(job.id) is prior.get(job.id)
-                    or not store.is_done(job, fp)]
+        todo = forced(engine.plan([job for job, _ in spec.todo]), store, spec.prior,
+                      force=spec.config.force)
         if len(todo) < len(spec.todo):
             log.info("shard %s: %d job(s) already committed by an earlier attempt",
                      spec.shard, len(spec.todo) - len(todo))

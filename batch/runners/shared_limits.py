@@ -19,7 +19,10 @@ Leases: a worker renews its lease with every call and every few seconds;
 the permits of a worker silent for ``lease_ttl_s`` (its process or node
 died) are ended as abandoned, so a dead worker never holds a slot for good.
 A restarted actor starts cautious, as after a 429: a pause, then slow start
-from one request; permits of its previous life are ignored when they end.
+from one request. During the pause (``adopt_window_s``, longer than two
+renewals) every live client learns the new epoch from its renewal and
+re-registers the permits it still has in flight (``adopt``), so requests of
+the actor's previous life count against the cap of its new one.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from batch.congestion import ControlConfig, Controller, Outcome, Verdict
-from batch.errors import JobError, RateLimited
+from batch.errors import ClusterError, JobError, RateLimited
 from batch.limits import Limits, Ticket
 
 log = logging.getLogger(__name__)
@@ -56,7 +59,8 @@ class LimitsServer:
     """See the module docstring. ``cautious``: this is a restart."""
 
     def __init__(self, config: ControlConfig, *, cautious: bool = False,
-                 lease_ttl_s: float = 15.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 lease_ttl_s: float = 15.0, adopt_window_s: float = 7.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if cautious:
             config = replace(config, initial_limit=1)
         self.controller = Controller(config)
@@ -64,13 +68,16 @@ class LimitsServer:
         self.lease_ttl_s = lease_ttl_s
         self._clock = clock
         self._holder: dict[int, str] = {}  # ticket -> worker
+        self._adopted: set[int] = set()  # tickets of requests started in an earlier life
         self._seen: dict[str, float] = {}  # worker -> last call
         self._changed: asyncio.Event | None = None
         self.expired = 0
         self.granted = 0
         if cautious:
-            # As after a shared 429: wait at least one pacing interval, then ramp up.
-            pause = max(config.default_pause_s, 60.0 / config.rpm if config.rpm else 0.0)
+            # As after a shared 429: wait at least one pacing interval, then ramp up; and
+            # long enough for every live client to adopt what it has in flight.
+            pause = max(config.default_pause_s, 60.0 / config.rpm if config.rpm else 0.0,
+                        adopt_window_s)
             self.controller.pause_until = clock() + pause
             log.warning("limits restarted: pausing %.1fs, then slow start", pause)
 
@@ -96,6 +103,19 @@ class LimitsServer:
         self.granted += len(seqs)
         return Grant(self.epoch, tuple(seqs))
 
+    async def adopt(self, worker: str, count: int) -> Grant:
+        """``worker`` has ``count`` requests in flight granted by an earlier life of this
+        actor: they hold slots now (whatever the cap and pacing say), until they end."""
+        now = self._clock()
+        self._touch(worker, now)
+        seqs = tuple(self.controller.on_start(now) for _ in range(count))
+        for seq in seqs:
+            self._holder[seq] = worker
+            self._adopted.add(seq)
+        if seqs:
+            log.warning("adopted %d request(s) in flight of %s", len(seqs), worker)
+        return Grant(self.epoch, seqs)
+
     async def end(self, worker: str, epoch: str, events: list[EndEvent]) -> None:
         """Permits came back: answered (the outcome) or abandoned (None)."""
         now = self._clock()
@@ -105,6 +125,10 @@ class LimitsServer:
         for seq, outcome, retry_after_s in events:
             if self._holder.pop(seq, None) is None:
                 continue  # expired meanwhile
+            if seq in self._adopted:
+                # Its start time is unknown: it tells nothing of the server's latency.
+                self._adopted.discard(seq)
+                outcome = None
             self.controller.on_end(seq, now, Outcome(outcome) if outcome else None,
                                    retry_after_s)
         self._notify()
@@ -132,6 +156,7 @@ class LimitsServer:
         lost = [seq for seq, worker in self._holder.items() if worker in dead]
         for seq in lost:
             del self._holder[seq]
+            self._adopted.discard(seq)
             self.controller.on_end(seq, now, None)
         if lost:
             self.expired += len(lost)
@@ -164,6 +189,8 @@ class LimitsRemote(Protocol):
 
     def renew(self, worker: str) -> Awaitable[str]: ...
 
+    def adopt(self, worker: str, count: int) -> Awaitable[Grant]: ...
+
 
 @dataclass
 class SharedTicket(Ticket):
@@ -186,13 +213,16 @@ class SharedLimits(Limits):
     """
 
     def __init__(self, remote: LimitsRemote, worker: str, *, batch: int = 8,
-                 renew_s: float = 3.0, hook: SlotHook | None = None) -> None:
+                 renew_s: float = 3.0, hook: SlotHook | None = None,
+                 lease_retries: int = 30, retry_s: float = 1.0) -> None:
         super().__init__(ControlConfig(max_limit=1))
         self._remote = remote
         self.worker = worker
         self._batch = batch
         self._renew_s = renew_s
         self._hook = hook
+        self._lease_retries = lease_retries
+        self._retry_s = retry_s
         self._queue: collections.deque[asyncio.Future[tuple[str, int]]] = collections.deque()
         self._ends: list[tuple[str, EndEvent]] = []
         self._pump: asyncio.Task[None] | None = None
@@ -200,6 +230,9 @@ class SharedLimits(Limits):
         self._renewer: asyncio.Task[None] | None = None
         self._peak = 0
         self._in_flight = 0
+        self._live: dict[int, SharedTicket] = {}  # id() -> ticket of a request in flight
+        self._epoch: str | None = None  # the server's incarnation, as last seen
+        self._adopting = asyncio.Lock()
         self.round_trips = 0
 
     @property
@@ -229,6 +262,7 @@ class SharedLimits(Limits):
                 self._queue_end(SharedTicket(seq, epoch=epoch), None, None)
             raise
         ticket = SharedTicket(seq, epoch=epoch)
+        self._live[id(ticket)] = ticket
         self._in_flight += 1
         self._peak = max(self._peak, self._in_flight)
         token: int | None = None
@@ -238,6 +272,7 @@ class SharedLimits(Limits):
             yield ticket
         finally:
             self._in_flight -= 1
+            del self._live[id(ticket)]
             if token is not None and self._hook is not None:
                 self._hook.release(token)
             if not ticket.answered:
@@ -279,9 +314,29 @@ class SharedLimits(Limits):
             self._renewer = asyncio.get_running_loop().create_task(self._renew())
 
     async def _run_pump(self) -> None:
+        failures = 0
         while self._queue:
-            grant = await self._remote.lease(self.worker, min(len(self._queue), self._batch))
+            try:
+                grant = await self._remote.lease(self.worker, min(len(self._queue), self._batch))
+            except Exception as exc:
+                # A restarting actor answers again within seconds; one that does not (or a
+                # bug in it) must not leave the waiters waiting for good: they fail, and the
+                # engine stops with their jobs pending.
+                failures += 1
+                if failures > self._lease_retries:
+                    log.error("limits unreachable after %d tries: %s", failures, exc)
+                    self._fail_waiters(ClusterError(
+                        f"the shared limits stayed unreachable ({exc!r})"))
+                    return
+                log.warning("lease failed (%r); trying again in %.1fs", exc, self._retry_s)
+                await asyncio.sleep(self._retry_s)
+                continue
+            failures = 0
             self.round_trips += 1
+            try:
+                await self._on_epoch(grant.epoch)
+            except Exception as exc:  # the next renewal adopts them
+                log.warning("could not re-register the requests in flight: %r", exc)
             for seq in grant.seqs:
                 while self._queue and self._queue[0].done():
                     self._queue.popleft()  # cancelled while the lease was under way
@@ -291,11 +346,34 @@ class SharedLimits(Limits):
                     self._ends.append((grant.epoch, (seq, None, None)))  # nobody wants it now
                     self._kick_flush()
 
+    def _fail_waiters(self, error: Exception) -> None:
+        while self._queue:
+            waiter = self._queue.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
+
     async def _renew(self) -> None:
         while True:
             await asyncio.sleep(self._renew_s)
             with suppress(Exception):  # a restarting actor: the next renewal tries again
-                await self._remote.renew(self.worker)
+                await self._on_epoch(await self._remote.renew(self.worker))
+
+    async def _on_epoch(self, epoch: str) -> None:
+        """The server restarted if ``epoch`` is new: it adopts what this worker has in flight."""
+        async with self._adopting:
+            if self._epoch is None:
+                self._epoch = epoch
+            if epoch == self._epoch:
+                return
+            old = [t for t in self._live.values() if t.epoch != epoch and not t.answered]
+            grant = await self._remote.adopt(self.worker, len(old))  # raises: tried again
+            self._epoch = grant.epoch
+            for ticket, seq in zip(old, grant.seqs, strict=True):
+                if id(ticket) in self._live and not ticket.answered:
+                    ticket.epoch, ticket.seq = grant.epoch, seq
+                else:  # ended while adopt was under way (its end went to the old epoch)
+                    self._ends.append((grant.epoch, (seq, None, None)))
+                    self._kick_flush()
 
     def _queue_end(self, ticket: SharedTicket, outcome: str | None,
                    retry_after_s: float | None) -> None:
