@@ -212,6 +212,9 @@ def test_catalog_into_s3_from_the_cluster(cluster: Any, moto: S3Server, tmp_path
     assert sorted(paid.values()) == [1] * 4
 
 
+@pytest.mark.skipif(not os.environ.get("IMGBATCH_SOAK_RAY"),
+                    reason="hung once in ten runs when the actors sat on the removed node "
+                           "(issue 15, open): make soak runs it (IMGBATCH_SOAK_RAY=1)")
 def test_node_removed_mid_run(cluster: Any, tmp_path: Path) -> None:
     jobs, concurrency = 40, 4
     manifest = catalog(jobs, tmp_path / "cat.jsonl")
