@@ -95,14 +95,18 @@ def test_kill_9_during_uploads_then_resume(tmp_path: Path, moto: S3Server) -> No
                              moto.endpoint, "--base-url", sim.url, "--concurrency",
                              str(CONCURRENCY), "--no-gallery")
         while kills < KILLS:
+            published = len(moto.objects(bucket, f"{prefix}/images/"))
             run = subprocess.Popen(argv, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
-            # Instants counted from the first upload of this run (a staging key), so a
-            # slow start does not turn every kill into one at start-up.
+            # Instants counted in work, not seconds: after 1-3 more images are published
+            # (and a random instant after that), so a fast machine cannot finish the
+            # catalog before it was killed KILLS times, nor a slow start turn every kill
+            # into one at start-up.
+            target = published + rng.randint(1, 3)
             deadline = time.monotonic() + 60
-            while run.poll() is None and time.monotonic() < deadline and not any(
-                    "/.imgbatch/staging/" in key for key in moto.objects(bucket, prefix)):
+            while run.poll() is None and time.monotonic() < deadline and len(
+                    moto.objects(bucket, f"{prefix}/images/")) < target:
                 time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 1.5))
+            time.sleep(rng.uniform(0.0, 0.3))
             if run.poll() is not None:
                 break  # finished before we could kill it again
             run.send_signal(signal.SIGKILL)
