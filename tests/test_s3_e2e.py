@@ -61,3 +61,20 @@ def test_a_catalog_into_s3_then_status_and_report(tmp_path: Path, moto: S3Server
     assert status.returncode == 0, status.stderr
     assert "12 succeeded" in status.stdout and url in status.stdout
     assert hashlib.sha256(b"").hexdigest()  # keep hashlib used
+
+
+def test_s3_commands_without_the_s3_extra_say_how_to_get_it(tmp_path: Path) -> None:
+    """run, status and report on s3:// with obstore missing: a usage error, not a crash."""
+    fake = tmp_path / "fake" / "obstore"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('obstore is not installed')\n")
+    (fake / "store.py").write_text("raise ImportError('obstore is not installed')\n")
+    env = cli_env(PYTHONPATH=f"{fake.parent}", AWS_ACCESS_KEY_ID="t", AWS_SECRET_ACCESS_KEY="t")
+    where = ("s3://pictures/nightly", "--s3-endpoint", "http://127.0.0.1:9")
+    manifest = catalog(2, tmp_path / "cat.jsonl")
+    for argv in (("run", str(manifest), "--output", where[0], *where[1:],
+                  "--base-url", "http://127.0.0.1:9/v1"),
+                 ("status", *where), ("report", *where)):
+        done = run_cli(*argv, env=env)
+        assert done.returncode == 2, (argv[0], done.stderr)
+        assert "pip install 'imgbatch[s3]'" in done.stderr, (argv[0], done.stderr)

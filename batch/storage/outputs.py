@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from batch.storage import s3client
 from batch.storage.base import StateStore
 from batch.storage.s3client import S3Location, is_s3_url
 
@@ -39,6 +40,7 @@ def build_s3_gallery(url: str, endpoint: str | None) -> GalleryStats:
     disk, streamed). The page links ``images/...`` and ``thumbs/...``
     relatively, so it works wherever the prefix is served over HTTP.
     """
+    s3client.require_obstore()
     import obstore
     from PIL import features
 

@@ -80,6 +80,14 @@ class S3Location:
         return key[len(self.prefix) + 1:] if self.prefix else key
 
 
+def require_obstore() -> None:
+    """UsageError unless the ``s3`` extra is installed (checked before any s3:// work)."""
+    try:
+        import obstore  # noqa: F401
+    except ImportError:
+        raise UsageError("s3:// outputs need obstore: pip install 'imgbatch[s3]'") from None
+
+
 def open_store(location: S3Location, *, max_retries: int = 8, retry_timeout_s: float = 120.0,
                timeout_s: float = 120.0) -> Any:
     """The obstore S3Store of ``location`` (credentials from the environment).
