@@ -33,7 +33,6 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -272,18 +271,6 @@ class S3State:
         except Exception:
             return None
         return digest.hexdigest()
-
-    def tally(self) -> tuple[Counter[str], int, Counter[str]]:
-        """Jobs by status, requests in all, and failed jobs by error type (``status``)."""
-        counts: Counter[str] = Counter()
-        errors: Counter[str] = Counter()
-        attempts = 0
-        for state in self.states.values():
-            counts[state.status.value] += 1
-            attempts += state.attempts
-            if state.status is Status.FAILED and state.error:
-                errors[str(state.error.get("type"))] += 1
-        return counts, attempts, errors
 
     def attempts(self, job_id: str) -> int:
         state = self.states.get(job_id)
