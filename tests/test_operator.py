@@ -127,7 +127,8 @@ def test_answers_that_came_broken_are_counted_as_most_likely_billed(tmp_path: Pa
     assert broken > 0
     summary = json.loads((out / "summary.json").read_text())["runs"][-1]
     assert summary["estimated_cost_usd"] == pytest.approx(8 * 0.134)
-    assert summary["broken_answers_cost_usd"] == pytest.approx(broken * 0.134)
+    assert summary["broken_answers_cost_usd"] == pytest.approx(broken * 0.134), \
+        f"{broken} answers came broken after a 200: each is most likely billed"
     assert "most likely billed" in done.stderr
 
 
