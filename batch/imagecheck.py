@@ -174,6 +174,15 @@ def _preload() -> None:
     from PIL import Image  # noqa: F401
 
 
+def decode_pool(workers: int = 1) -> ProcessPoolExecutor:
+    """Decode children for ``--verify decode``: spawned (the run has threads, and a forked
+    child would inherit their locks), and each ends with the run, even a SIGKILLed one."""
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_die_with, initargs=(os.getpid(),),
+    )
+
+
 def _die_with(parent: int) -> None:
     """Make this decode child end when the run does, even one killed with SIGKILL.
 
@@ -267,12 +276,7 @@ class DecodeChecked(Generic[A]):
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            # spawn: the run has threads, and a forked child would inherit their locks.
-            context = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(
-                max_workers=self._workers, mp_context=context,
-                initializer=_die_with, initargs=(os.getpid(),),
-            )
+            self._pool = decode_pool(self._workers)
         return self._pool
 
     async def close(self) -> None:

@@ -7,10 +7,13 @@ so each test proves what the decode adds, not what the structure walk already ca
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import signal
 import struct
+import subprocess
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,7 @@ from batch.imageinfo import ImageFormatError, probe
 from batch.images import LocalImages, StagedImage, discard
 from batch.jobs import DEFAULT_MODEL, Job
 from batch.storage.base import ImageSink
+from tests.test_crash import all_gone, wait_for
 
 MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
 
@@ -351,3 +355,55 @@ def test_the_decode_child_starts_with_the_first_request_not_its_answer(tmp_path:
         staged.file.close()
 
     asyncio.run(once())
+
+
+KILLED_WITH_ITS_CHILDREN = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from batch.imagecheck import DecodeChecked
+from batch.runners.batchfiles import DecodeCheck
+
+async def main() -> None:
+    image = Path(sys.argv[1])
+    if sys.argv[2] == "batch":
+        check = DecodeCheck().problem
+    else:
+        check = DecodeChecked(None)._problem  # the provider is never asked here
+    # Killed with images still queued for the child, as a run is mid-collection.
+    queued = [asyncio.ensure_future(check(image, "image/png")) for _ in range(20)]
+    done, _ = await asyncio.wait(queued, return_when=asyncio.FIRST_COMPLETED)
+    print(next(iter(done)).result(), flush=True)
+    kids = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            kids += (task / "children").read_text().split()
+        except FileNotFoundError:
+            pass  # a thread that ended meanwhile
+    print(" ".join(kids), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("mode", ["sync", "batch"])
+def test_decode_children_end_with_a_run_killed_with_sigkill(tmp_path: Path, mode: str) -> None:
+    image = tmp_path / "a.png"
+    image.write_bytes(noise("PNG", (1024, 1024)))
+    said, errors = tmp_path / "said.txt", tmp_path / "errors.txt"
+    # Files, not pipes: an orphan holding a pipe would keep the read waiting.
+    with said.open("w") as stdout, errors.open("w") as stderr:
+        run = subprocess.run([sys.executable, "-c", KILLED_WITH_ITS_CHILDREN, str(image), mode],
+                             stdout=stdout, stderr=stderr, timeout=120, check=False)
+    assert run.returncode == -signal.SIGKILL, errors.read_text()
+    verdict, kids = said.read_text().splitlines()
+    assert verdict == "None"  # the image was decoded in a child: the child existed
+    pids = [int(pid) for pid in kids.split()]
+    assert pids, "no decode child was running"
+    try:
+        # Adopted by init once the run is gone; the parent-death signal must end them.
+        assert wait_for(lambda: all_gone(pids), 20), f"left running after the run: {pids}"
+    finally:
+        for pid in pids:  # what a failure left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import multiprocessing
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from batch import fsops
 from batch.errors import JobError, RejectedError, StorageError
-from batch.imagecheck import decode_problem
+from batch.imagecheck import decode_pool, decode_problem
 from batch.images import StagedImage, StreamTransform, final_name
 from batch.jobs import Job
 from batch.providers.batchapi import BatchApi
@@ -145,8 +144,7 @@ class DecodeCheck:
 
     async def problem(self, path: Path, mime: str) -> str | None:
         if self._pool is None:
-            # spawn: a forked child would inherit the commit thread's locks.
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = decode_pool()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, decode_problem, path, mime)
 
