@@ -32,7 +32,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
-from batch.decoder import BodyDecoder, ImageBegin, ImageBytes, ImageEnd, Inflater, placeholder
+from batch.decoder import BodyDecoder, ImageBegin, ImageBytes, ImageEnd, placeholder
 from batch.errors import (
     JobError,
     MalformedResponse,
@@ -41,6 +41,7 @@ from batch.errors import (
     TransportError,
 )
 from batch.images import StagedImage, final_name
+from batch.inflate import Inflater
 from batch.jobs import InputImage, Job
 from batch.providers.base import Answer, ClientConfig, Generation
 from batch.providers.bodies import BodyParts
