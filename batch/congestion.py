@@ -13,13 +13,11 @@ and sleeps on nothing, so the same object runs the real pool (through
 - **An isolated 429 is noise**: its request waits its own ``Retry-After`` (the
   retry policy) and the pool goes on.
 - **A shared limit is evidence**: a run of refused starts in a row longer than
-  chance explains at the background 429 share, or a 429 share far above it;
-  or the 429 itself saying the key's quota is spent (rate-limit headers at 0,
-  a Gemini QuotaFailure), which needs no statistics. Only then does the pool
-  pause for the ``Retry-After`` and get paced: at the rate the server accepted
-  before refusing, or at most half the pace when a paced run meets the limit
-  again. If slowing down does not make 429s rarer,
-  they were background after all, and pacing is dropped.
+  chance explains at the background 429 share (one shorter when the 429s say
+  the key's quota is spent), or a 429 share far above it. Only then does the
+  pool pause for the ``Retry-After`` and get paced: at the rate the server
+  accepted, or at most half the pace when a paced run meets the limit again.
+  If slowing down does not make 429s rarer, pacing is dropped.
 - **Probing.** While paced, each clean interval raises the pace by a step that
   doubles (5%, 10%, 20%, 25%...), so a limit that rose again is found in a
   number of intervals that grows with the log of the gap; more 429s than the
@@ -150,10 +148,8 @@ class Controller:
     def on_end(self, ticket: int, now: float, outcome: Outcome | None,
                retry_after_s: float | None = None, *, shared_said: bool = False,
                ) -> Verdict | None:
-        """The request of ``ticket`` ended: answered (``outcome``) or abandoned (None).
-
-        ``shared_said``: the 429 itself said the key's quota is spent (no statistics needed).
-        """
+        """The request of ``ticket`` ended: answered (``outcome``) or abandoned (None);
+        ``shared_said``: its 429 said the key's quota is spent."""
         self.in_flight -= 1
         i = ticket - self._base
         start = self._starts[i] if 0 <= i < len(self._starts) else None
@@ -169,7 +165,7 @@ class Controller:
         self._turnaround_429 = max(self._turnaround_429 * 0.9, now - start.at)
         if now < self.pause_until:
             return Verdict.SAME_EPISODE
-        if self._shared(ticket, now) or shared_said:
+        if self._shared(ticket, now, shared_said):
             self._on_shared(now, start.at, retry_after_s)
             return Verdict.SHARED
         self._learn_noise(True)
@@ -218,7 +214,7 @@ class Controller:
         noise = min(max(noise, 1e-6), 0.9)
         return max(3, min(12, math.ceil(math.log(self.config.false_alarm) / math.log(noise))))
 
-    def _shared(self, ticket: int, now: float) -> bool:
+    def _shared(self, ticket: int, now: float, said: bool = False) -> bool:
         i = ticket - self._base
         run = 1
         for step in (-1, 1):
@@ -231,7 +227,8 @@ class Controller:
         for _ in range(run - 1):
             noise = max(0.0, (noise * weight - 1.0) / (weight - 1.0))
         seen, self._share_before = self._recent_share(now)
-        if run >= self._run_needed(noise):
+        # A 429 saying its quota is spent counts twice: alone it decides nothing.
+        if run + said >= self._run_needed(noise):
             self._noise = noise
             return True
         share = self._share_before

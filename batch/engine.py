@@ -94,7 +94,8 @@ class Engine:
             self.routes = dict(provider)
         else:
             limits = make_limits(config.concurrency, config.rpm, config.adaptive,
-                                 config.policy.max_server_wait_s)
+                                 min(config.policy.max_server_wait_s,
+                                     config.policy.max_rate_limit_wait_s))
             self.routes = {"": Route(provider, limits, config.concurrency)}
         self.store = store
         self.sink = sink if sink is not None else store.sink

@@ -61,6 +61,7 @@ class Settings:
     stall_timeout_s: float = 60.0
     ca_bundle: Path | None = None
     embed_metadata: bool = True  # provenance XMP streamed into each image
+    max_pause_s: float = 900.0  # a shared 429 pause, at most --max-rate-limit-wait
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -69,6 +70,7 @@ class Settings:
             api_key_env=args.api_key_env, concurrency=args.concurrency, rpm=args.rpm,
             timeout_s=args.timeout, stall_timeout_s=args.stall_timeout, ca_bundle=args.ca_bundle,
             embed_metadata=not getattr(args, "no_embed_metadata", False),
+            max_pause_s=min(900.0, getattr(args, "max_rate_limit_wait", 900.0)),
         )
 
 
@@ -136,7 +138,8 @@ def build_routes(
             stamp=(Stamper(endpoint.provider, endpoint.base_url)
                    if settings.embed_metadata else None),
         )
-        limits = make_limits(concurrency, endpoint.rpm or settings.rpm, adaptive=True, name=name)
+        limits = make_limits(concurrency, endpoint.rpm or settings.rpm, adaptive=True,
+                             max_pause_s=settings.max_pause_s, name=name)
         routes[name] = Route(registry.build(endpoint.provider, config), limits, concurrency)
     return routes
 

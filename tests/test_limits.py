@@ -213,26 +213,49 @@ def test_the_log_of_a_shared_limit_names_its_endpoint(caplog: pytest.LogCaptureF
     assert lines and all(line.startswith("endpoint eu: ") for line in lines), lines
 
 
-@pytest.mark.parametrize(("headers", "verdict", "paused_s"), [
-    # OpenAI's headers name the spent quota and its reset: the pool waits for it at once.
+@pytest.mark.parametrize(("headers", "verdicts", "paused_s"), [
+    # OpenAI's headers name the spent quota: two such 429s in a row pause the pool, where
+    # three are needed without them, and the reset is waited when there is no Retry-After.
     ({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1.5s"},
-     Verdict.SHARED, 1.5),
-    ({"Retry-After": "3", "x-ratelimit-remaining-tokens": "0"}, Verdict.SHARED, 3.0),
-    # Quota left, or no headers: one 429 alone is taken for noise, the pool goes on.
-    ({"x-ratelimit-remaining-requests": "12", "Retry-After": "3"}, Verdict.ISOLATED, 0.0),
-    ({"Retry-After": "3"}, Verdict.ISOLATED, 0.0),
+     [Verdict.ISOLATED, Verdict.SHARED], 1.5),
+    ({"Retry-After": "3", "x-ratelimit-remaining-tokens": "0"},
+     [Verdict.ISOLATED, Verdict.SHARED], 3.0),
+    # Quota left, or no headers: two 429s in a row are still taken for noise.
+    ({"x-ratelimit-remaining-requests": "12", "Retry-After": "3"},
+     [Verdict.ISOLATED, Verdict.ISOLATED], 0.0),
+    ({"Retry-After": "3"}, [Verdict.ISOLATED, Verdict.ISOLATED], 0.0),
 ])
-def test_a_429_that_says_its_quota_is_spent_pauses_the_pool_at_the_first_one(
-    headers: dict[str, str], verdict: Verdict, paused_s: float,
+def test_429s_that_say_their_quota_is_spent_pause_the_pool_one_refusal_sooner(
+    headers: dict[str, str], verdicts: list[Verdict], paused_s: float,
 ) -> None:
     error = chat_wire.error_for_status(429, headers, b'{"error":{"message":"slow down"}}',
                                        job_id="j", now_s=0.0)
 
-    async def scenario() -> tuple[Verdict | None, float]:
+    async def scenario() -> tuple[list[Verdict | None], float]:
         clock = VirtualClock()
         limits = _limits(clock, adaptive=False)
-        async with limits.slot() as ticket:
-            said = limits.on_answer(ticket, error)
+        said = []
+        for _ in verdicts:  # one request at a time: each 429 follows the one before
+            async with limits.slot() as ticket:
+                said.append(limits.on_answer(ticket, error))
         return said, limits.controller.wait_s(clock.now())
 
-    assert asyncio.run(scenario()) == (verdict, pytest.approx(paused_s))
+    assert asyncio.run(scenario()) == (verdicts, pytest.approx(paused_s))
+
+
+def test_one_429_that_says_its_quota_is_spent_decides_nothing_alone() -> None:
+    """A gateway may say so on every 429 of its own: one such 429 among clean answers
+    leaves the pool going."""
+    error = chat_wire.error_for_status(429, {"x-ratelimit-remaining-requests": "0"}, b"{}",
+                                       job_id="j", now_s=0.0)
+
+    async def scenario() -> list[Verdict | None]:
+        clock = VirtualClock()
+        limits = _limits(clock, adaptive=False)
+        said = []
+        for n in range(30):
+            async with limits.slot() as ticket:
+                said.append(limits.on_answer(ticket, error if n % 10 == 9 else None))
+        return said
+
+    assert [v for v in asyncio.run(scenario()) if v is not None] == [Verdict.ISOLATED] * 3

@@ -41,6 +41,7 @@ def gemini_error(status: int, *details: dict[str, Any]) -> bytes:
       {"@type": RPC + "RetryInfo", "retryDelay": "47s"}], True),
     # RESOURCE_EXHAUSTED naming no quota: the service's own capacity, not this key's limit.
     ([{"@type": RPC + "RetryInfo", "retryDelay": "2s"}], False),
+    ([{"@type": RPC + "ErrorInfo", "reason": "SOME_OTHER_REASON"}], False),
     ([], False),
 ])
 def test_a_gemini_429_naming_a_quota_says_the_quota_is_spent(
@@ -51,14 +52,21 @@ def test_a_gemini_429_naming_a_quota_says_the_quota_is_spent(
 
 
 @pytest.mark.parametrize(("headers", "expected"), [
-    ({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "6m0s"},
-     (True, 360.0)),
+    # A reset says when the bucket is full again: only a per-minute one is worth waiting.
+    ({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1m0s"},
+     (True, 60.0)),
+    ({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "6m0s"}, (True, None)),
+    ({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "99999h"}, (True, None)),
+    ({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "9" * 400 + "s"},
+     (True, None)),
     ({"X-Ratelimit-Remaining-Requests": "0", "X-Ratelimit-Reset-Requests": "20ms"},
      (True, 0.02)),
     ({"x-ratelimit-remaining-requests": "3", "x-ratelimit-remaining-tokens": "0",
-      "x-ratelimit-reset-tokens": "1h2m3.5s"}, (True, 3723.5)),
+      "x-ratelimit-reset-tokens": "0m45.5s"}, (True, 45.5)),
     ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "1764547200"}, (True, None)),
     ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "7"}, (True, 7.0)),
+    ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "30000"}, (True, None)),  # ms?
+    ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "-3"}, (True, None)),
     ({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "soon"},
      (True, None)),
     ({"x-ratelimit-remaining-requests": "5"}, (False, None)),

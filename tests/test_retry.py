@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+from dataclasses import replace
 
 import pytest
 
@@ -122,3 +123,15 @@ def test_decide(history: list[JobError], retry: bool, wait: float) -> None:
     if retry:
         assert decision.wait_s == pytest.approx(wait)
     assert decision.reason
+
+
+@pytest.mark.parametrize(("error", "wait"), [
+    # A 429 asking for longer than --max-rate-limit-wait waits only that long: its next 429
+    # then ends the run (jobs pending) instead of idling past the operator's limit.
+    (_err(RateLimited, 3600.0), 60.0),
+    (_err(RateLimited, 30.0), 30.0),
+    (_err(ServerError, 3600.0), 900.0),  # a 503's Retry-After is not a rate limit
+])
+def test_a_429_never_waits_past_the_rate_limit_wait(error: JobError, wait: float) -> None:
+    policy = replace(POLICY, max_rate_limit_wait_s=60.0)
+    assert decide([error], policy, jitter=0.0).wait_s == pytest.approx(wait)

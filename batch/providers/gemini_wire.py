@@ -138,8 +138,9 @@ def error_for_status(
                 job_id=job_id, http_status=status,
             )
         # A QuotaFailure names a per-minute quota of the project: every request meets it.
+        named = [quota for quota in quotas if not quota.startswith("reason:")]
         return RateLimited(message, job_id=job_id, http_status=status, retry_after_s=wait,
-                           quota_used_up=bool(quotas))
+                           quota_used_up=bool(named))
     return error_for_code(status, message, job_id=job_id, retry_after_s=wait)
 
 

@@ -29,6 +29,7 @@ _QUOTA_HEADERS = (
     ("x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"),
     ("x-ratelimit-remaining", "x-ratelimit-reset"),
 )
+MAX_RESET_WAIT_S = 60.0
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 
 
@@ -102,13 +103,17 @@ def quota_used_up(headers: Mapping[str, str]) -> tuple[bool, float | None]:
         except ValueError:
             continue
         if left <= 0:
-            return True, parse_duration(header(headers, reset))
+            return True, reset_wait_s(header(headers, reset))
     return False, None
 
 
-def parse_duration(text: str | None) -> float | None:
-    """OpenAI's reset durations (``1s``, ``6m0s``, ``20ms``, ``1h2m3.5s``) or plain seconds,
-    in seconds; None if unreadable (a generic ``x-ratelimit-reset`` may be an epoch time)."""
+def reset_wait_s(text: str | None) -> float | None:
+    """A rate-limit reset (``1s``, ``20ms``, ``1m30s``, or plain seconds) as a wait, or None.
+
+    It says when the bucket is full again, which is later than the next request needs, so
+    only a per-minute quota's reset (at most ``MAX_RESET_WAIT_S``) is used; a longer one,
+    an epoch time or anything unreadable leaves the wait to Retry-After or the backoff.
+    """
     if text is None:
         return None
     text = text.strip()
@@ -119,9 +124,8 @@ def parse_duration(text: str | None) -> float | None:
         if not parts or "".join(n + u for n, u in parts) != text:
             return None
         scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-        return sum(float(n) * scale[u] for n, u in parts)
-    # A bare number beyond a day is an epoch time, not a wait.
-    return seconds if 0 <= seconds <= 86_400 else None
+        seconds = sum(float(n) * scale[u] for n, u in parts)
+    return seconds if 0 <= seconds <= MAX_RESET_WAIT_S else None
 
 
 def error_for_code(
