@@ -24,7 +24,14 @@ from batch.engine import Engine, EngineConfig, Route, RunStats, StopReason
 from batch.errors import ClusterError, RateLimited, StorageError
 from batch.jobs import Job, Status
 from batch.progress import Observer
-from batch.runners.coordinator import Control, Coordinator, SharedBudget, StopRelay
+from batch.runners.coordinator import (
+    AGAIN,
+    Control,
+    Coordinator,
+    Reporter,
+    SharedBudget,
+    StopRelay,
+)
 from batch.runners.s3segments import open_shard
 from batch.runners.segments import DriverCheckpoint, SegmentStore, segment_files
 from batch.runners.shard import forced
@@ -487,3 +494,82 @@ def test_a_shard_of_an_s3_output_keeps_only_its_own_jobs(
     finally:
         mine.close()
         everything.close()
+
+
+class Hanging:
+    """An actor handle whose calls never answer (a hung actor, or one on a node that is gone
+    while Ray keeps the call for a restart that never comes)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        async def never(*args: Any) -> Any:
+            self.calls += 1
+            await asyncio.Event().wait()
+
+        return never
+
+
+@run_async
+async def test_a_lease_call_that_never_answers_fails_every_waiter_in_bounded_time() -> None:
+    remote = Hanging()
+    limits = SharedLimits(remote, "w", lease_retries=2, retry_s=0.001,  # type: ignore[arg-type]
+                          call_timeout_s=0.05)
+    outcomes = await _take_slots(limits, 3)
+    assert all(isinstance(o, ClusterError) for o in outcomes) and remote.calls == 3
+    async with asyncio.timeout(5):
+        await limits.close()  # its own calls are bounded too
+
+
+@run_async
+async def test_the_server_answers_a_lease_within_its_poll_even_when_nothing_may_start() -> None:
+    server = LimitsServer(ControlConfig(max_limit=1, adaptive=False), poll_s=0.05)
+    assert len((await server.lease("a", 1)).seqs) == 1
+    async with asyncio.timeout(5):
+        assert (await server.lease("b", 1)).seqs == ()  # empty: b asks again
+    # A client waits through empty grants until the slot frees.
+    limits = SharedLimits(server, "b")  # type: ignore[arg-type]
+    waiting = asyncio.ensure_future(_take_slots(limits, 1))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    await server.end("a", server.epoch, [(0, "admitted", None)])
+    assert await waiting == [None]
+    await limits.close()
+
+
+@run_async
+async def test_the_coordinator_answers_take_within_its_poll() -> None:
+    coordinator = Coordinator(1.0, poll_s=0.05)
+    assert await coordinator.take("a", 1_000_000) == (1_000_000, 0)
+    async with asyncio.timeout(5):
+        assert await coordinator.take("b", 1) == (AGAIN, 0)  # held elsewhere: ask again
+    budget = SharedBudget(coordinator, "b", 1.0, 1)  # type: ignore[arg-type]
+    waiting = asyncio.ensure_future(budget.acquire())
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    await coordinator.give("a", 1_000_000, 0)  # a's request failed: nothing paid
+    assert await asyncio.wait_for(waiting, 5) == 1
+
+
+@run_async
+async def test_a_shard_whose_coordinator_hangs_abandons_its_work() -> None:
+    stopped: list[str] = []
+
+    class Engine:
+        stopping = False
+
+        def stop(self, reason: StopReason, message: str) -> None:
+            stopped.append(message)
+
+        def abort(self) -> None:
+            stopped.append("abort")
+
+    reporter = Reporter(Hanging(), "w", interval_s=0.01, orphan_s=0.1,  # type: ignore[arg-type]
+                        call_timeout_s=0.05)
+    reporter.start(Engine())
+    async with asyncio.timeout(5):
+        while "abort" not in stopped:
+            await asyncio.sleep(0.01)
+        await reporter.close()
+    assert stopped == ["the driver is gone", "abort"]

@@ -46,7 +46,7 @@ from batch.jobs import Job
 from batch.manifest import Manifest
 from batch.progress import ConsoleProgress
 from batch.runners.cluster_report import Outcome, Output, add, finish, replay
-from batch.runners.coordinator import Coordinator
+from batch.runners.coordinator import CALL_TIMEOUT_S, Coordinator
 from batch.runners.segments import DriverCheckpoint
 from batch.runners.shard import ShardSpec, run_shard
 from batch.runners.shared_limits import LimitsServer
@@ -101,12 +101,14 @@ class CoordinatorActor(Coordinator):
 
 
 def _actor(cls: type[Any], name: str) -> Any:
-    """An async actor class, restarted whenever its process dies.
+    """An async actor class on the driver's node, restarted there whenever its process dies.
 
-    Placed on the driver's node if it can be (soft): losing a worker node then
-    never costs the run its budget or limits' memory.
+    Pinned (not soft): with ``soft=True`` Ray 2.60 placed them on any node (seen in the
+    node-removal test), and losing that node cost the run its limits' and budget's
+    memory mid-run. The driver's node is the one the run cannot outlive anyway (over
+    ``ray://`` the driver runs on the head).
     """
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return ray.remote(cls).options(name=name, num_cpus=0, max_restarts=-1, max_task_retries=-1,
                                    max_concurrency=1000, scheduling_strategy=here)
 
@@ -207,8 +209,13 @@ async def _drive(
     try:
         await _run_shards(shards, todo, store, where, endpoints, settings, config, options,
                           deadline, verify, run, limits, coordinator, outcome, by_id, progress)
-        peaks = await asyncio.gather(*(actor.stats.remote() for actor in limits.values()))
-        stats.peak_in_flight = sum(p["peak"] for p in peaks)
+        try:
+            peaks = await asyncio.wait_for(
+                asyncio.gather(*(actor.stats.remote() for actor in limits.values())),
+                CALL_TIMEOUT_S)
+            stats.peak_in_flight = sum(p["peak"] for p in peaks)
+        except Exception as exc:  # only a figure of the summary
+            log.warning("the peak in flight is unknown: the limits did not answer (%r)", exc)
     except Exception as exc:
         outcome.crashed = exc
     finally:
@@ -259,11 +266,18 @@ async def _run_shards(
         for ref in ready:
             shard_id = outstanding.pop(ref)
             _collect(ref, shard_id, outcome, coordinator)
-        events, _spent, epoch = await coordinator.drain.remote()
-        if (again := outcome.stops.again(epoch)) is not None:
-            log.warning("the coordinator restarted: sending the stop again")
-            coordinator.stop.remote(*again)
-        replay(events, by_id, progress)
+        try:
+            # Bounded: a coordinator that restarts or hangs must not hold the driver, which
+            # ends once every shard task has (they stop themselves without a coordinator).
+            events, _spent, epoch = await asyncio.wait_for(coordinator.drain.remote(),
+                                                           CALL_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("the run's coordinator did not answer (%r); progress may lag", exc)
+        else:
+            if (again := outcome.stops.again(epoch)) is not None:
+                log.warning("the coordinator restarted: sending the stop again")
+                coordinator.stop.remote(*again)
+            replay(events, by_id, progress)
         if outstanding:
             await asyncio.sleep(0.2)
 

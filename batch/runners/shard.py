@@ -30,9 +30,10 @@ from batch import routing
 from batch.checkpoint import JobState
 from batch.endpoints import Endpoint
 from batch.engine import Engine, EngineConfig, Route, RunStats
+from batch.errors import ClusterError
 from batch.imagecheck import DecodeChecked, Verify
 from batch.jobs import Job
-from batch.runners.coordinator import CoordinatorRemote, Reporter, SharedBudget
+from batch.runners.coordinator import CoordinatorRemote, Reporter, SharedBudget, call
 from batch.runners.segments import SegmentStore
 from batch.runners.shared_limits import LimitsRemote, SharedLimits
 from batch.sharding import writer_id
@@ -103,7 +104,11 @@ async def run_shard(spec: ShardSpec, limits: Mapping[str, LimitsRemote],
     """Run one shard to its end or the cluster's stop; the stats of this attempt."""
     # Numbered by the coordinator, so a retry sorts after its shard's earlier attempts
     # whatever the nodes' clocks say; the random tail keeps two zombies apart.
-    attempt = f"a{await coordinator.attempt(spec.shard):06d}{uuid.uuid4().hex[:6]}"
+    try:
+        number = await call(coordinator.attempt(spec.shard))
+    except Exception as exc:  # TimeoutError included: Ray retries the task, the driver ends
+        raise ClusterError(f"the run's coordinator is unreachable ({exc!r})") from None
+    attempt = f"a{number:06d}{uuid.uuid4().hex[:6]}"
     worker = writer_id(spec.run, spec.shard, attempt)
     keys = routing.api_keys(spec.endpoints, os.environ)  # UsageError names what is unset
     routes = routing.build_routes(spec.endpoints, keys, spec.settings)

@@ -15,6 +15,11 @@ request: one pump asks for as many permits as there are waiting requests
 (at most ``batch``), and answers are sent back in batches while the
 previous batch is under way.
 
+Every call is bounded: the server answers a lease within ``poll_s`` (an
+empty grant when nothing may start yet), and the client gives up on any call
+after ``call_timeout_s``, so an actor that hangs or whose node is gone fails
+its waiters (``ClusterError``) instead of hanging the shard.
+
 Leases: a worker renews its lease with every call and every few seconds;
 the permits of a worker silent for ``lease_ttl_s`` (its process or node
 died) are ended as abandoned, so a dead worker never holds a slot for good.
@@ -59,13 +64,14 @@ class LimitsServer:
     """See the module docstring. ``cautious``: this is a restart."""
 
     def __init__(self, config: ControlConfig, *, cautious: bool = False,
-                 lease_ttl_s: float = 15.0, adopt_window_s: float = 7.0,
+                 lease_ttl_s: float = 10.0, adopt_window_s: float = 7.0, poll_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if cautious:
             config = replace(config, initial_limit=1)
         self.controller = Controller(config)
         self.epoch = uuid.uuid4().hex[:12]
         self.lease_ttl_s = lease_ttl_s
+        self.poll_s = poll_s
         self._clock = clock
         self._holder: dict[int, str] = {}  # ticket -> worker
         self._adopted: set[int] = set()  # tickets of requests started in an earlier life
@@ -82,7 +88,9 @@ class LimitsServer:
             log.warning("limits restarted: pausing %.1fs, then slow start", pause)
 
     async def lease(self, worker: str, want: int) -> Grant:
-        """Wait until a request may start, then grant up to ``want`` permits that may start now."""
+        """Wait until a request may start, then grant up to ``want`` permits that may start now;
+        none if nothing may start within ``poll_s`` (the client asks again: no call is long)."""
+        give_up = self._clock() + self.poll_s
         while True:
             now = self._clock()
             self._touch(worker, now)
@@ -91,10 +99,12 @@ class LimitsServer:
             self._log_events()
             if wait <= 0:
                 break
+            if now >= give_up:
+                return Grant(self.epoch, ())
             event = self._event()
             with suppress(TimeoutError):
                 # Wakes on any answer; at least every second to expire dead workers' leases.
-                await asyncio.wait_for(event.wait(), timeout=min(wait, 1.0))
+                await asyncio.wait_for(event.wait(), timeout=min(wait, 1.0, give_up - now))
         seqs: list[int] = []
         while len(seqs) < max(want, 1) and self.controller.wait_s(now) <= 0:
             seq = self.controller.on_start(now)
@@ -213,8 +223,9 @@ class SharedLimits(Limits):
     """
 
     def __init__(self, remote: LimitsRemote, worker: str, *, batch: int = 8,
-                 renew_s: float = 3.0, hook: SlotHook | None = None,
-                 lease_retries: int = 30, retry_s: float = 1.0) -> None:
+                 renew_s: float = 2.5, hook: SlotHook | None = None,
+                 lease_retries: int = 30, retry_s: float = 1.0,
+                 call_timeout_s: float = 20.0, unreachable_s: float = 60.0) -> None:
         super().__init__(ControlConfig(max_limit=1))
         self._remote = remote
         self.worker = worker
@@ -223,6 +234,8 @@ class SharedLimits(Limits):
         self._hook = hook
         self._lease_retries = lease_retries
         self._retry_s = retry_s
+        self._call_timeout_s = call_timeout_s
+        self._unreachable_s = unreachable_s
         self._queue: collections.deque[asyncio.Future[tuple[str, int]]] = collections.deque()
         self._ends: list[tuple[str, EndEvent]] = []
         self._pump: asyncio.Task[None] | None = None
@@ -315,15 +328,24 @@ class SharedLimits(Limits):
 
     async def _run_pump(self) -> None:
         failures = 0
+        failing_since = 0.0
         while self._queue:
             try:
-                grant = await self._remote.lease(self.worker, min(len(self._queue), self._batch))
+                # Bounded: the server answers within its poll_s, so a call this late went to
+                # an actor that hangs or is gone. (Permits it may still grant are held until
+                # this worker ends and its lease expires: a few slots, never a hang.)
+                grant = await asyncio.wait_for(
+                    self._remote.lease(self.worker, min(len(self._queue), self._batch)),
+                    self._call_timeout_s)
             except Exception as exc:
                 # A restarting actor answers again within seconds; one that does not (or a
                 # bug in it) must not leave the waiters waiting for good: they fail, and the
                 # engine stops with their jobs pending.
                 failures += 1
-                if failures > self._lease_retries:
+                now = time.monotonic()
+                failing_since = failing_since if failures > 1 else now
+                # Tries, or time: calls that each time out must not add up to many minutes.
+                if failures > self._lease_retries or now - failing_since > self._unreachable_s:
                     log.error("limits unreachable after %d tries: %s", failures, exc)
                     self._fail_waiters(ClusterError(
                         f"the shared limits stayed unreachable ({exc!r})"))
@@ -356,7 +378,9 @@ class SharedLimits(Limits):
         while True:
             await asyncio.sleep(self._renew_s)
             with suppress(Exception):  # a restarting actor: the next renewal tries again
-                await self._on_epoch(await self._remote.renew(self.worker))
+                epoch = await asyncio.wait_for(self._remote.renew(self.worker),
+                                               self._call_timeout_s)
+                await self._on_epoch(epoch)
 
     async def _on_epoch(self, epoch: str) -> None:
         """The server restarted if ``epoch`` is new: it adopts what this worker has in flight."""
@@ -366,7 +390,8 @@ class SharedLimits(Limits):
             if epoch == self._epoch:
                 return
             old = [t for t in self._live.values() if t.epoch != epoch and not t.answered]
-            grant = await self._remote.adopt(self.worker, len(old))  # raises: tried again
+            grant = await asyncio.wait_for(  # raises: tried again
+                self._remote.adopt(self.worker, len(old)), self._call_timeout_s)
             self._epoch = grant.epoch
             for ticket, seq in zip(old, grant.seqs, strict=True):
                 if id(ticket) in self._live and not ticket.answered:
@@ -393,7 +418,8 @@ class SharedLimits(Limits):
                 by_epoch.setdefault(epoch, []).append(event)
             for epoch, events in by_epoch.items():
                 try:
-                    await self._remote.end(self.worker, epoch, events)
+                    await asyncio.wait_for(self._remote.end(self.worker, epoch, events),
+                                           self._call_timeout_s)
                 except Exception as exc:  # the actor died: its successor ignores these
                     log.warning("could not return %d permit(s): %s", len(events), exc)
             self.round_trips += 1
