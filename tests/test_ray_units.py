@@ -36,7 +36,7 @@ from batch.runners.s3segments import open_shard
 from batch.runners.segments import DriverCheckpoint, SegmentStore, segment_files
 from batch.runners.shard import forced
 from batch.runners.shared_limits import EndEvent, Grant, LimitsServer, SharedLimits
-from batch.sharding import Shard, make_shards, shard_id, writer_id
+from batch.sharding import Backlog, Shard, make_shards, shard_id, writer_id
 from batch.storage.s3client import S3Location
 from batch.storage.s3state import S3State
 from tests.conftest import cli_env, run_args, run_cli, simulator
@@ -573,3 +573,22 @@ async def test_a_shard_whose_coordinator_hangs_abandons_its_work() -> None:
             await asyncio.sleep(0.01)
         await reporter.close()
     assert stopped == ["the driver is gone", "abort"]
+
+
+@pytest.mark.parametrize(
+    ("ended", "tail", "busy"),
+    [
+        ([], 2, 2),  # both shards have more than their tail left
+        (["j0", "j1"], 2, 1),  # the first is down to one job: the next shard may start
+        (["j0", "j1", "j2", "j3"], 2, 0),
+        (["j0", "j0", "x"], 1, 2),  # an id counts once; unknown ids count for nothing
+        ([], 3, 0),  # shards no bigger than the tail are always in it
+    ],
+)
+def test_a_shard_in_its_tail_lets_the_next_one_start(ended: list[str], tail: int,
+                                                     busy: int) -> None:
+    shards = make_shards(IDS[:6], 3)
+    backlog = Backlog(shards, IDS[:6])
+    for job_id in ended:
+        backlog.ended(job_id)
+    assert backlog.busy([shard.id for shard in shards], tail) == busy

@@ -5,11 +5,12 @@ the output folder's lock, cuts the unfinished jobs into shards
 (:mod:`batch.sharding`) and keeps at most ``max_shards`` shard tasks
 outstanding. Each task runs the same engine on its shard
 (:mod:`batch.runners.shard`), writing images to the shared ``images/`` folder
-and its state to its own journal segment. Shared per run:
+and its state to its own journal segment. Shared per run, one named async
+actor on the driver's node (:class:`~batch.runners.run_state.RunState`) holds
 
-- one named async actor per endpoint, :class:`~batch.runners.shared_limits.LimitsServer`
+- each endpoint's limits, :class:`~batch.runners.shared_limits.LimitsServer`
   (concurrency, ``--rpm``, 429 pause and pacing; restarted cautious if it dies);
-- one coordinator, :class:`~batch.runners.coordinator.Coordinator` (the
+- the coordinator, :class:`~batch.runners.coordinator.Coordinator` (the
   ``--max-cost`` budget, the stop, progress events).
 
 Ray retries a task whose worker or node died (``max_retries``); the retry
@@ -46,13 +47,16 @@ from batch.jobs import Job
 from batch.manifest import Manifest
 from batch.progress import ConsoleProgress
 from batch.runners.cluster_report import Outcome, Output, add, finish, replay
-from batch.runners.coordinator import CALL_TIMEOUT_S, Coordinator
+from batch.runners.coordinator import CALL_TIMEOUT_S
+from batch.runners.fence import Fence, folder_token
+from batch.runners.run_state import EndpointCalls, RunState
+from batch.runners.s3segments import lease_holder
 from batch.runners.segments import DriverCheckpoint
 from batch.runners.shard import ShardSpec, run_shard
-from batch.runners.shared_limits import LimitsServer
-from batch.sharding import DEFAULT_SHARD_SIZE, make_shards
+from batch.sharding import DEFAULT_SHARD_SIZE, Backlog, make_shards
 from batch.storage import outputs
 from batch.storage.base import StateStore
+from batch.storage.s3state import S3State
 
 log = logging.getLogger(__name__)
 
@@ -84,20 +88,13 @@ def connect(address: str) -> None:
         raise UsageError(f"--cluster {address}: use ray, ray://HOST:PORT or local-ray")
 
 
-class LimitsActor(LimitsServer):
-    """One endpoint's shared limits (see :class:`LimitsServer`), cautious after a restart."""
+class RunActor(RunState):
+    """The run's shared state (see :class:`RunState`); after a restart the limits start
+    cautious and a capped coordinator stopped."""
 
-    def __init__(self, config: ControlConfig) -> None:
+    def __init__(self, cap_usd: float | None, limits: Mapping[str, ControlConfig]) -> None:
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        super().__init__(config, cautious=restarted)
-
-
-class CoordinatorActor(Coordinator):
-    """The run's coordinator (see :class:`Coordinator`); stopped after a restart if capped."""
-
-    def __init__(self, cap_usd: float | None) -> None:
-        restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        super().__init__(cap_usd, restarted=restarted)
+        super().__init__(cap_usd, limits, restarted=restarted)
 
 
 def _actor(cls: type[Any], name: str) -> Any:
@@ -125,10 +122,15 @@ class _Remote:
 
 
 @ray.remote(num_cpus=1, max_retries=TASK_RETRIES, scheduling_strategy="SPREAD")
-def shard_task(spec: ShardSpec, limits: Mapping[str, Any], coordinator: Any) -> RunStats:
+def shard_task(spec: ShardSpec, actor: Any) -> RunStats:
     """A Ray task running one shard with the engine (retried if its worker dies)."""
-    remotes = {name: _Remote(handle) for name, handle in limits.items()}
-    return asyncio.run(run_shard(spec, remotes, _Remote(coordinator)))
+    remote = _Remote(actor)
+
+    def call(method: str, *args: Any) -> Any:
+        return getattr(actor, method).remote(*args)
+
+    limits = {name: EndpointCalls(call, name) for name in spec.endpoints}
+    return asyncio.run(run_shard(spec, limits, remote))
 
 
 def _exit_seam() -> tuple[int, str] | None:
@@ -180,14 +182,13 @@ async def _drive(
         if config.force or not store.is_done(job, fp):
             todo.append((job, fp))
     stats = RunStats(planned=len(todo), skipped=len(manifest.jobs) - len(todo))
-    coordinator = _actor(CoordinatorActor, f"run-{run}").remote(config.max_cost_usd)
-    limits = {
-        name: _actor(LimitsActor, f"limits-{run}-{name or 'default'}").remote(
-            ControlConfig(max_limit=ep.concurrency or settings.concurrency,
-                          rpm=ep.rpm or settings.rpm,
-                          max_pause_s=config.policy.max_server_wait_s))
+    fence = await _fence_of(store)
+    coordinator = _actor(RunActor, f"run-{run}").remote(config.max_cost_usd, {
+        name: ControlConfig(max_limit=ep.concurrency or settings.concurrency,
+                            rpm=ep.rpm or settings.rpm,
+                            max_pause_s=config.policy.max_server_wait_s)
         for name, ep in endpoints.items()
-    }
+    })
     shards = make_shards([job.id for job, _ in todo], options.shard_size)
     by_id = {job.id: job for job in manifest.jobs}
     outcome = Outcome(stats)
@@ -208,10 +209,11 @@ async def _drive(
     log.info("%d shard(s) of at most %d job(s) on the cluster", len(shards), options.shard_size)
     try:
         await _run_shards(shards, todo, store, where, endpoints, settings, config, options,
-                          deadline, verify, run, limits, coordinator, outcome, by_id, progress)
+                          deadline, verify, run, coordinator, outcome, by_id, progress,
+                          fence)
         try:
             peaks = await asyncio.wait_for(
-                asyncio.gather(*(actor.stats.remote() for actor in limits.values())),
+                asyncio.gather(*(coordinator.stats.remote(name) for name in endpoints)),
                 CALL_TIMEOUT_S)
             stats.peak_in_flight = sum(p["peak"] for p in peaks)
         except Exception as exc:  # only a figure of the summary
@@ -230,15 +232,18 @@ async def _run_shards(
     shards: list[Any], todo: list[tuple[Job, str]], store: StateStore, where: Output,
     endpoints: Mapping[str, Endpoint], settings: routing.Settings, config: EngineConfig,
     options: ClusterOptions, deadline: float | None, verify: Verify, run: str,
-    limits: Mapping[str, Any], coordinator: Any, outcome: Outcome, by_id: Mapping[str, Job],
-    progress: ConsoleProgress,
+    coordinator: Any, outcome: Outcome, by_id: Mapping[str, Job],
+    progress: ConsoleProgress, fence: Fence,
 ) -> None:
-    cpus = int(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
-    max_shards = options.max_shards or max(1, cpus)
+    max_shards = options.max_shards or _nodes_with_cpus()
     deadline_unix = None if deadline is None else time.time() + (deadline - time.monotonic())
     seam = _exit_seam()
     pending = list(reversed(shards))
     outstanding: dict[Any, str] = {}
+    backlog = Backlog(shards, [job.id for job, _ in todo])
+    # A shard with no more jobs than requests in flight at once is in its tail.
+    tail = max((ep.concurrency or settings.concurrency for ep in endpoints.values()),
+               default=settings.concurrency)
     stopping = False
     while pending or outstanding:
         if deadline is not None and time.monotonic() >= deadline and not stopping:
@@ -246,7 +251,8 @@ async def _run_shards(
                 StopReason.RUNTIME.value, f"--max-runtime of {config.max_runtime_s:g}s reached"))
         stopping = stopping or outcome.signal is not None or outcome.stats.stop is not \
             StopReason.NONE or (deadline is not None and time.monotonic() >= deadline)
-        while pending and not stopping and len(outstanding) < max_shards:
+        while pending and not stopping and \
+                backlog.busy(outstanding.values(), tail) < max_shards:
             shard = pending.pop()
             items = tuple(todo[p] for p in shard.positions)
             spec = ShardSpec(
@@ -257,9 +263,9 @@ async def _run_shards(
                 prior=tuple(store.states[job.id] for job, _ in items if job.id in store.states),
                 endpoints=endpoints, settings=settings, config=config, verify=verify,
                 deadline_unix=deadline_unix, exit_after=seam,
-                s3_gen=getattr(store, "gen", None) if where.s3 else None,
+                s3_gen=getattr(store, "gen", None) if where.s3 else None, fence=fence,
             )
-            outstanding[shard_task.remote(spec, limits, coordinator)] = shard.id
+            outstanding[shard_task.remote(spec, coordinator)] = shard.id
         if stopping:
             pending.clear()
         ready, _ = ray.wait(list(outstanding), num_returns=len(outstanding), timeout=0)
@@ -278,8 +284,31 @@ async def _run_shards(
                 log.warning("the coordinator restarted: sending the stop again")
                 coordinator.stop.remote(*again)
             replay(events, by_id, progress)
+            for kind, job_id, _number, _text in events:
+                if kind in ("success", "failure"):
+                    backlog.ended(job_id)
         if outstanding:
             await asyncio.sleep(0.2)
+
+
+async def _fence_of(store: StateStore) -> Fence:
+    """The token of the lock or lease the driver holds (:mod:`batch.runners.fence`)."""
+    if isinstance(store, S3State):
+        holder = await asyncio.to_thread(lease_holder, store)
+        return Fence(holder or "")
+    return Fence(folder_token(store.root))
+
+
+def _nodes_with_cpus() -> int:
+    """The default of shard tasks outstanding: one per node that runs tasks.
+
+    One asyncio engine per node keeps hundreds of requests in flight (the limits are
+    shared, not per task), and every task process more costs a Python start and imports
+    on the node, which is most of what a cluster run adds to a single machine's.
+    """
+    alive = [node for node in ray.nodes()  # type: ignore[no-untyped-call]
+             if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) >= 1]
+    return max(1, len(alive))
 
 
 def _collect(ref: Any, shard_id: str, outcome: Outcome, coordinator: Any) -> None:

@@ -34,7 +34,7 @@ from batch.errors import ClusterError
 from batch.imagecheck import DecodeChecked, Verify
 from batch.jobs import Job
 from batch.runners.coordinator import CoordinatorRemote, Reporter, SharedBudget, call
-from batch.runners.segments import SegmentStore
+from batch.runners.fence import Fence, FencedSegments
 from batch.runners.shared_limits import LimitsRemote, SharedLimits
 from batch.sharding import writer_id
 from batch.storage import outputs
@@ -59,6 +59,7 @@ class ShardSpec:
     verify: Verify
     deadline_unix: float | None  # the driver's --max-runtime, on the wall clock
     s3_gen: int | None = None  # an s3:// output: the journal generation the driver opened
+    fence: Fence | None = None  # the driver's lock or lease: no commit once a newer run holds it
     exit_after: tuple[int, str] | None = None  # test seam: os._exit after N successes, once
 
 
@@ -133,9 +134,11 @@ async def run_shard(spec: ShardSpec, limits: Mapping[str, LimitsRemote],
 
         # In a thread: the S3 state runs its own event loop to read the segments.
         store = await asyncio.to_thread(open_shard, spec.output, spec.s3_endpoint,
-                                        worker, spec.s3_gen, [job.id for job, _ in spec.todo])
+                                        worker, spec.s3_gen, [job.id for job, _ in spec.todo],
+                                        spec.fence)
     else:
-        store = SegmentStore.open_segment(Path(spec.output), worker, spec.shard, spec.prior)
+        store = FencedSegments.open_fenced(Path(spec.output), worker, spec.shard, spec.prior,
+                                           spec.fence)
     engine = Engine(shared, store, spec.config, reporter)
     engine.budget = budget
     try:
