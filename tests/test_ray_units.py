@@ -32,6 +32,7 @@ from batch.runners.coordinator import (
     SharedBudget,
     StopRelay,
 )
+from batch.runners.run_state import RunState
 from batch.runners.s3segments import open_shard
 from batch.runners.segments import DriverCheckpoint, SegmentStore, segment_files
 from batch.runners.shard import forced
@@ -592,3 +593,19 @@ def test_a_shard_in_its_tail_lets_the_next_one_start(ended: list[str], tail: int
     for job_id in ended:
         backlog.ended(job_id)
     assert backlog.busy([shard.id for shard in shards], tail) == busy
+
+
+@run_async
+async def test_a_retry_gives_back_at_once_what_its_dead_attempt_held() -> None:
+    state = RunState(1.0, {"": ControlConfig(max_limit=3, adaptive=False)})
+    server = state.limits[""]
+    dead, other = writer_id("r", "s1", "a1x"), writer_id("r", "s10", "a1y")
+    assert len((await state.lease("", dead, 2)).seqs) == 2
+    assert len((await state.lease("", other, 1)).seqs) == 1
+    assert await state.take(dead, 400_000) == (400_000, 0)
+    retry = writer_id("r", "s1", "a2z")
+    await state.retire(writer_id("r", "s1", "a")[:-1], retry)  # before any lease expires
+    stats = await server.stats()
+    assert stats["in_flight"] == 1 and stats["expired"] == 2  # the other shard's slot stays
+    assert len((await state.lease("", retry, 2)).seqs) == 2
+    assert state.coordinator.spent == 400_000 and state.coordinator.held == {}

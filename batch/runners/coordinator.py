@@ -157,19 +157,29 @@ class Coordinator:
         events, self.events = self.events, []
         return events, to_usd(self.spent), self.epoch
 
+    async def retire(self, prefix: str, keep: str) -> None:
+        """Workers named ``prefix...`` other than ``keep`` are dead (earlier attempts of a
+        retried shard): what they held counts as spent now, not after ``lease_ttl_s``."""
+        for worker in [w for w in self._seen if w.startswith(prefix) and w != keep]:
+            self._forget(worker, "is an earlier attempt of a retried shard")
+        self._notify()
+
     def _touch(self, worker: str, now: float) -> None:
         self._seen[worker] = now
 
     def _expire(self, now: float) -> None:
         for worker, at in list(self._seen.items()):
             if now - at > self.lease_ttl_s:
-                del self._seen[worker]
-                lost = self.held.pop(worker, 0)
-                if lost:
-                    # Its requests in flight may have been paid: never spend past the cap.
-                    self.spent += lost
-                    log.warning("worker %s went silent holding $%.4f; counted as spent",
-                                worker, to_usd(lost))
+                self._forget(worker, "went silent")
+
+    def _forget(self, worker: str, why: str) -> None:
+        del self._seen[worker]
+        lost = self.held.pop(worker, 0)
+        if lost:
+            # Its requests in flight may have been paid: never spend past the cap.
+            self.spent += lost
+            log.warning("worker %s %s holding $%.4f; counted as spent", worker, why,
+                        to_usd(lost))
 
     def _notify(self) -> None:
         if self._changed is not None:
@@ -207,6 +217,8 @@ class CoordinatorRemote(Protocol):
     def report(self, worker: str, events: list[Event]) -> Awaitable[Control]: ...
 
     def attempt(self, shard: str) -> Awaitable[int]: ...
+
+    def retire(self, prefix: str, keep: str) -> Awaitable[None]: ...
 
 
 class SharedBudget(Budget):

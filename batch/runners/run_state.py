@@ -41,6 +41,12 @@ class RunState:
     async def attempt(self, shard: str) -> int:
         return await self.coordinator.attempt(shard)
 
+    async def retire(self, prefix: str, keep: str) -> None:
+        """Workers ``prefix...`` but ``keep`` are dead: their permits and budget end now."""
+        await self.coordinator.retire(prefix, keep)
+        for server in self.limits.values():
+            await server.retire(prefix, keep)
+
     async def report(self, worker: str, events: list[Event]) -> Control:
         return await self.coordinator.report(worker, events)
 

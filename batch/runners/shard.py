@@ -111,6 +111,13 @@ async def run_shard(spec: ShardSpec, limits: Mapping[str, LimitsRemote],
         raise ClusterError(f"the run's coordinator is unreachable ({exc!r})") from None
     attempt = f"a{number:06d}{uuid.uuid4().hex[:6]}"
     worker = writer_id(spec.run, spec.shard, attempt)
+    if number > 1:
+        # A retry: Ray runs it once the earlier attempt's worker or node is gone, so the
+        # slots and budget that attempt held come back now, not when its lease expires.
+        try:
+            await call(coordinator.retire(writer_id(spec.run, spec.shard, "a")[:-1], worker))
+        except Exception as exc:  # they expire all the same
+            log.warning("could not retire the earlier attempts of %s: %r", spec.shard, exc)
     keys = routing.api_keys(spec.endpoints, os.environ)  # UsageError names what is unset
     routes = routing.build_routes(spec.endpoints, keys, spec.settings)
     prices = [spec.config.prices.job_micros(job) or 0 for job, _ in spec.todo]

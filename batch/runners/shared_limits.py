@@ -157,10 +157,23 @@ class LimitsServer:
     def _touch(self, worker: str, now: float) -> None:
         self._seen[worker] = now
 
+    async def retire(self, prefix: str, keep: str) -> int:
+        """Workers named ``prefix...`` other than ``keep`` are dead: their permits end now.
+
+        A shard's retry says so of its earlier attempts (Ray retries a task once its
+        worker or node is gone), so their slots come back at once, not after
+        ``lease_ttl_s``. Returns the permits ended.
+        """
+        dead = {w for w in self._seen if w.startswith(prefix) and w != keep}
+        return self._forget(dead, self._clock(), "of an earlier attempt")
+
     def _expire(self, now: float) -> None:
-        dead = {w for w, at in self._seen.items() if now - at > self.lease_ttl_s}
+        self._forget({w for w, at in self._seen.items() if now - at > self.lease_ttl_s}, now,
+                     "of silent workers")
+
+    def _forget(self, dead: set[str], now: float, why: str) -> int:
         if not dead:
-            return
+            return 0
         for worker in dead:
             del self._seen[worker]
         lost = [seq for seq, worker in self._holder.items() if worker in dead]
@@ -170,8 +183,9 @@ class LimitsServer:
             self.controller.on_end(seq, now, None)
         if lost:
             self.expired += len(lost)
-            log.warning("expired %d permit(s) of %d silent worker(s)", len(lost), len(dead))
+            log.warning("ended %d permit(s) %s", len(lost), why)
             self._notify()
+        return len(lost)
 
     def _event(self) -> asyncio.Event:
         if self._changed is None:
