@@ -15,6 +15,7 @@ without it, and the key must appear nowhere in Ray's session files.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -93,6 +94,22 @@ def cluster_argv(manifest: Path, out: Path, url: str, *extra: str) -> list[str]:
 def run_driver(cluster: Any, argv: list[str], **extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, cwd=ROOT, env=driver_env(cluster, **extra), capture_output=True,
                           text=True, timeout=180)
+
+
+def running_shards(node: Any) -> int:
+    """Shard tasks running on ``node`` now: its raylet's children titled ``ray::shard_task``."""
+    from ray._private import ray_constants
+
+    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    count = 0
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            title = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        count += ppid == raylet and title.startswith(b"ray::shard_task")
+    return count
 
 
 def segment_lines(out: Path) -> int:
@@ -232,20 +249,21 @@ def test_catalog_into_s3_from_the_cluster(cluster: Any, moto: S3Server, tmp_path
 
 
 def test_node_removed_mid_run(cluster: Any, tmp_path: Path) -> None:
-    jobs, concurrency = 24, 4
+    jobs, concurrency, shards = 24, 4, 2
     manifest = catalog(jobs, tmp_path / "cat.jsonl")
     out = tmp_path / "out"
-    with simulator("--scale", SCALE, "--latency", "0.3") as sim:
-        argv = cluster_argv(manifest, out, sim.url, "--shard-size", "6",
+    with simulator("--scale", SCALE, "--latency", "0.8") as sim:
+        argv = cluster_argv(manifest, out, sim.url, "--shard-size", str(jobs // shards),
                             "--concurrency", str(concurrency))
         run = subprocess.Popen(argv, cwd=ROOT, env=driver_env(cluster), stderr=subprocess.PIPE,
                                text=True)
+        node = next(iter(cluster.worker_nodes))
         try:
             deadline = time.monotonic() + 90
-            while segment_lines(out) < 4 and run.poll() is None:
-                assert time.monotonic() < deadline, "the run made no progress"
+            # Removed while one of its shard tasks is mid-shard (some jobs committed).
+            while (segment_lines(out) < 2 or not running_shards(node)) and run.poll() is None:
+                assert time.monotonic() < deadline, "no shard ran on the second node"
                 time.sleep(0.05)
-            node = next(iter(cluster.worker_nodes))
             cluster.remove_node(node, allow_graceful=False)
             # Bounded: the driver always ends (the actors live on its node, every wait is
             # bounded); a hang fails here instead of hanging the suite.
@@ -258,5 +276,8 @@ def test_node_removed_mid_run(cluster: Any, tmp_path: Path) -> None:
     check_outputs(out, read_results(out))
     assert check_recorded_images(out, prompts_of(manifest)) == jobs
     assert stats["max_in_flight"] <= concurrency
+    # Each shard attempt writes one segment: more segments than shards, a shard was retried.
+    folded = re.search(r"folded \d+ record\(s\) from (\d+) journal segment", stderr)
+    assert folded and int(folded.group(1)) > shards, stderr[-3000:]
     repaid = sum(n - 1 for n in stats["paid_by_prompt"].values())
     assert repaid <= 2 * concurrency
