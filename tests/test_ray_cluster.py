@@ -33,6 +33,7 @@ from tests.oracles import check_recorded_images  # noqa: E402
 from tests.s3server import CREDENTIALS, S3Server  # noqa: E402
 from tests.test_crash import prompts_of  # noqa: E402
 from tests.test_e2e import catalog, check_outputs  # noqa: E402
+from tests.test_metrics import samples, value  # noqa: E402
 from tests.test_s3_e2e import check_bucket  # noqa: E402
 
 SCALE = "0.0625"
@@ -126,9 +127,10 @@ def test_catalog_with_faults_keeps_global_limits(cluster: Any, tmp_path: Path) -
     # The gateway allows 40 starts in any 5 s; the cluster is told 440/min (36.7 per 5 s).
     with simulator("--scale", SCALE, "--latency", "0.2", "--fault-mix", "0.15", "--seed", "3",
                    "--rpm-limit", "40", "--rate-window", "5") as sim:
+        prom = tmp_path / "cluster.prom"
         done = run_driver(cluster, cluster_argv(manifest, out, sim.url, "--shard-size", "10",
                                                 "--concurrency", str(concurrency),
-                                                "--rpm", "440"))
+                                                "--rpm", "440", "--metrics-file", str(prom)))
         stats = sim.stats()
     assert done.returncode == 0, done.stderr[-3000:]
     rows = read_results(out)
@@ -143,6 +145,14 @@ def test_catalog_with_faults_keeps_global_limits(cluster: Any, tmp_path: Path) -
         in done.stderr
     summary = (out / "summary.json").read_text()
     assert '"exit_code": 0' in summary
+    # One metrics file for the cluster, written by the driver from every shard's events.
+    found = samples(prom.read_text())
+    assert value(found, "imgbatch_requests_total") == stats["requests"]
+    assert value(found, "imgbatch_rate_limited_total") == stats["by_status"].get("429", 0) > 0
+    assert value(found, "imgbatch_jobs", status="succeeded") == jobs
+    assert value(found, "imgbatch_written_bytes_total") == sum(
+        p.stat().st_size for p in (out / "images").iterdir())
+    assert value(found, "imgbatch_run_exit_code") == 0
     leaked = [p for p in cluster.temp.rglob("*") if p.is_file() and _holds(p, KEY.encode())]
     assert leaked == []
 

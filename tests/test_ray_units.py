@@ -474,26 +474,36 @@ def test_force_redoes_a_job_once_per_run_even_from_a_store_read_anew(tmp_path: P
     store.close()
 
 
-def test_a_shard_of_an_s3_output_keeps_only_its_own_jobs(
+def test_a_shard_of_an_s3_output_reads_only_its_own_attempts(
     moto: S3Server, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     for name, value in CREDENTIALS.items():
         monkeypatch.setenv(name, value)
-    url = f"s3://{moto.bucket('ray-shard-keeps-its-own')}/out"
+    url = f"s3://{moto.bucket('ray-shard-reads-its-own')}/out"
     driver = S3State.open(S3Location.parse(url, moto.endpoint))
     try:
         for n in range(6):
             driver.record(JobState(f"j{n}", "f", Status.FAILED, 1), durable=True)
-        driver.record(JobState("j1", "f", Status.PENDING, 2), durable=True)
-        mine = open_shard(url, moto.endpoint, "r.s1.a1", driver.gen, ["j1", "j4"])
-        everything = open_shard(url, moto.endpoint, "r.s1.a2", driver.gen)
+        prior = [driver.states["j1"], driver.states["j4"]]
+        first = open_shard(url, moto.endpoint, "r.s1.a1", driver.gen, prior)
+        first.record(JobState("j1", "f", Status.PENDING, 2), durable=True)
+        first.close()  # (it died)
+        other = open_shard(url, moto.endpoint, "r.s2.a1", driver.gen, [driver.states["j2"]])
+        other.record(JobState("j2", "f", Status.PENDING, 5), durable=True)
+        other.close()
+        retry = open_shard(url, moto.endpoint, "r.s1.a2", driver.gen, prior)
+        everything = open_shard(url, moto.endpoint, "r.s1.a3", driver.gen)
     finally:
         driver.close()
     try:
-        assert set(mine.states) == {"j1", "j4"} and mine.states["j1"].attempts == 2
+        # The retry holds its jobs: the driver's states and what its first attempt recorded.
+        assert set(retry.states) == {"j1", "j4"} and retry.states["j1"].attempts == 2
+        assert retry.states["j4"] == prior[1]
+        # Without prior (tools, tests): every segment, every job.
         assert set(everything.states) == {f"j{n}" for n in range(6)}
+        assert everything.states["j2"].attempts == 5
     finally:
-        mine.close()
+        retry.close()
         everything.close()
 
 

@@ -45,7 +45,10 @@ from batch.progress import Observer
 
 log = logging.getLogger(__name__)
 
-Event = tuple[str, str, float, str]  # (kind, job id, number, text)
+# (kind, job id, number, text): "attempt"; "answer" (text: the error's type, "" if none);
+# "retry" (number: the wait, text: "type:message"); "success" (number: the cost, text: its
+# images' sizes, comma-separated); "failure" (text: "type:message").
+Event = tuple[str, str, float, str]
 _T = TypeVar("_T")
 AGAIN = -1  # granted by take(): nothing fits yet, ask again
 CALL_TIMEOUT_S = 20.0  # a shard's call to the coordinator: past this, the actor is gone or hangs
@@ -340,16 +343,18 @@ class Reporter(Observer):
         self._events.append(("attempt", job.id, 0.0, ""))
 
     def on_answer(self, job: Job, error: JobError | None = None) -> None:
-        self._events.append(("answer", job.id, 0.0, ""))
+        self._events.append(("answer", job.id, 0.0, "" if error is None else error.type))
 
     def on_retry(self, job: Job, error: JobError, wait_s: float) -> None:
-        self._events.append(("retry", job.id, wait_s, str(error)))
+        self._events.append(("retry", job.id, wait_s, f"{error.type}:{error}"))
 
     def on_success(self, job: Job, state: JobState, cost_usd: float) -> None:
-        self._events.append(("success", job.id, cost_usd, ""))
+        # The sizes of its images (the driver's metrics count them), not the images.
+        sizes = ",".join(str(image.bytes) for image in state.images)
+        self._events.append(("success", job.id, cost_usd, sizes))
 
     def on_failure(self, job: Job, error: JobError) -> None:
-        self._events.append(("failure", job.id, 0.0, str(error)))
+        self._events.append(("failure", job.id, 0.0, f"{error.type}:{error}"))
 
     async def _beat(self) -> None:
         last_ok = time.monotonic()

@@ -41,11 +41,12 @@ from batch.checkpoint import fingerprint
 from batch.congestion import ControlConfig
 from batch.endpoints import Endpoint
 from batch.engine import EngineConfig, RunStats, StopReason
-from batch.errors import ImgbatchError, StorageError, UsageError
+from batch.errors import ClusterError, ImgbatchError, StorageError, UsageError
 from batch.imagecheck import Verify
 from batch.jobs import Job
 from batch.manifest import Manifest
-from batch.progress import ConsoleProgress
+from batch.metrics import MetricsFile
+from batch.progress import ConsoleProgress, Observer, Observers
 from batch.runners.cluster_report import Outcome, Output, add, finish, replay
 from batch.runners.coordinator import CALL_TIMEOUT_S
 from batch.runners.fence import Fence, folder_token
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "imgbatch"
 TASK_RETRIES = 5  # a shard whose worker or node died is run again this often
+CLIENT_TRIES = 3  # ray://: connections tried
 EXIT_SEAM = "IMGBATCH_RAY_TEST_EXIT"  # tests: "N:MARKER", a worker dies after N successes
 
 
@@ -71,7 +73,7 @@ class ClusterOptions:
 
     address: str  # "ray" (auto), "ray://HOST:PORT" or "local-ray"
     shard_size: int = DEFAULT_SHARD_SIZE
-    max_shards: int | None = None  # outstanding shard tasks (default: the cluster's CPUs)
+    max_shards: int | None = None  # shard tasks kept busy (default: one per node)
 
 
 def connect(address: str) -> None:
@@ -81,7 +83,18 @@ def connect(address: str) -> None:
     if address == "ray":
         ray.init(address="auto", **kwargs)
     elif address.startswith("ray://"):
-        ray.init(address=address, **kwargs)
+        for attempt in range(1, CLIENT_TRIES + 1):
+            try:
+                ray.init(address=address, **kwargs)
+                break
+            except ConnectionAbortedError as exc:
+                ray.shutdown()
+                # The head starts a server process per client; on a busy head that start
+                # can fail (a port taken meanwhile, a slow start): a new one is asked for.
+                if attempt == CLIENT_TRIES:
+                    raise ClusterError(f"--cluster {address}: the Ray client server did not "
+                                       f"start ({exc})") from None
+                log.warning("the Ray client server did not start (%s); trying again", exc)
     elif address == "local-ray":
         ray.init(**kwargs)
     else:
@@ -146,7 +159,7 @@ async def run_cluster(
     settings: routing.Settings, config: EngineConfig, options: ClusterOptions, *,
     deadline: float | None, verify: Verify, progress: ConsoleProgress,
     gallery: Callable[[asyncio.Event, float | None], Awaitable[bool]] | None,
-    s3_endpoint: str | None = None,
+    s3_endpoint: str | None = None, metrics: MetricsFile | None = None,
 ) -> tuple[int, str]:
     """Run ``manifest`` over the cluster into ``output`` (a shared folder or s3://):
     (exit code, summary line)."""
@@ -161,7 +174,7 @@ async def run_cluster(
         store = DriverCheckpoint.open(Path(output))
     try:
         return await _drive(manifest, store, where, endpoints, settings, config, options,
-                            deadline, verify, progress, gallery)
+                            deadline, verify, progress, gallery, metrics)
     finally:
         store.close()
         ray.shutdown()
@@ -172,8 +185,11 @@ async def _drive(
     settings: routing.Settings, config: EngineConfig, options: ClusterOptions,
     deadline: float | None, verify: Verify, progress: ConsoleProgress,
     gallery: Callable[[asyncio.Event, float | None], Awaitable[bool]] | None,
+    metrics: MetricsFile | None,
 ) -> tuple[int, str]:
     run = uuid.uuid4().hex[:10]
+    # The shards' events, replayed here: one progress line, one metrics file, cluster-wide.
+    observer: Observer = progress if metrics is None else Observers(progress, metrics)
     started_at = time.time()
     store.record_run("start", jobs=len(manifest.jobs), cluster=options.address)
     todo: list[tuple[Job, str]] = []
@@ -183,7 +199,7 @@ async def _drive(
             todo.append((job, fp))
     stats = RunStats(planned=len(todo), skipped=len(manifest.jobs) - len(todo))
     fence = await _fence_of(store)
-    coordinator = _actor(RunActor, f"run-{run}").remote(config.max_cost_usd, {
+    run_actor = _actor(RunActor, f"run-{run}").remote(config.max_cost_usd, {
         name: ControlConfig(max_limit=ep.concurrency or settings.concurrency,
                             rpm=ep.rpm or settings.rpm,
                             max_pause_s=config.policy.max_server_wait_s)
@@ -201,19 +217,19 @@ async def _drive(
         signalled.set()
         message = (f"{signum.name} received; finishing requests in flight for up to "
                    f"{config.grace_s:g}s (send it again to stop now)")
-        coordinator.stop.remote(*outcome.stops.stop(StopReason.SIGNAL.value, message, not first))
+        run_actor.stop.remote(*outcome.stops.stop(StopReason.SIGNAL.value, message, not first))
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
-    progress.on_plan(len(todo), stats.skipped)
+    observer.on_plan(len(todo), stats.skipped)
     log.info("%d shard(s) of at most %d job(s) on the cluster", len(shards), options.shard_size)
     try:
         await _run_shards(shards, todo, store, where, endpoints, settings, config, options,
-                          deadline, verify, run, coordinator, outcome, by_id, progress,
+                          deadline, verify, run, run_actor, outcome, by_id, observer,
                           fence)
         try:
             peaks = await asyncio.wait_for(
-                asyncio.gather(*(coordinator.stats.remote(name) for name in endpoints)),
+                asyncio.gather(*(run_actor.stats.remote(name) for name in endpoints)),
                 CALL_TIMEOUT_S)
             stats.peak_in_flight = sum(p["peak"] for p in peaks)
         except Exception as exc:  # only a figure of the summary
@@ -225,15 +241,15 @@ async def _drive(
             loop.remove_signal_handler(signum)
         await progress.close()
     return await finish(manifest, store, where, outcome, started_at, deadline, config, signalled,
-                         gallery)
+                         gallery, metrics)
 
 
 async def _run_shards(
     shards: list[Any], todo: list[tuple[Job, str]], store: StateStore, where: Output,
     endpoints: Mapping[str, Endpoint], settings: routing.Settings, config: EngineConfig,
     options: ClusterOptions, deadline: float | None, verify: Verify, run: str,
-    coordinator: Any, outcome: Outcome, by_id: Mapping[str, Job],
-    progress: ConsoleProgress, fence: Fence,
+    run_actor: Any, outcome: Outcome, by_id: Mapping[str, Job],
+    observer: Observer, fence: Fence,
 ) -> None:
     max_shards = options.max_shards or _nodes_with_cpus()
     deadline_unix = None if deadline is None else time.time() + (deadline - time.monotonic())
@@ -247,7 +263,7 @@ async def _run_shards(
     stopping = False
     while pending or outstanding:
         if deadline is not None and time.monotonic() >= deadline and not stopping:
-            coordinator.stop.remote(*outcome.stops.stop(
+            run_actor.stop.remote(*outcome.stops.stop(
                 StopReason.RUNTIME.value, f"--max-runtime of {config.max_runtime_s:g}s reached"))
         stopping = stopping or outcome.signal is not None or outcome.stats.stop is not \
             StopReason.NONE or (deadline is not None and time.monotonic() >= deadline)
@@ -258,32 +274,32 @@ async def _run_shards(
             spec = ShardSpec(
                 run=run, shard=shard.id, output=where.url, s3_endpoint=where.s3_endpoint,
                 todo=items,
-                # A folder's shard starts from these (an s3:// one reads the segments
-                # itself); --force compares with them in both.
+                # A shard starts from these (and reads only its earlier attempts'
+                # segments); --force compares with them.
                 prior=tuple(store.states[job.id] for job, _ in items if job.id in store.states),
                 endpoints=endpoints, settings=settings, config=config, verify=verify,
                 deadline_unix=deadline_unix, exit_after=seam,
                 s3_gen=getattr(store, "gen", None) if where.s3 else None, fence=fence,
             )
-            outstanding[shard_task.remote(spec, coordinator)] = shard.id
+            outstanding[shard_task.remote(spec, run_actor)] = shard.id
         if stopping:
             pending.clear()
         ready, _ = ray.wait(list(outstanding), num_returns=len(outstanding), timeout=0)
         for ref in ready:
             shard_id = outstanding.pop(ref)
-            _collect(ref, shard_id, outcome, coordinator)
+            _collect(ref, shard_id, outcome, run_actor)
         try:
-            # Bounded: a coordinator that restarts or hangs must not hold the driver, which
-            # ends once every shard task has (they stop themselves without a coordinator).
-            events, _spent, epoch = await asyncio.wait_for(coordinator.drain.remote(),
+            # Bounded: a run actor that restarts or hangs must not hold the driver, which
+            # ends once every shard task has (they stop themselves without it).
+            events, _spent, epoch = await asyncio.wait_for(run_actor.drain.remote(),
                                                            CALL_TIMEOUT_S)
         except Exception as exc:
-            log.warning("the run's coordinator did not answer (%r); progress may lag", exc)
+            log.warning("the run's actor did not answer (%r); progress may lag", exc)
         else:
             if (again := outcome.stops.again(epoch)) is not None:
-                log.warning("the coordinator restarted: sending the stop again")
-                coordinator.stop.remote(*again)
-            replay(events, by_id, progress)
+                log.warning("the run's actor restarted: sending the stop again")
+                run_actor.stop.remote(*again)
+            replay(events, by_id, observer)
             for kind, job_id, _number, _text in events:
                 if kind in ("success", "failure"):
                     backlog.ended(job_id)
@@ -311,7 +327,7 @@ def _nodes_with_cpus() -> int:
     return max(1, len(alive))
 
 
-def _collect(ref: Any, shard_id: str, outcome: Outcome, coordinator: Any) -> None:
+def _collect(ref: Any, shard_id: str, outcome: Outcome, run_actor: Any) -> None:
     stats = outcome.stats
     try:
         shard: RunStats = ray.get(ref)
@@ -328,7 +344,7 @@ def _collect(ref: Any, shard_id: str, outcome: Outcome, coordinator: Any) -> Non
         log.error("%s", message)
         stats.stop = stats.stop if stats.stop is not StopReason.NONE else stop
         stats.stop_message = stats.stop_message or message
-        coordinator.stop.remote(*outcome.stops.stop(stop.value, message))
+        run_actor.stop.remote(*outcome.stops.stop(stop.value, message))
         return
     except ray.exceptions.RayError as exc:  # its retries used up (workers or nodes died)
         log.error("shard %s lost after %d retries: %s", shard_id, TASK_RETRIES, exc)
@@ -336,4 +352,4 @@ def _collect(ref: Any, shard_id: str, outcome: Outcome, coordinator: Any) -> Non
     add(stats, shard)
     if shard.stop not in (StopReason.NONE, StopReason.SIGNAL) and stats.stop is StopReason.NONE:
         stats.stop, stats.stop_message = shard.stop, shard.stop_message
-        coordinator.stop.remote(*outcome.stops.stop(shard.stop.value, shard.stop_message))
+        run_actor.stop.remote(*outcome.stops.stop(shard.stop.value, shard.stop_message))

@@ -141,8 +141,7 @@ async def run_shard(spec: ShardSpec, limits: Mapping[str, LimitsRemote],
 
         # In a thread: the S3 state runs its own event loop to read the segments.
         store = await asyncio.to_thread(open_shard, spec.output, spec.s3_endpoint,
-                                        worker, spec.s3_gen, [job.id for job, _ in spec.todo],
-                                        spec.fence)
+                                        worker, spec.s3_gen, spec.prior, spec.fence)
     else:
         store = FencedSegments.open_fenced(Path(spec.output), worker, spec.shard, spec.prior,
                                            spec.fence)
