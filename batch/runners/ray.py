@@ -232,6 +232,9 @@ async def _drive(
                 asyncio.gather(*(run_actor.stats.remote(name) for name in endpoints)),
                 CALL_TIMEOUT_S)
             stats.peak_in_flight = sum(p["peak"] for p in peaks)
+            if expired := sum(p["expired"] for p in peaks):
+                log.info("the shared limits ended %d permit(s) of dead or silent workers",
+                         expired)
         except Exception as exc:  # only a figure of the summary
             log.warning("the peak in flight is unknown: the limits did not answer (%r)", exc)
     except Exception as exc:
