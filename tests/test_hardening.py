@@ -983,8 +983,8 @@ def test_endless_trickling_body_is_ended_by_the_timeout(
 # == secrets ==============================================================================
 
 INTERNAL_BUG = """
-import batch.engine as engine
-original = engine.Engine._commit
+import batch.recorder as recorder
+original = recorder.Recorder.commit_answer
 calls = []
 async def broken_commit(self, job, fp, generation, old_paths):
     calls.append(job.id)
@@ -993,7 +993,7 @@ async def broken_commit(self, job, fp, generation, old_paths):
     if nth == 2:  # the second image to commit, once it is recorded
         raise RuntimeError("simulated internal bug")
     return result
-engine.Engine._commit = broken_commit
+recorder.Recorder.commit_answer = broken_commit
 """
 
 
