@@ -32,11 +32,12 @@ from batch.runners.coordinator import (
     SharedBudget,
     StopRelay,
 )
+from batch.runners.limits_server import EndEvent, Grant, LimitsServer
 from batch.runners.run_state import RunState
 from batch.runners.s3segments import open_shard
 from batch.runners.segments import DriverCheckpoint, SegmentStore, segment_files
 from batch.runners.shard import forced
-from batch.runners.shared_limits import EndEvent, Grant, LimitsServer, SharedLimits
+from batch.runners.shared_limits import SharedLimits
 from batch.sharding import Backlog, Shard, make_shards, shard_id, writer_id
 from batch.storage.s3client import S3Location
 from batch.storage.s3state import S3State

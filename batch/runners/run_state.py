@@ -18,7 +18,7 @@ from typing import Any
 
 from batch.congestion import ControlConfig
 from batch.runners.coordinator import Control, Coordinator, Event
-from batch.runners.shared_limits import EndEvent, Grant, LimitsServer
+from batch.runners.limits_server import EndEvent, Grant, LimitsServer
 
 
 class RunState:

@@ -35,7 +35,8 @@ from batch.imagecheck import DecodeChecked, Verify
 from batch.jobs import Job
 from batch.runners.coordinator import CoordinatorRemote, Reporter, SharedBudget, call
 from batch.runners.fence import Fence, FencedSegments
-from batch.runners.shared_limits import LimitsRemote, SharedLimits
+from batch.runners.limits_server import LimitsRemote
+from batch.runners.shared_limits import SharedLimits
 from batch.sharding import writer_id
 from batch.storage import outputs
 from batch.storage.base import StateStore
