@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard-size", type=_positive_int, default=300, metavar="N",
                      help="with --cluster: jobs per shard task")
     run.add_argument("--max-shards", type=_positive_int, default=None, metavar="N",
-                     help="with --cluster: shard tasks outstanding (default: the cluster's CPUs)")
+                     help="with --cluster: shard tasks kept busy (default: one per node)")
     batchcli.add_arguments(run)
     _add_logging(run)
 

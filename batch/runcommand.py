@@ -167,10 +167,8 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
     if args.max_runtime is not None:
         deadline = (started if started is not None else time.monotonic()) + args.max_runtime
     if args.cluster is not None:
-        if metrics is not None:
-            raise UsageError("--metrics-file is not available with --cluster yet")
         return cmd_run_cluster(args, manifest, output, endpoints, settings, engine_config,
-                               deadline)
+                               deadline, metrics)
     store: StateStore = (outputs.open_s3(output, args.s3_endpoint) if s3
                          else Checkpoint.open(Path(output)))
     # The manifest and checkpoint are live for the whole run; keep the cyclic
@@ -212,7 +210,7 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
 def cmd_run_cluster(
     args: argparse.Namespace, manifest: Manifest, output: str,
     endpoints: dict[str, Endpoint], settings: routing.Settings, engine_config: EngineConfig,
-    deadline: float | None,
+    deadline: float | None, metrics: MetricsFile | None,
 ) -> int:
     """``run --cluster``: the Ray runner (imported only here: one machine never loads Ray)."""
     try:
@@ -229,7 +227,7 @@ def cmd_run_cluster(
     code, line = asyncio.run(ray_runner.run_cluster(
         manifest, output, endpoints, settings, engine_config, options, deadline=deadline,
         verify=args.verify, progress=progress, gallery=None if args.no_gallery else gallery,
-        s3_endpoint=args.s3_endpoint))
+        s3_endpoint=args.s3_endpoint, metrics=metrics))
     if not args.quiet or code != EXIT_OK:
         print(f"imgbatch: {line}", file=sys.stderr)
     return code

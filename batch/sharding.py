@@ -11,7 +11,7 @@ retried task finds what its earlier attempt already committed.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 DEFAULT_SHARD_SIZE = 300
@@ -60,3 +60,30 @@ def writer_id(run: str, shard: str, attempt: str) -> str:
         if not part or "." in part or "/" in part:
             raise ValueError(f"bad writer id part {part!r}")
     return f"{run}.{shard}.{attempt}"
+
+
+class Backlog:
+    """How many of each shard's jobs are still to end, from the driver's progress events.
+
+    The driver starts the next shard when a running one is down to its last requests
+    (:meth:`busy` counts the others): a shard's tail leaves permits free that only
+    another shard with jobs queued can use, and without one the cluster would run below
+    its concurrency at every shard's end.
+    """
+
+    def __init__(self, shards: Sequence[Shard], job_ids: Sequence[str]) -> None:
+        self._left = {shard.id: len(shard) for shard in shards}
+        self._shard_of = {job_ids[p]: shard.id for shard in shards for p in shard.positions}
+
+    def ended(self, job_id: str) -> None:
+        """``job_id`` succeeded or failed for good."""
+        shard = self._shard_of.pop(job_id, None)
+        if shard is not None:
+            self._left[shard] -= 1
+
+    def left(self, shard_id: str) -> int:
+        return self._left.get(shard_id, 0)
+
+    def busy(self, running: Iterable[str], tail: int) -> int:
+        """How many of the ``running`` shards have more than ``tail`` jobs still to end."""
+        return sum(1 for shard in running if self.left(shard) > tail)

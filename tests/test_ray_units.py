@@ -24,12 +24,21 @@ from batch.engine import Engine, EngineConfig, Route, RunStats, StopReason
 from batch.errors import ClusterError, RateLimited, StorageError
 from batch.jobs import Job, Status
 from batch.progress import Observer
-from batch.runners.coordinator import Control, Coordinator, SharedBudget, StopRelay
+from batch.runners.coordinator import (
+    AGAIN,
+    Control,
+    Coordinator,
+    Reporter,
+    SharedBudget,
+    StopRelay,
+)
+from batch.runners.limits_server import EndEvent, Grant, LimitsServer
+from batch.runners.run_state import RunState
 from batch.runners.s3segments import open_shard
 from batch.runners.segments import DriverCheckpoint, SegmentStore, segment_files
 from batch.runners.shard import forced
-from batch.runners.shared_limits import EndEvent, Grant, LimitsServer, SharedLimits
-from batch.sharding import Shard, make_shards, shard_id, writer_id
+from batch.runners.shared_limits import SharedLimits
+from batch.sharding import Backlog, Shard, make_shards, shard_id, writer_id
 from batch.storage.s3client import S3Location
 from batch.storage.s3state import S3State
 from tests.conftest import cli_env, run_args, run_cli, simulator
@@ -466,24 +475,148 @@ def test_force_redoes_a_job_once_per_run_even_from_a_store_read_anew(tmp_path: P
     store.close()
 
 
-def test_a_shard_of_an_s3_output_keeps_only_its_own_jobs(
+def test_a_shard_of_an_s3_output_reads_only_its_own_attempts(
     moto: S3Server, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     for name, value in CREDENTIALS.items():
         monkeypatch.setenv(name, value)
-    url = f"s3://{moto.bucket('ray-shard-keeps-its-own')}/out"
+    url = f"s3://{moto.bucket('ray-shard-reads-its-own')}/out"
     driver = S3State.open(S3Location.parse(url, moto.endpoint))
     try:
         for n in range(6):
             driver.record(JobState(f"j{n}", "f", Status.FAILED, 1), durable=True)
-        driver.record(JobState("j1", "f", Status.PENDING, 2), durable=True)
-        mine = open_shard(url, moto.endpoint, "r.s1.a1", driver.gen, ["j1", "j4"])
-        everything = open_shard(url, moto.endpoint, "r.s1.a2", driver.gen)
+        prior = [driver.states["j1"], driver.states["j4"]]
+        first = open_shard(url, moto.endpoint, "r.s1.a1", driver.gen, prior)
+        first.record(JobState("j1", "f", Status.PENDING, 2), durable=True)
+        first.close()  # (it died)
+        other = open_shard(url, moto.endpoint, "r.s2.a1", driver.gen, [driver.states["j2"]])
+        other.record(JobState("j2", "f", Status.PENDING, 5), durable=True)
+        other.close()
+        retry = open_shard(url, moto.endpoint, "r.s1.a2", driver.gen, prior)
+        everything = open_shard(url, moto.endpoint, "r.s1.a3", driver.gen)
     finally:
         driver.close()
     try:
-        assert set(mine.states) == {"j1", "j4"} and mine.states["j1"].attempts == 2
+        # The retry holds its jobs: the driver's states and what its first attempt recorded.
+        assert set(retry.states) == {"j1", "j4"} and retry.states["j1"].attempts == 2
+        assert retry.states["j4"] == prior[1]
+        # Without prior (tools, tests): every segment, every job.
         assert set(everything.states) == {f"j{n}" for n in range(6)}
+        assert everything.states["j2"].attempts == 5
     finally:
-        mine.close()
+        retry.close()
         everything.close()
+
+
+class Hanging:
+    """An actor handle whose calls never answer (a hung actor, or one on a node that is gone
+    while Ray keeps the call for a restart that never comes)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        async def never(*args: Any) -> Any:
+            self.calls += 1
+            await asyncio.Event().wait()
+
+        return never
+
+
+@run_async
+async def test_a_lease_call_that_never_answers_fails_every_waiter_in_bounded_time() -> None:
+    remote = Hanging()
+    limits = SharedLimits(remote, "w", lease_retries=2, retry_s=0.001,  # type: ignore[arg-type]
+                          call_timeout_s=0.05)
+    outcomes = await _take_slots(limits, 3)
+    assert all(isinstance(o, ClusterError) for o in outcomes) and remote.calls == 3
+    async with asyncio.timeout(5):
+        await limits.close()  # its own calls are bounded too
+
+
+@run_async
+async def test_the_server_answers_a_lease_within_its_poll_even_when_nothing_may_start() -> None:
+    server = LimitsServer(ControlConfig(max_limit=1, adaptive=False), poll_s=0.05)
+    assert len((await server.lease("a", 1)).seqs) == 1
+    async with asyncio.timeout(5):
+        assert (await server.lease("b", 1)).seqs == ()  # empty: b asks again
+    # A client waits through empty grants until the slot frees.
+    limits = SharedLimits(server, "b")  # type: ignore[arg-type]
+    waiting = asyncio.ensure_future(_take_slots(limits, 1))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    await server.end("a", server.epoch, [(0, "admitted", None)])
+    assert await waiting == [None]
+    await limits.close()
+
+
+@run_async
+async def test_the_coordinator_answers_take_within_its_poll() -> None:
+    coordinator = Coordinator(1.0, poll_s=0.05)
+    assert await coordinator.take("a", 1_000_000) == (1_000_000, 0)
+    async with asyncio.timeout(5):
+        assert await coordinator.take("b", 1) == (AGAIN, 0)  # held elsewhere: ask again
+    budget = SharedBudget(coordinator, "b", 1.0, 1)  # type: ignore[arg-type]
+    waiting = asyncio.ensure_future(budget.acquire())
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    await coordinator.give("a", 1_000_000, 0)  # a's request failed: nothing paid
+    assert await asyncio.wait_for(waiting, 5) == 1
+
+
+@run_async
+async def test_a_shard_whose_coordinator_hangs_abandons_its_work() -> None:
+    stopped: list[str] = []
+
+    class Engine:
+        stopping = False
+
+        def stop(self, reason: StopReason, message: str) -> None:
+            stopped.append(message)
+
+        def abort(self) -> None:
+            stopped.append("abort")
+
+    reporter = Reporter(Hanging(), "w", interval_s=0.01, orphan_s=0.1,  # type: ignore[arg-type]
+                        call_timeout_s=0.05)
+    reporter.start(Engine())
+    async with asyncio.timeout(5):
+        while "abort" not in stopped:
+            await asyncio.sleep(0.01)
+        await reporter.close()
+    assert stopped == ["the driver is gone", "abort"]
+
+
+@pytest.mark.parametrize(
+    ("ended", "tail", "busy"),
+    [
+        ([], 2, 2),  # both shards have more than their tail left
+        (["j0", "j1"], 2, 1),  # the first is down to one job: the next shard may start
+        (["j0", "j1", "j2", "j3"], 2, 0),
+        (["j0", "j0", "x"], 1, 2),  # an id counts once; unknown ids count for nothing
+        ([], 3, 0),  # shards no bigger than the tail are always in it
+    ],
+)
+def test_a_shard_in_its_tail_lets_the_next_one_start(ended: list[str], tail: int,
+                                                     busy: int) -> None:
+    shards = make_shards(IDS[:6], 3)
+    backlog = Backlog(shards, IDS[:6])
+    for job_id in ended:
+        backlog.ended(job_id)
+    assert backlog.busy([shard.id for shard in shards], tail) == busy
+
+
+@run_async
+async def test_a_retry_gives_back_at_once_what_its_dead_attempt_held() -> None:
+    state = RunState(1.0, {"": ControlConfig(max_limit=3, adaptive=False)})
+    server = state.limits[""]
+    dead, other = writer_id("r", "s1", "a1x"), writer_id("r", "s10", "a1y")
+    assert len((await state.lease("", dead, 2)).seqs) == 2
+    assert len((await state.lease("", other, 1)).seqs) == 1
+    assert await state.take(dead, 400_000) == (400_000, 0)
+    retry = writer_id("r", "s1", "a2z")
+    await state.retire(writer_id("r", "s1", "a")[:-1], retry)  # before any lease expires
+    stats = await server.stats()
+    assert stats["in_flight"] == 1 and stats["expired"] == 2  # the other shard's slot stays
+    assert len((await state.lease("", retry, 2)).seqs) == 2
+    assert state.coordinator.spent == 400_000 and state.coordinator.held == {}

@@ -21,10 +21,11 @@ from typing import Any
 from batch import report
 from batch.checkpoint import JobState
 from batch.engine import EngineConfig, RunStats, StopReason
-from batch.errors import JobError, OutputError, StorageError
-from batch.jobs import Job, Status
+from batch.errors import JobError, OutputError, RateLimited, StorageError
+from batch.jobs import ImageRecord, Job, Status
 from batch.manifest import Manifest
-from batch.progress import ConsoleProgress
+from batch.metrics import MetricsFile
+from batch.progress import Observer
 from batch.results import RESULTS, write_results
 from batch.runners.coordinator import StopRelay
 from batch.runners.segments import DriverCheckpoint
@@ -67,33 +68,56 @@ def add(total: RunStats, shard: RunStats) -> None:
 
 
 class _Reported(JobError):
-    """A shard's failure, as its message, replayed on the driver's progress."""
+    """A shard's error, as its type and message, replayed on the driver's observers."""
+
+    def __init__(self, text: str) -> None:
+        kind, _, message = text.partition(":")
+        super().__init__(message)
+        self.type = kind or JobError.type
 
     def __str__(self) -> str:
         return self.message
 
 
-def replay(events: list[Any], by_id: Mapping[str, Job], progress: ConsoleProgress) -> None:
+class _ReportedRateLimit(_Reported, RateLimited):
+    """A shard's 429 (the metrics count answers that are RateLimited)."""
+
+
+def _reported(text: str) -> _Reported:
+    return _ReportedRateLimit(text) if text.startswith(f"{RateLimited.type}:") \
+        else _Reported(text)
+
+
+def _sized(sizes: str) -> tuple[ImageRecord, ...]:
+    """Stand-ins for a shard's images: their sizes are all the driver's observers read."""
+    return tuple(ImageRecord("", "", int(size), "", 0, 0) for size in sizes.split(",") if size)
+
+
+def replay(events: list[Any], by_id: Mapping[str, Job], observer: Observer) -> None:
+    """The shards' events (:data:`~batch.runners.coordinator.Event`) on the driver's
+    observer: the progress line, and the metrics file if there is one."""
     for kind, job_id, number, text in events:
         job = by_id.get(job_id)
         if job is None:
             continue
         if kind == "attempt":
-            progress.on_attempt(job)
+            observer.on_attempt(job)
         elif kind == "answer":
-            progress.on_answer(job)
+            observer.on_answer(job, _reported(f"{text}:") if text else None)
         elif kind == "retry":
-            progress.on_retry(job, _Reported(text), number)
+            observer.on_retry(job, _reported(text), number)
         elif kind == "success":
-            progress.on_success(job, JobState(job.id, "", Status.SUCCEEDED, 0), number)
+            state = JobState(job.id, "", Status.SUCCEEDED, 0, images=_sized(text))
+            observer.on_success(job, state, number)
         elif kind == "failure":
-            progress.on_failure(job, _Reported(text))
+            observer.on_failure(job, _reported(text))
 
 
 async def finish(
     manifest: Manifest, store: StateStore, where: Output, outcome: Outcome,
     started_at: float, deadline: float | None, config: EngineConfig, signalled: asyncio.Event,
     gallery: Callable[[asyncio.Event, float | None], Awaitable[bool]] | None,
+    metrics: MetricsFile | None = None,
 ) -> tuple[int, str]:
     failures: list[str] = []
     counts: Counter[str] = Counter()
@@ -115,7 +139,7 @@ async def finish(
         failures.append(str(exc))
     try:
         return await _report(manifest, final, where, outcome, counts, failures, started_at,
-                             deadline, config, signalled, gallery)
+                             deadline, config, signalled, gallery, metrics)
     finally:
         if final is not store:
             final.close()
@@ -126,6 +150,7 @@ async def _report(
     counts: Counter[str], failures: list[str], started_at: float, deadline: float | None,
     config: EngineConfig, signalled: asyncio.Event,
     gallery: Callable[[asyncio.Event, float | None], Awaitable[bool]] | None,
+    metrics: MetricsFile | None,
 ) -> tuple[int, str]:
     code = 1
     if outcome.crashed is not None:
@@ -146,6 +171,8 @@ async def _report(
         store.sync_out([RESULTS, report.SUMMARY])  # to the bucket; nothing for a folder
     except StorageError as exc:
         failures.append(str(exc))
+    if metrics is not None:
+        await metrics.close(exit_code=code, jobs=counts)
     line = report.one_line(record, f"{where.url.rstrip('/')}/{RESULTS}")
     try:
         store.record_run("end", summary=line, exit_code=code)

@@ -14,7 +14,9 @@ driver, so it dies with it). It holds
 - progress events, which the driver drains into its one progress line.
 
 A shard whose heartbeat fails for ``orphan_s`` lost its driver: it aborts,
-so a killed driver leaves no task writing for long.
+so a killed driver leaves no task writing for long. No call waits for good:
+``take`` answers within ``poll_s`` (:data:`AGAIN` when nothing fits yet) and
+the shard gives up on any call after ``call_timeout_s``.
 
 Ray restarts the actor if its process dies, with none of its memory. A
 restarted coordinator with a cap starts stopped (``max_cost``): what was
@@ -32,18 +34,29 @@ import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from batch.checkpoint import JobState
 from batch.cost import Budget, to_micros, to_usd
 from batch.engine import StopReason
-from batch.errors import JobError
+from batch.errors import ClusterError, JobError
 from batch.jobs import Job
 from batch.progress import Observer
 
 log = logging.getLogger(__name__)
 
-Event = tuple[str, str, float, str]  # (kind, job id, number, text)
+# (kind, job id, number, text): "attempt"; "answer" (text: the error's type, "" if none);
+# "retry" (number: the wait, text: "type:message"); "success" (number: the cost, text: its
+# images' sizes, comma-separated); "failure" (text: "type:message").
+Event = tuple[str, str, float, str]
+_T = TypeVar("_T")
+AGAIN = -1  # granted by take(): nothing fits yet, ask again
+CALL_TIMEOUT_S = 20.0  # a shard's call to the coordinator: past this, the actor is gone or hangs
+
+
+async def call(awaitable: Awaitable[_T], timeout_s: float = CALL_TIMEOUT_S) -> _T:
+    """An actor call bounded by ``timeout_s`` (TimeoutError): no shard waits for good."""
+    return await asyncio.wait_for(awaitable, timeout_s)
 
 
 @dataclass(frozen=True)
@@ -59,12 +72,13 @@ class Coordinator:
     """See the module docstring."""
 
     def __init__(self, cap_usd: float | None, *, restarted: bool = False,
-                 lease_ttl_s: float = 15.0,
+                 lease_ttl_s: float = 15.0, poll_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.cap = None if cap_usd is None else to_micros(cap_usd)
         self.spent = 0
         self.held: dict[str, int] = {}
         self.lease_ttl_s = lease_ttl_s
+        self.poll_s = poll_s
         self._clock = clock
         self._seen: dict[str, float] = {}
         self._changed: asyncio.Event | None = None
@@ -86,8 +100,10 @@ class Coordinator:
     async def take(self, worker: str, amount: int) -> tuple[int, int]:
         """Lease ``amount`` micro-dollars: (granted, spent so far); 0 granted: it never fits.
 
-        Waits while reservations of requests in flight elsewhere leave no room.
+        Waits while reservations of requests in flight elsewhere leave no room, at most
+        ``poll_s``: then :data:`AGAIN` (the shard asks again).
         """
+        give_up = self._clock() + self.poll_s
         while True:
             now = self._clock()
             self._touch(worker, now)
@@ -99,10 +115,12 @@ class Coordinator:
             if self.spent + sum(self.held.values()) + amount <= self.cap:
                 self.held[worker] = self.held.get(worker, 0) + amount
                 return amount, self.spent
+            if now >= give_up:
+                return AGAIN, self.spent
             if self._changed is None:
                 self._changed = asyncio.Event()
             with suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=1.0)
+                await asyncio.wait_for(self._changed.wait(), timeout=min(1.0, give_up - now))
 
     async def give(self, worker: str, released: int, spent: int) -> None:
         """``released`` of what ``worker`` held comes back; ``spent`` was paid."""
@@ -142,19 +160,29 @@ class Coordinator:
         events, self.events = self.events, []
         return events, to_usd(self.spent), self.epoch
 
+    async def retire(self, prefix: str, keep: str) -> None:
+        """Workers named ``prefix...`` other than ``keep`` are dead (earlier attempts of a
+        retried shard): what they held counts as spent now, not after ``lease_ttl_s``."""
+        for worker in [w for w in self._seen if w.startswith(prefix) and w != keep]:
+            self._forget(worker, "is an earlier attempt of a retried shard")
+        self._notify()
+
     def _touch(self, worker: str, now: float) -> None:
         self._seen[worker] = now
 
     def _expire(self, now: float) -> None:
         for worker, at in list(self._seen.items()):
             if now - at > self.lease_ttl_s:
-                del self._seen[worker]
-                lost = self.held.pop(worker, 0)
-                if lost:
-                    # Its requests in flight may have been paid: never spend past the cap.
-                    self.spent += lost
-                    log.warning("worker %s went silent holding $%.4f; counted as spent",
-                                worker, to_usd(lost))
+                self._forget(worker, "went silent")
+
+    def _forget(self, worker: str, why: str) -> None:
+        del self._seen[worker]
+        lost = self.held.pop(worker, 0)
+        if lost:
+            # Its requests in flight may have been paid: never spend past the cap.
+            self.spent += lost
+            log.warning("worker %s %s holding $%.4f; counted as spent", worker, why,
+                        to_usd(lost))
 
     def _notify(self) -> None:
         if self._changed is not None:
@@ -192,6 +220,8 @@ class CoordinatorRemote(Protocol):
     def report(self, worker: str, events: list[Event]) -> Awaitable[Control]: ...
 
     def attempt(self, shard: str) -> Awaitable[int]: ...
+
+    def retire(self, prefix: str, keep: str) -> Awaitable[None]: ...
 
 
 class SharedBudget(Budget):
@@ -237,7 +267,22 @@ class SharedBudget(Budget):
         """Before a request: lease one request's price (the slot hook)."""
         if self.cap is None or self._exhausted:
             return 0
-        granted, spent = await self._remote.take(self._worker, self._lease)
+        failures = 0
+        while True:
+            try:
+                granted, spent = await call(self._remote.take(self._worker, self._lease))
+            except Exception as exc:
+                # A restarting coordinator answers again within seconds; one that does not
+                # stops this shard (its jobs stay pending) rather than hang it.
+                failures += 1
+                if failures >= 3:
+                    raise ClusterError(f"the run's coordinator stayed unreachable ({exc!r})"
+                                       ) from None
+                log.warning("budget lease failed (%r); trying again", exc)
+                await asyncio.sleep(1.0)
+                continue
+            if granted != AGAIN:
+                break
         self._cluster_spent = spent
         if not granted:
             self._exhausted = True
@@ -257,7 +302,7 @@ class SharedBudget(Budget):
 
     async def _give(self, released: int, spent: int) -> None:
         try:
-            await self._remote.give(self._worker, released, spent)
+            await call(self._remote.give(self._worker, released, spent))
         except Exception as exc:  # the coordinator is gone: its lease expiry counts it spent
             log.warning("could not return a budget lease: %s", exc)
 
@@ -279,11 +324,12 @@ class Reporter(Observer):
     """A shard's observer: batches its events to the coordinator and applies the stop."""
 
     def __init__(self, remote: CoordinatorRemote, worker: str, *, interval_s: float = 0.5,
-                 orphan_s: float = 10.0) -> None:
+                 orphan_s: float = 20.0, call_timeout_s: float = 10.0) -> None:
         self._remote = remote
         self._worker = worker
         self._interval_s = interval_s
         self._orphan_s = orphan_s
+        self._call_timeout_s = call_timeout_s
         self._events: list[Event] = []
         self.engine: Stoppable | None = None
         self._task: asyncio.Task[None] | None = None
@@ -297,16 +343,18 @@ class Reporter(Observer):
         self._events.append(("attempt", job.id, 0.0, ""))
 
     def on_answer(self, job: Job, error: JobError | None = None) -> None:
-        self._events.append(("answer", job.id, 0.0, ""))
+        self._events.append(("answer", job.id, 0.0, "" if error is None else error.type))
 
     def on_retry(self, job: Job, error: JobError, wait_s: float) -> None:
-        self._events.append(("retry", job.id, wait_s, str(error)))
+        self._events.append(("retry", job.id, wait_s, f"{error.type}:{error}"))
 
     def on_success(self, job: Job, state: JobState, cost_usd: float) -> None:
-        self._events.append(("success", job.id, cost_usd, ""))
+        # The sizes of its images (the driver's metrics count them), not the images.
+        sizes = ",".join(str(image.bytes) for image in state.images)
+        self._events.append(("success", job.id, cost_usd, sizes))
 
     def on_failure(self, job: Job, error: JobError) -> None:
-        self._events.append(("failure", job.id, 0.0, str(error)))
+        self._events.append(("failure", job.id, 0.0, f"{error.type}:{error}"))
 
     async def _beat(self) -> None:
         last_ok = time.monotonic()
@@ -325,7 +373,7 @@ class Reporter(Observer):
     async def flush(self) -> None:
         events, self._events = self._events, []
         try:
-            control = await self._remote.report(self._worker, events)
+            control = await call(self._remote.report(self._worker, events), self._call_timeout_s)
         except Exception:
             self._events[:0] = events  # not delivered: they go with the next beat
             raise

@@ -30,11 +30,13 @@ from batch import routing
 from batch.checkpoint import JobState
 from batch.endpoints import Endpoint
 from batch.engine import Engine, EngineConfig, Route, RunStats
+from batch.errors import ClusterError
 from batch.imagecheck import DecodeChecked, Verify
 from batch.jobs import Job
-from batch.runners.coordinator import CoordinatorRemote, Reporter, SharedBudget
-from batch.runners.segments import SegmentStore
-from batch.runners.shared_limits import LimitsRemote, SharedLimits
+from batch.runners.coordinator import CoordinatorRemote, Reporter, SharedBudget, call
+from batch.runners.fence import Fence, FencedSegments
+from batch.runners.limits_server import LimitsRemote
+from batch.runners.shared_limits import SharedLimits
 from batch.sharding import writer_id
 from batch.storage import outputs
 from batch.storage.base import StateStore
@@ -58,6 +60,7 @@ class ShardSpec:
     verify: Verify
     deadline_unix: float | None  # the driver's --max-runtime, on the wall clock
     s3_gen: int | None = None  # an s3:// output: the journal generation the driver opened
+    fence: Fence | None = None  # the driver's lock or lease: no commit once a newer run holds it
     exit_after: tuple[int, str] | None = None  # test seam: os._exit after N successes, once
 
 
@@ -103,8 +106,19 @@ async def run_shard(spec: ShardSpec, limits: Mapping[str, LimitsRemote],
     """Run one shard to its end or the cluster's stop; the stats of this attempt."""
     # Numbered by the coordinator, so a retry sorts after its shard's earlier attempts
     # whatever the nodes' clocks say; the random tail keeps two zombies apart.
-    attempt = f"a{await coordinator.attempt(spec.shard):06d}{uuid.uuid4().hex[:6]}"
+    try:
+        number = await call(coordinator.attempt(spec.shard))
+    except Exception as exc:  # TimeoutError included: Ray retries the task, the driver ends
+        raise ClusterError(f"the run's coordinator is unreachable ({exc!r})") from None
+    attempt = f"a{number:06d}{uuid.uuid4().hex[:6]}"
     worker = writer_id(spec.run, spec.shard, attempt)
+    if number > 1:
+        # A retry: Ray runs it once the earlier attempt's worker or node is gone, so the
+        # slots and budget that attempt held come back now, not when its lease expires.
+        try:
+            await call(coordinator.retire(writer_id(spec.run, spec.shard, "a")[:-1], worker))
+        except Exception as exc:  # they expire all the same
+            log.warning("could not retire the earlier attempts of %s: %r", spec.shard, exc)
     keys = routing.api_keys(spec.endpoints, os.environ)  # UsageError names what is unset
     routes = routing.build_routes(spec.endpoints, keys, spec.settings)
     prices = [spec.config.prices.job_micros(job) or 0 for job, _ in spec.todo]
@@ -128,9 +142,10 @@ async def run_shard(spec: ShardSpec, limits: Mapping[str, LimitsRemote],
 
         # In a thread: the S3 state runs its own event loop to read the segments.
         store = await asyncio.to_thread(open_shard, spec.output, spec.s3_endpoint,
-                                        worker, spec.s3_gen, [job.id for job, _ in spec.todo])
+                                        worker, spec.s3_gen, spec.prior, spec.fence)
     else:
-        store = SegmentStore.open_segment(Path(spec.output), worker, spec.shard, spec.prior)
+        store = FencedSegments.open_fenced(Path(spec.output), worker, spec.shard, spec.prior,
+                                           spec.fence)
     engine = Engine(shared, store, spec.config, reporter)
     engine.budget = budget
     try:

@@ -1,28 +1,19 @@
-"""One endpoint's limits shared by every shard task of a cluster: a server and its client.
-
-:class:`LimitsServer` is the body of a named async Ray actor (one per
-endpoint; :mod:`batch.runners.ray` wraps it). It runs the same pure
-:class:`~batch.congestion.Controller` as a single machine, so the
-concurrency cap, ``--rpm``, the shared 429 pause and the learnt pacing are
-decided in one place for the whole cluster. It imports no Ray: the tests
-drive it with plain asyncio.
+"""One endpoint's limits shared by every shard task of a cluster: the client.
 
 :class:`SharedLimits` is what a shard task's engine sees in place of
 :class:`batch.limits.Limits` (``async with limits.slot() as ticket``,
 ``limits.on_answer(ticket, error)``, ``peak``), so the engine does not
-change. The round trip to the actor (1-4 ms) is paid per batch, not per
-request: one pump asks for as many permits as there are waiting requests
-(at most ``batch``), and answers are sent back in batches while the
-previous batch is under way.
+change. Its server is :class:`~batch.runners.limits_server.LimitsServer`.
+The round trip to the actor (1-4 ms) is paid per batch, not per request:
+one pump asks for as many permits as there are waiting requests (at most
+``batch``), and answers are sent back in batches while the previous batch
+is under way.
 
-Leases: a worker renews its lease with every call and every few seconds;
-the permits of a worker silent for ``lease_ttl_s`` (its process or node
-died) are ended as abandoned, so a dead worker never holds a slot for good.
-A restarted actor starts cautious, as after a 429: a pause, then slow start
-from one request. During the pause (``adopt_window_s``, longer than two
-renewals) every live client learns the new epoch from its renewal and
-re-registers the permits it still has in flight (``adopt``), so requests of
-the actor's previous life count against the cap of its new one.
+Every call is bounded: the client gives up on any call after
+``call_timeout_s``, so an actor that hangs or whose node is gone fails its
+waiters (``ClusterError``) instead of hanging the shard. A worker renews its
+lease every ``renew_s``; when a renewal shows the server restarted (a new
+epoch), it re-registers what it has in flight (``adopt``).
 """
 
 from __future__ import annotations
@@ -31,165 +22,17 @@ import asyncio
 import collections
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
-from batch.congestion import ControlConfig, Controller, Outcome, Verdict
+from batch.congestion import ControlConfig, Outcome, Verdict
 from batch.errors import ClusterError, JobError, RateLimited
 from batch.limits import Limits, Ticket
+from batch.runners.limits_server import EndEvent, LimitsRemote
 
 log = logging.getLogger(__name__)
-
-# (ticket, outcome or None if abandoned, retry-after seconds)
-EndEvent = tuple[int, str | None, float | None]
-
-
-@dataclass(frozen=True)
-class Grant:
-    """Permits granted by one lease call, numbered by the server's incarnation ``epoch``."""
-
-    epoch: str
-    seqs: tuple[int, ...]
-
-
-class LimitsServer:
-    """See the module docstring. ``cautious``: this is a restart."""
-
-    def __init__(self, config: ControlConfig, *, cautious: bool = False,
-                 lease_ttl_s: float = 15.0, adopt_window_s: float = 7.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        if cautious:
-            config = replace(config, initial_limit=1)
-        self.controller = Controller(config)
-        self.epoch = uuid.uuid4().hex[:12]
-        self.lease_ttl_s = lease_ttl_s
-        self._clock = clock
-        self._holder: dict[int, str] = {}  # ticket -> worker
-        self._adopted: set[int] = set()  # tickets of requests started in an earlier life
-        self._seen: dict[str, float] = {}  # worker -> last call
-        self._changed: asyncio.Event | None = None
-        self.expired = 0
-        self.granted = 0
-        if cautious:
-            # As after a shared 429: wait at least one pacing interval, then ramp up; and
-            # long enough for every live client to adopt what it has in flight.
-            pause = max(config.default_pause_s, 60.0 / config.rpm if config.rpm else 0.0,
-                        adopt_window_s)
-            self.controller.pause_until = clock() + pause
-            log.warning("limits restarted: pausing %.1fs, then slow start", pause)
-
-    async def lease(self, worker: str, want: int) -> Grant:
-        """Wait until a request may start, then grant up to ``want`` permits that may start now."""
-        while True:
-            now = self._clock()
-            self._touch(worker, now)
-            self._expire(now)
-            wait = self.controller.wait_s(now)
-            self._log_events()
-            if wait <= 0:
-                break
-            event = self._event()
-            with suppress(TimeoutError):
-                # Wakes on any answer; at least every second to expire dead workers' leases.
-                await asyncio.wait_for(event.wait(), timeout=min(wait, 1.0))
-        seqs: list[int] = []
-        while len(seqs) < max(want, 1) and self.controller.wait_s(now) <= 0:
-            seq = self.controller.on_start(now)
-            self._holder[seq] = worker
-            seqs.append(seq)
-        self.granted += len(seqs)
-        return Grant(self.epoch, tuple(seqs))
-
-    async def adopt(self, worker: str, count: int) -> Grant:
-        """``worker`` has ``count`` requests in flight granted by an earlier life of this
-        actor: they hold slots now (whatever the cap and pacing say), until they end."""
-        now = self._clock()
-        self._touch(worker, now)
-        seqs = tuple(self.controller.on_start(now) for _ in range(count))
-        for seq in seqs:
-            self._holder[seq] = worker
-            self._adopted.add(seq)
-        if seqs:
-            log.warning("adopted %d request(s) in flight of %s", len(seqs), worker)
-        return Grant(self.epoch, seqs)
-
-    async def end(self, worker: str, epoch: str, events: list[EndEvent]) -> None:
-        """Permits came back: answered (the outcome) or abandoned (None)."""
-        now = self._clock()
-        self._touch(worker, now)
-        if epoch != self.epoch:
-            return  # granted by an earlier life of this actor
-        for seq, outcome, retry_after_s in events:
-            if self._holder.pop(seq, None) is None:
-                continue  # expired meanwhile
-            if seq in self._adopted:
-                # Its start time is unknown: it tells nothing of the server's latency.
-                self._adopted.discard(seq)
-                outcome = None
-            self.controller.on_end(seq, now, Outcome(outcome) if outcome else None,
-                                   retry_after_s)
-        self._notify()
-
-    async def renew(self, worker: str) -> str:
-        """Keep ``worker``'s permits alive; returns the epoch (a new one: the actor restarted)."""
-        self._touch(worker, self._clock())
-        return self.epoch
-
-    async def stats(self) -> dict[str, Any]:
-        c = self.controller
-        return {"peak": c.peak, "in_flight": c.in_flight, "granted": self.granted,
-                "expired": self.expired, "epoch": self.epoch,
-                "rate_per_s": c.rate, "paused_s": max(0.0, c.pause_until - self._clock())}
-
-    def _touch(self, worker: str, now: float) -> None:
-        self._seen[worker] = now
-
-    def _expire(self, now: float) -> None:
-        dead = {w for w, at in self._seen.items() if now - at > self.lease_ttl_s}
-        if not dead:
-            return
-        for worker in dead:
-            del self._seen[worker]
-        lost = [seq for seq, worker in self._holder.items() if worker in dead]
-        for seq in lost:
-            del self._holder[seq]
-            self._adopted.discard(seq)
-            self.controller.on_end(seq, now, None)
-        if lost:
-            self.expired += len(lost)
-            log.warning("expired %d permit(s) of %d silent worker(s)", len(lost), len(dead))
-            self._notify()
-
-    def _event(self) -> asyncio.Event:
-        if self._changed is None:
-            self._changed = asyncio.Event()
-        return self._changed
-
-    def _notify(self) -> None:
-        self._log_events()
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
-
-    def _log_events(self) -> None:
-        for event in self.controller.events:
-            log.info("%s", event)
-        self.controller.events.clear()
-
-
-class LimitsRemote(Protocol):
-    """How a client reaches its server (a Ray actor handle, or the object itself in tests)."""
-
-    def lease(self, worker: str, want: int) -> Awaitable[Grant]: ...
-
-    def end(self, worker: str, epoch: str, events: list[EndEvent]) -> Awaitable[None]: ...
-
-    def renew(self, worker: str) -> Awaitable[str]: ...
-
-    def adopt(self, worker: str, count: int) -> Awaitable[Grant]: ...
 
 
 @dataclass
@@ -206,15 +49,17 @@ class SlotHook(Protocol):
 
 
 class SharedLimits(Limits):
-    """The engine's limits of one endpoint, backed by a :class:`LimitsServer`.
+    """The engine's limits of one endpoint, backed by a
+    :class:`~batch.runners.limits_server.LimitsServer`.
 
     A :class:`~batch.limits.Limits` to the engine; the local controller it
     inherits is never consulted.
     """
 
     def __init__(self, remote: LimitsRemote, worker: str, *, batch: int = 8,
-                 renew_s: float = 3.0, hook: SlotHook | None = None,
-                 lease_retries: int = 30, retry_s: float = 1.0) -> None:
+                 renew_s: float = 2.5, hook: SlotHook | None = None,
+                 lease_retries: int = 30, retry_s: float = 1.0,
+                 call_timeout_s: float = 20.0, unreachable_s: float = 60.0) -> None:
         super().__init__(ControlConfig(max_limit=1))
         self._remote = remote
         self.worker = worker
@@ -223,6 +68,8 @@ class SharedLimits(Limits):
         self._hook = hook
         self._lease_retries = lease_retries
         self._retry_s = retry_s
+        self._call_timeout_s = call_timeout_s
+        self._unreachable_s = unreachable_s
         self._queue: collections.deque[asyncio.Future[tuple[str, int]]] = collections.deque()
         self._ends: list[tuple[str, EndEvent]] = []
         self._pump: asyncio.Task[None] | None = None
@@ -315,15 +162,24 @@ class SharedLimits(Limits):
 
     async def _run_pump(self) -> None:
         failures = 0
+        failing_since = 0.0
         while self._queue:
             try:
-                grant = await self._remote.lease(self.worker, min(len(self._queue), self._batch))
+                # Bounded: the server answers within its poll_s, so a call this late went to
+                # an actor that hangs or is gone. (Permits it may still grant are held until
+                # this worker ends and its lease expires: a few slots, never a hang.)
+                grant = await asyncio.wait_for(
+                    self._remote.lease(self.worker, min(len(self._queue), self._batch)),
+                    self._call_timeout_s)
             except Exception as exc:
                 # A restarting actor answers again within seconds; one that does not (or a
                 # bug in it) must not leave the waiters waiting for good: they fail, and the
                 # engine stops with their jobs pending.
                 failures += 1
-                if failures > self._lease_retries:
+                now = time.monotonic()
+                failing_since = failing_since if failures > 1 else now
+                # Tries, or time: calls that each time out must not add up to many minutes.
+                if failures > self._lease_retries or now - failing_since > self._unreachable_s:
                     log.error("limits unreachable after %d tries: %s", failures, exc)
                     self._fail_waiters(ClusterError(
                         f"the shared limits stayed unreachable ({exc!r})"))
@@ -356,7 +212,9 @@ class SharedLimits(Limits):
         while True:
             await asyncio.sleep(self._renew_s)
             with suppress(Exception):  # a restarting actor: the next renewal tries again
-                await self._on_epoch(await self._remote.renew(self.worker))
+                epoch = await asyncio.wait_for(self._remote.renew(self.worker),
+                                               self._call_timeout_s)
+                await self._on_epoch(epoch)
 
     async def _on_epoch(self, epoch: str) -> None:
         """The server restarted if ``epoch`` is new: it adopts what this worker has in flight."""
@@ -366,7 +224,8 @@ class SharedLimits(Limits):
             if epoch == self._epoch:
                 return
             old = [t for t in self._live.values() if t.epoch != epoch and not t.answered]
-            grant = await self._remote.adopt(self.worker, len(old))  # raises: tried again
+            grant = await asyncio.wait_for(  # raises: tried again
+                self._remote.adopt(self.worker, len(old)), self._call_timeout_s)
             self._epoch = grant.epoch
             for ticket, seq in zip(old, grant.seqs, strict=True):
                 if id(ticket) in self._live and not ticket.answered:
@@ -393,7 +252,8 @@ class SharedLimits(Limits):
                 by_epoch.setdefault(epoch, []).append(event)
             for epoch, events in by_epoch.items():
                 try:
-                    await self._remote.end(self.worker, epoch, events)
+                    await asyncio.wait_for(self._remote.end(self.worker, epoch, events),
+                                           self._call_timeout_s)
                 except Exception as exc:  # the actor died: its successor ignores these
                     log.warning("could not return %d permit(s): %s", len(events), exc)
             self.round_trips += 1

@@ -1,0 +1,203 @@
+"""One endpoint's limits shared by every shard task of a cluster: the server.
+
+:class:`LimitsServer` lives in the run's actor (:mod:`batch.runners.run_state`;
+:mod:`batch.runners.ray` wraps it). It runs the same pure
+:class:`~batch.congestion.Controller` as a single machine, so the
+concurrency cap, ``--rpm``, the shared 429 pause and the learnt pacing are
+decided in one place for the whole cluster. It imports no Ray: the tests
+drive it with plain asyncio. Its client is
+:class:`~batch.runners.shared_limits.SharedLimits`.
+
+A lease is answered within ``poll_s`` (an empty grant when nothing may start
+yet), so no call to it is long. Leases: a worker renews its lease with every
+call and every few seconds; the permits of a worker silent for
+``lease_ttl_s`` (its process or node died) are ended as abandoned, and a
+shard's retry ends its dead attempts' at once (:meth:`LimitsServer.retire`),
+so a dead worker never holds a slot for good. A restarted actor starts
+cautious, as after a 429: a pause, then slow start from one request. During
+the pause (``adopt_window_s``, longer than two renewals) every live client
+re-registers the permits it still has in flight (``adopt``), so requests of
+the actor's previous life count against the cap of its new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from batch.congestion import ControlConfig, Controller, Outcome
+
+log = logging.getLogger(__name__)
+
+# (ticket, outcome or None if abandoned, retry-after seconds)
+EndEvent = tuple[int, str | None, float | None]
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Permits granted by one lease call, numbered by the server's incarnation ``epoch``."""
+
+    epoch: str
+    seqs: tuple[int, ...]
+
+
+class LimitsServer:
+    """See the module docstring. ``cautious``: this is a restart."""
+
+    def __init__(self, config: ControlConfig, *, cautious: bool = False,
+                 lease_ttl_s: float = 10.0, adopt_window_s: float = 7.0, poll_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if cautious:
+            config = replace(config, initial_limit=1)
+        self.controller = Controller(config)
+        self.epoch = uuid.uuid4().hex[:12]
+        self.lease_ttl_s = lease_ttl_s
+        self.poll_s = poll_s
+        self._clock = clock
+        self._holder: dict[int, str] = {}  # ticket -> worker
+        self._adopted: set[int] = set()  # tickets of requests started in an earlier life
+        self._seen: dict[str, float] = {}  # worker -> last call
+        self._changed: asyncio.Event | None = None
+        self.expired = 0
+        self.granted = 0
+        if cautious:
+            # As after a shared 429: wait at least one pacing interval, then ramp up; and
+            # long enough for every live client to adopt what it has in flight.
+            pause = max(config.default_pause_s, 60.0 / config.rpm if config.rpm else 0.0,
+                        adopt_window_s)
+            self.controller.pause_until = clock() + pause
+            log.warning("limits restarted: pausing %.1fs, then slow start", pause)
+
+    async def lease(self, worker: str, want: int) -> Grant:
+        """Wait until a request may start, then grant up to ``want`` permits that may start now;
+        none if nothing may start within ``poll_s`` (the client asks again: no call is long)."""
+        give_up = self._clock() + self.poll_s
+        while True:
+            now = self._clock()
+            self._touch(worker, now)
+            self._expire(now)
+            wait = self.controller.wait_s(now)
+            self._log_events()
+            if wait <= 0:
+                break
+            if now >= give_up:
+                return Grant(self.epoch, ())
+            event = self._event()
+            with suppress(TimeoutError):
+                # Wakes on any answer; at least every second to expire dead workers' leases.
+                await asyncio.wait_for(event.wait(), timeout=min(wait, 1.0, give_up - now))
+        seqs: list[int] = []
+        while len(seqs) < max(want, 1) and self.controller.wait_s(now) <= 0:
+            seq = self.controller.on_start(now)
+            self._holder[seq] = worker
+            seqs.append(seq)
+        self.granted += len(seqs)
+        return Grant(self.epoch, tuple(seqs))
+
+    async def adopt(self, worker: str, count: int) -> Grant:
+        """``worker`` has ``count`` requests in flight granted by an earlier life of this
+        actor: they hold slots now (whatever the cap and pacing say), until they end."""
+        now = self._clock()
+        self._touch(worker, now)
+        seqs = tuple(self.controller.on_start(now) for _ in range(count))
+        for seq in seqs:
+            self._holder[seq] = worker
+            self._adopted.add(seq)
+        if seqs:
+            log.warning("adopted %d request(s) in flight of %s", len(seqs), worker)
+        return Grant(self.epoch, seqs)
+
+    async def end(self, worker: str, epoch: str, events: list[EndEvent]) -> None:
+        """Permits came back: answered (the outcome) or abandoned (None)."""
+        now = self._clock()
+        self._touch(worker, now)
+        if epoch != self.epoch:
+            return  # granted by an earlier life of this actor
+        for seq, outcome, retry_after_s in events:
+            if self._holder.pop(seq, None) is None:
+                continue  # expired meanwhile
+            if seq in self._adopted:
+                # Its start time is unknown: it tells nothing of the server's latency.
+                self._adopted.discard(seq)
+                outcome = None
+            self.controller.on_end(seq, now, Outcome(outcome) if outcome else None,
+                                   retry_after_s)
+        self._notify()
+
+    async def renew(self, worker: str) -> str:
+        """Keep ``worker``'s permits alive; returns the epoch (a new one: the actor restarted)."""
+        self._touch(worker, self._clock())
+        return self.epoch
+
+    async def stats(self) -> dict[str, Any]:
+        c = self.controller
+        return {"peak": c.peak, "in_flight": c.in_flight, "granted": self.granted,
+                "expired": self.expired, "epoch": self.epoch,
+                "rate_per_s": c.rate, "paused_s": max(0.0, c.pause_until - self._clock())}
+
+    def _touch(self, worker: str, now: float) -> None:
+        self._seen[worker] = now
+
+    async def retire(self, prefix: str, keep: str) -> int:
+        """Workers named ``prefix...`` other than ``keep`` are dead: their permits end now.
+
+        A shard's retry says so of its earlier attempts (Ray retries a task once its
+        worker or node is gone), so their slots come back at once, not after
+        ``lease_ttl_s``. Returns the permits ended.
+        """
+        dead = {w for w in self._seen if w.startswith(prefix) and w != keep}
+        return self._forget(dead, self._clock(), "of an earlier attempt")
+
+    def _expire(self, now: float) -> None:
+        self._forget({w for w, at in self._seen.items() if now - at > self.lease_ttl_s}, now,
+                     "of silent workers")
+
+    def _forget(self, dead: set[str], now: float, why: str) -> int:
+        if not dead:
+            return 0
+        for worker in dead:
+            del self._seen[worker]
+        lost = [seq for seq, worker in self._holder.items() if worker in dead]
+        for seq in lost:
+            del self._holder[seq]
+            self._adopted.discard(seq)
+            self.controller.on_end(seq, now, None)
+        if lost:
+            self.expired += len(lost)
+            log.warning("ended %d permit(s) %s", len(lost), why)
+            self._notify()
+        return len(lost)
+
+    def _event(self) -> asyncio.Event:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
+    def _notify(self) -> None:
+        self._log_events()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def _log_events(self) -> None:
+        for event in self.controller.events:
+            log.info("%s", event)
+        self.controller.events.clear()
+
+
+class LimitsRemote(Protocol):
+    """How a client reaches its server (a Ray actor handle, or the object itself in tests)."""
+
+    def lease(self, worker: str, want: int) -> Awaitable[Grant]: ...
+
+    def end(self, worker: str, epoch: str, events: list[EndEvent]) -> Awaitable[None]: ...
+
+    def renew(self, worker: str) -> Awaitable[str]: ...
+
+    def adopt(self, worker: str, count: int) -> Awaitable[Grant]: ...
