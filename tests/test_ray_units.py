@@ -114,6 +114,22 @@ class Clock:
 
 
 @run_async
+async def test_the_cluster_limits_hear_that_a_429_said_its_quota_is_spent() -> None:
+    """Two 429s in a row that say so pause the cluster's pool; without the word, three."""
+    paused = []
+    for said in (True, False):
+        server = LimitsServer(ControlConfig(max_limit=4, adaptive=False))
+        limits = SharedLimits(server, "w")  # type: ignore[arg-type]
+        for _ in range(2):
+            async with limits.slot() as ticket:
+                limits.on_answer(ticket, RateLimited("slow down", retry_after_s=30.0,
+                                                     quota_used_up=said))
+        await limits.close()
+        paused.append(server.controller.pause_until > -math.inf)
+    assert paused == [True, False]
+
+
+@run_async
 async def test_shared_limits_never_exceed_the_cap_across_workers() -> None:
     server = LimitsServer(ControlConfig(max_limit=5, adaptive=False))
     clients = [SharedLimits(server, f"w{i}", batch=3) for i in range(4)]  # type: ignore[arg-type]
@@ -545,7 +561,7 @@ async def test_the_server_answers_a_lease_within_its_poll_even_when_nothing_may_
     waiting = asyncio.ensure_future(_take_slots(limits, 1))
     await asyncio.sleep(0.2)
     assert not waiting.done()
-    await server.end("a", server.epoch, [(0, "admitted", None)])
+    await server.end("a", server.epoch, [(0, "admitted", None, False)])
     assert await waiting == [None]
     await limits.close()
 

@@ -36,7 +36,8 @@ from batch.congestion import ControlConfig, Controller, Outcome
 log = logging.getLogger(__name__)
 
 # (ticket, outcome or None if abandoned, retry-after seconds)
-EndEvent = tuple[int, str | None, float | None]
+# seq, outcome (None: abandoned), Retry-After, whether the 429 said the quota is spent
+EndEvent = tuple[int, str | None, float | None, bool]
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ class LimitsServer:
         self._touch(worker, now)
         if epoch != self.epoch:
             return  # granted by an earlier life of this actor
-        for seq, outcome, retry_after_s in events:
+        for seq, outcome, retry_after_s, said in events:
             if self._holder.pop(seq, None) is None:
                 continue  # expired meanwhile
             if seq in self._adopted:
@@ -127,7 +128,7 @@ class LimitsServer:
                 self._adopted.discard(seq)
                 outcome = None
             self.controller.on_end(seq, now, Outcome(outcome) if outcome else None,
-                                   retry_after_s)
+                                   retry_after_s, shared_said=said)
         self._notify()
 
     async def renew(self, worker: str) -> str:

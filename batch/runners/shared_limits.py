@@ -106,7 +106,7 @@ class SharedLimits(Limits):
             elif waiter.done() and not waiter.cancelled():
                 # Granted as the stop came: give the permit back, unused.
                 epoch, seq = waiter.result()
-                self._queue_end(SharedTicket(seq, epoch=epoch), None, None)
+                self._queue_end(SharedTicket(seq, epoch=epoch), None, None, False)
             raise
         ticket = SharedTicket(seq, epoch=epoch)
         self._live[id(ticket)] = ticket
@@ -123,7 +123,7 @@ class SharedLimits(Limits):
             if token is not None and self._hook is not None:
                 self._hook.release(token)
             if not ticket.answered:
-                self._queue_end(ticket, None, None)
+                self._queue_end(ticket, None, None, False)
 
     def on_answer(self, ticket: Ticket, error: JobError | None = None) -> Verdict | None:
         """The server answered ``ticket``'s request: ``error`` is None on success.
@@ -136,7 +136,7 @@ class SharedLimits(Limits):
         refused = isinstance(error, RateLimited)
         retry_after = error.retry_after_s if refused and error is not None else None
         self._queue_end(ticket, (Outcome.REFUSED if refused else Outcome.ADMITTED).value,
-                        retry_after)
+                        retry_after, isinstance(error, RateLimited) and error.quota_used_up)
         return None
 
     async def close(self) -> None:
@@ -199,7 +199,8 @@ class SharedLimits(Limits):
                 if self._queue:
                     self._queue.popleft().set_result((grant.epoch, seq))
                 else:
-                    self._ends.append((grant.epoch, (seq, None, None)))  # nobody wants it now
+                    # Nobody wants it now.
+                    self._ends.append((grant.epoch, (seq, None, None, False)))
                     self._kick_flush()
 
     def _fail_waiters(self, error: Exception) -> None:
@@ -231,12 +232,12 @@ class SharedLimits(Limits):
                 if id(ticket) in self._live and not ticket.answered:
                     ticket.epoch, ticket.seq = grant.epoch, seq
                 else:  # ended while adopt was under way (its end went to the old epoch)
-                    self._ends.append((grant.epoch, (seq, None, None)))
+                    self._ends.append((grant.epoch, (seq, None, None, False)))
                     self._kick_flush()
 
     def _queue_end(self, ticket: SharedTicket, outcome: str | None,
-                   retry_after_s: float | None) -> None:
-        self._ends.append((ticket.epoch, (ticket.seq, outcome, retry_after_s)))
+                   retry_after_s: float | None, said: bool) -> None:
+        self._ends.append((ticket.epoch, (ticket.seq, outcome, retry_after_s, said)))
         self._kick_flush()
 
     def _kick_flush(self) -> None:
