@@ -1,0 +1,189 @@
+"""The checkpoint's index: every job's last state in a few flat arrays, read back by offset.
+
+Holding a JobState per job costs about a kilobyte; a million-job checkpoint
+would need a gigabyte before its first request. The table keeps per job id
+what the plan joins on, 38 bytes: an 8-byte digest of the id, of the
+fingerprint, the status, the attempts, where its last record is in the
+journal (offset, length) and whether its images were found as recorded when
+the journal was read. The full state is read back from the journal, by
+offset, only when asked for (a job to run, a results row, ``status``).
+
+The journal stays the only truth: the table is built by one pass over it at
+open (:func:`scan`) and follows every append through :meth:`StateTable.put`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from array import array
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from batch.jobs import Status
+from batch.linememo import digest64, fp_digest
+
+log = logging.getLogger(__name__)
+
+STATUS_CODES = {status: n for n, status in enumerate(Status)}
+_SUCCEEDED = STATUS_CODES[Status.SUCCEEDED]
+_BY_VALUE = {status.value: n for status, n in STATUS_CODES.items()}
+
+Read = Callable[[int, int], bytes]  # (offset, length) -> the record's bytes
+
+
+class Scan:
+    """What one pass over the journal found, in arrays (one entry per record read)."""
+
+    def __init__(self) -> None:
+        self.ids = array("Q")
+        self.fps = array("Q")
+        self.status = array("B")
+        self.attempts = array("I")
+        self.offsets = array("Q")
+        self.lengths = array("I")
+        self.intact = array("B")
+
+    def add(self, record: Mapping[str, Any], offset: int, length: int, base: str) -> None:
+        """One job record; its images are checked now if it succeeded (size and mtime)."""
+        status = _BY_VALUE[record["status"]]
+        images = record.get("images") or ()
+        intact = status == _SUCCEEDED
+        if intact:
+            for image in images:
+                try:
+                    st = os.stat(base + image["path"])
+                except OSError:
+                    intact = False
+                    break
+                if st.st_size != image["bytes"] or st.st_mtime_ns != (image.get("mtime_ns")
+                                                                        or -1):
+                    intact = False
+                    break
+        try:
+            fp = fp_digest(record["fp"])
+        except (ValueError, TypeError):
+            fp = 0
+        self.ids.append(digest64(str(record["id"]).encode()))
+        self.fps.append(fp)
+        self.status.append(status)
+        self.attempts.append(int(record["attempts"]))
+        self.offsets.append(offset)
+        self.lengths.append(length)
+        self.intact.append(intact)
+
+
+class StateTable(Mapping[str, Any]):
+    """Job id -> its last JobState, indexed in arrays; see the module docstring."""
+
+    def __init__(self, scan: Scan, read: Read, parse: Callable[[bytes], Any]) -> None:
+        self._read = read
+        self._parse = parse
+        ids = np.frombuffer(scan.ids, np.uint64)
+        # The last record of each id wins: sort by id, then by place in the journal.
+        order = np.lexsort((np.arange(len(ids)), ids))
+        ids = ids[order]
+        last = np.ones(len(ids), bool)
+        last[:-1] = ids[1:] != ids[:-1]
+        keep = order[last]
+        self.ids = ids[last]
+        self.fps = np.frombuffer(scan.fps, np.uint64)[keep]
+        self.status = np.frombuffer(scan.status, np.uint8)[keep]
+        self.attempts = np.frombuffer(scan.attempts, np.uint32)[keep]
+        self.offsets = np.frombuffer(scan.offsets, np.uint64)[keep]
+        self.lengths = np.frombuffer(scan.lengths, np.uint32)[keep]
+        self.intact = np.frombuffer(scan.intact, np.uint8)[keep].astype(bool)
+        # Records appended since: id digest -> (offset, length). Their files are unchecked.
+        self.later: dict[int, tuple[int, int]] = {}
+        self._new = 0  # ids in ``later`` that the arrays do not hold
+
+    def _find(self, key: int) -> int:
+        at = int(np.searchsorted(self.ids, key))
+        return at if at < len(self.ids) and int(self.ids[at]) == key else -1
+
+    def where(self, job_id: str) -> tuple[int, int] | None:
+        """(offset, length) of the last record of ``job_id``, if any."""
+        key = digest64(job_id.encode())
+        found = self.later.get(key)
+        if found is not None:
+            return found
+        at = self._find(key)
+        return None if at < 0 else (int(self.offsets[at]), int(self.lengths[at]))
+
+    def put(self, job_id: str, offset: int, length: int) -> None:
+        """A record of ``job_id`` appended at ``offset``: it is now the one that counts."""
+        key = digest64(job_id.encode())
+        if key not in self.later and self._find(key) < 0:
+            self._new += 1
+        self.later[key] = (offset, length)
+
+    def checked_intact(self, job_id: str) -> bool:
+        """Were the images of ``job_id``'s state found as recorded when the journal was read?"""
+        key = digest64(job_id.encode())
+        if key in self.later:
+            return False
+        at = self._find(key)
+        return at >= 0 and bool(self.intact[at])
+
+    def done_mask(self, ids: np.ndarray, fps: np.ndarray) -> np.ndarray:
+        """Per (id digest, fingerprint digest): surely done (succeeded with that
+        fingerprint, images found as recorded). False means: ask in full."""
+        if not len(self.ids):
+            return np.zeros(len(ids), bool)
+        at = np.searchsorted(self.ids, ids)
+        at[at == len(self.ids)] = 0
+        done: np.ndarray = ((self.ids[at] == ids) & (self.fps[at] == fps) & (fps != 0)
+                & (self.status[at] == _SUCCEEDED) & self.intact[at])
+        if self.later:
+            done &= ~np.isin(ids, np.fromiter(self.later, np.uint64, len(self.later)))
+        return done
+
+    def unchecked_successes(self) -> list[tuple[int, int]]:
+        """(offset, length) of succeeded records whose images were not found as recorded."""
+        wanted = (self.status == _SUCCEEDED) & ~self.intact
+        return list(zip(self.offsets[wanted].tolist(), self.lengths[wanted].tolist(),
+                        strict=True))
+
+    def live(self) -> list[tuple[int, int]]:
+        """(offset, length) of every job's last record, in journal order."""
+        pairs = dict(zip(self.ids.tolist(), zip(self.offsets.tolist(), self.lengths.tolist(),
+                                                strict=True), strict=True))
+        pairs.update(self.later)
+        return sorted(pairs.values())
+
+    def moved(self, offsets: np.ndarray) -> None:
+        """After compaction: the records now sit at ``offsets`` (in the order of ``live``)."""
+        assert not self.later
+        order = np.argsort(self.offsets, kind="stable")
+        self.offsets[order] = offsets
+
+    # -- Mapping -------------------------------------------------------------------
+
+    def __getitem__(self, job_id: str) -> Any:
+        found = self.where(job_id) if isinstance(job_id, str) else None
+        if found is not None:
+            state = self._parse(self._read(*found))
+            if state is not None and state.id == job_id:  # not a digest collision
+                return state
+        raise KeyError(job_id)
+
+    def __contains__(self, job_id: object) -> bool:
+        return isinstance(job_id, str) and self.get(job_id) is not None
+
+    def __len__(self) -> int:
+        return len(self.ids) + self._new
+
+    def __iter__(self) -> Iterator[str]:
+        for state in self.values():
+            yield state.id
+
+    def values(self) -> Iterator[Any]:  # type: ignore[override]
+        for offset, length in self.live():
+            state = self._parse(self._read(offset, length))
+            if state is not None:
+                yield state
+
+
+__all__ = ["Scan", "StateTable"]
