@@ -158,14 +158,18 @@ class _Catalog:
             builder.entries += 1
             if raw is FAILED:
                 continue
-            made = builder.entry(raw, f"{self.where}:{number}")
+            location = f"{self.where}:{number}"
+            quick = builder.quick(raw, location) if type(raw) is dict else None
+            made = [quick] if quick is not None else builder.entry(raw, location)
             for job in made:
                 key = self.shapes.add(job)
                 fp = fp_digest(fingerprint(job)) if memoise else 0
                 digests.offsets.append(offset)
                 digests.numbers.append(number)
                 digests.ids.append(digest64(job.id.encode()))
-                digests.lower.append(digest64(job.id.lower().encode()))
+                lower = job.id.lower()
+                digests.lower.append(digests.ids[-1] if lower == job.id
+                                     else digest64(lower.encode()))
                 digests.fps.append(fp)
                 if memoise and len(made) == 1 and "id" in raw and not any(
                         image.kind is InputKind.FILE for image in job.images):
@@ -209,7 +213,11 @@ class _Catalog:
         builder = self.builder(Problems(1))
         builder.replaying = True
         for raw, location in self._entries():
-            yield from builder.entry(raw, location)
+            quick = builder.quick(raw, location) if type(raw) is dict else None
+            if quick is not None:
+                yield quick
+            else:
+                yield from builder.entry(raw, location)
 
     def build(self, positions: Sequence[int]) -> Iterator[Job]:
         """The jobs at ``positions`` (ascending), each built again from its own line."""
@@ -269,7 +277,10 @@ class _Catalog:
         build(self.context, shapes, parts).save(self.memo_path)
 
     def jobs(self) -> ManifestJobs:
-        return ManifestJobs.streamed(len(self.digests.ids), self.shapes, self.replay, self.plan)
+        jobs = ManifestJobs.streamed(len(self.digests.ids), self.shapes, self.replay, self.plan)
+        if self.memo_path is not None:
+            jobs._fps = np.frombuffer(self.digests.fps, np.uint64)
+        return jobs
 
 
 def memo_path(output: Path) -> Path:

@@ -31,6 +31,8 @@ _KINDS = tuple(InputKind)
 
 def shape_of(job: Job) -> Shape:
     """What prices, plans and capability checks look at: not the prompt, id or params."""
+    if not job.images and not job.options:
+        return (job.endpoint, job.model, job.image_size, job.aspect_ratio, (), (0, 0, 0), 0)
     kinds = [0, 0, 0]
     for image in job.images:
         kinds[_KINDS.index(image.kind)] += 1
@@ -115,6 +117,7 @@ class ManifestJobs(Sequence[Job]):
         self._kept = kept
         self._replay = replay
         self._plan = plan
+        self._fps: np.ndarray | None = None
 
     @classmethod
     def held(cls, jobs: Sequence[Job]) -> ManifestJobs:
@@ -143,6 +146,11 @@ class ManifestJobs(Sequence[Job]):
 
     def __len__(self) -> int:
         return self._count
+
+    def fp_digests(self) -> np.ndarray | None:
+        """Per job (by index), the digest of its fingerprint if the load computed it (else 0)."""
+        return self._fps
+
 
     def __iter__(self) -> Iterator[Job]:
         if self._kept is not None:

@@ -14,6 +14,7 @@ open (:func:`scan`) and follows every append through :meth:`StateTable.put`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from array import array
@@ -100,7 +101,8 @@ class StateTable(Mapping[str, Any]):
         self._new = 0  # ids in ``later`` that the arrays do not hold
 
     def _find(self, key: int) -> int:
-        at = int(np.searchsorted(self.ids, key))
+        # As a uint64 scalar: a Python int above 2**63 would turn the search into a copy.
+        at = int(self.ids.searchsorted(np.uint64(key)))
         return at if at < len(self.ids) and int(self.ids[at]) == key else -1
 
     def where(self, job_id: str) -> tuple[int, int] | None:
@@ -118,6 +120,26 @@ class StateTable(Mapping[str, Any]):
         if key not in self.later and self._find(key) < 0:
             self._new += 1
         self.later[key] = (offset, length)
+
+    def record(self, job_id: str) -> tuple[dict[str, Any] | None, bool]:
+        """The last record of ``job_id`` as read from the journal (no JobState built), and
+        whether its images were found as recorded at open (see :meth:`checked_intact`)."""
+        key = digest64(job_id.encode())
+        found = self.later.get(key)
+        intact = False
+        if found is None:
+            at = self._find(key)
+            if at < 0:
+                return None, False
+            found = (int(self.offsets[at]), int(self.lengths[at]))
+            intact = bool(self.intact[at])
+        try:
+            record = json.loads(self._read(*found))
+        except ValueError:
+            return None, False
+        if isinstance(record, dict) and record.get("id") == job_id:
+            return record, intact
+        return None, False
 
     def checked_intact(self, job_id: str) -> bool:
         """Were the images of ``job_id``'s state found as recorded when the journal was read?"""

@@ -155,7 +155,9 @@ def probe_plan(catalog: Path, root: Path) -> None:
     from batch.engine import Engine, EngineConfig
     from batch.progress import Observer
 
-    args = ap.Namespace(manifest=catalog, model=None, provider="chat", endpoint=None)
+    # As `imgbatch run` loads it: with the output folder's line memo, where there is one.
+    args = ap.Namespace(manifest=catalog, model=None, provider="chat", endpoint=None,
+                        command="run", output=str(root), cluster=None)
     t0 = time.perf_counter()
     manifest = routing.load(args)
     runcommand.enforce_capabilities(manifest, "chat")
