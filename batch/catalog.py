@@ -268,6 +268,7 @@ class _Catalog:
         if self.memo_path is None:
             return
         parts = [self.memo.records[np.frombuffer(self.hits, np.int64)]]
+        self.memo = LineMemo.empty(self.context)  # let the old one go before the new is built
         fresh = np.zeros(len(self.fresh_shapes), RECORD)
         for name, column in zip(("line", "id", "lower", "fp"), self.fresh, strict=True):
             fresh[name] = np.frombuffer(column, np.uint64)

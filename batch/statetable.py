@@ -83,17 +83,23 @@ class StateTable(Mapping[str, Any]):
         self._read = read
         self._parse = parse
         ids = np.frombuffer(scan.ids, np.uint64)
-        # The last record of each id wins: sort by id, then by place in the journal.
-        order = np.lexsort((np.arange(len(ids)), ids))
+        # The last record of each id wins: a stable sort by id keeps journal order within one.
+        order = np.argsort(ids, kind="stable")
         ids = ids[order]
+        scan.ids = array("Q")
         last = np.ones(len(ids), bool)
         last[:-1] = ids[1:] != ids[:-1]
         keep = order[last]
+        del order
         self.ids = ids[last]
+        del ids, last
+        # Column by column, each scan array let go once copied: the peak stays near one copy.
         self.fps = np.frombuffer(scan.fps, np.uint64)[keep]
+        scan.fps = array("Q")
+        self.offsets = np.frombuffer(scan.offsets, np.uint64)[keep]
+        scan.offsets = array("Q")
         self.status = np.frombuffer(scan.status, np.uint8)[keep]
         self.attempts = np.frombuffer(scan.attempts, np.uint32)[keep]
-        self.offsets = np.frombuffer(scan.offsets, np.uint64)[keep]
         self.lengths = np.frombuffer(scan.lengths, np.uint32)[keep]
         self.intact = np.frombuffer(scan.intact, np.uint8)[keep].astype(bool)
         # Records appended since: id digest -> (offset, length). Their files are unchecked.

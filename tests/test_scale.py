@@ -1,0 +1,172 @@
+"""The million-job state: line memo, checkpoint index, and the plan joined by digest.
+
+The plan a resumed catalog gets from the fast path (memo hits, index join)
+must be exactly the plan asked job by job; Hypothesis draws catalogs,
+journals, edits, changed settings and torn memos to look for a difference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from batch.checkpoint import STATE_DIR, Checkpoint, JobState, fingerprint
+from batch.errors import ManifestError
+from batch.jobs import ImageRecord, Status
+from batch.linememo import MEMO, RECORD, LineMemo, build, context_digest, digest64, fp_digest
+from batch.manifest import load_manifest
+from batch.statetable import Scan, StateTable
+
+
+@pytest.mark.parametrize(("data", "blake2b_8"), [
+    (b"", "e4a6a0577479b2b4"), (b"sku-0000001", "243b0f60fb983eb6"),
+])
+def test_digest64_is_blake2b_of_8_bytes_little_endian(data: bytes, blake2b_8: str) -> None:
+    assert digest64(data) == int.from_bytes(bytes.fromhex(blake2b_8), "little")
+
+
+@pytest.mark.parametrize(("fp", "expected"), [
+    ("00" * 32, 0), ("ff" * 8 + "00" * 24, 2**64 - 1), ("0123456789abcdef" + "0" * 48,
+                                                        0x0123456789ABCDEF),
+])
+def test_fp_digest_is_the_first_8_bytes(fp: str, expected: int) -> None:
+    assert fp_digest(fp) == expected
+
+
+def test_the_memo_round_trips_and_refuses_a_torn_or_foreign_copy() -> None:
+    context = context_digest(None, "chat", None)
+    records = np.zeros(3, RECORD)
+    records["line"] = [30, 10, 20]
+    records["id"] = [1, 2, 3]
+    shape = ("", "m", "1K", "1:1", (), (0, 0, 0), 0)
+    memo = build(context, [shape], [records])
+    data = memo.encode()
+    back = LineMemo.decode(data, context)
+    assert back is not None and back.shapes == [shape]
+    assert back.records["line"].tolist() == [10, 20, 30]
+    assert back.find(np.array([20, 25], np.uint64)).tolist() == [1, -1]
+    assert LineMemo.decode(data[:-1], context) is None
+    assert LineMemo.decode(data, context_digest("other-model", "chat", None)) is None
+    flipped = bytearray(data)
+    flipped[60] ^= 1
+    assert LineMemo.decode(bytes(flipped), context) is None
+
+
+def _record(job_id: str, status: str, attempts: int, fp: str = "ab" * 32) -> dict[str, object]:
+    return {"id": job_id, "fp": fp, "status": status, "attempts": attempts, "images": []}
+
+
+def test_the_index_keeps_the_last_record_of_each_id(tmp_path: Path) -> None:
+    scan = Scan()
+    for n, (job_id, status, attempts) in enumerate([("a", "pending", 1), ("b", "failed", 1),
+                                                    ("a", "succeeded", 2)]):
+        scan.add(_record(job_id, status, attempts), n * 10, 10, f"{tmp_path}/")
+    table = StateTable(scan, lambda offset, length: b"", lambda data: None)
+    assert len(table) == 2
+    assert table.where("a") == (20, 10) and table.where("b") == (10, 10)
+    ids = np.array([digest64(b"a"), digest64(b"b"), digest64(b"c")], np.uint64)
+    fps = np.full(3, fp_digest("ab" * 32), np.uint64)
+    # "a" succeeded with no images to check: surely done; "b" failed; "c" unknown.
+    assert table.done_mask(ids, fps).tolist() == [True, False, False]
+    assert table.done_mask(ids, np.zeros(3, np.uint64)).tolist() == [False, False, False]
+    table.put("a", 99, 5)
+    assert table.where("a") == (99, 5) and table.done_mask(ids, fps).tolist() == [False] * 3
+
+
+# -- the plan: fast path against the slow one -----------------------------------------
+
+LINE = st.fixed_dictionaries(
+    {"prompt": st.sampled_from(["a cat", "a dog", "a fox in snow"])},
+    optional={"id": st.sampled_from(["j1", "j2", "j3", "J3", "j4", "j5", "j6"]),
+              "aspect_ratio": st.sampled_from(["1:1", "16:9"]),
+              "images": st.just(["https://example.com/x.png"]),
+              "count": st.just(2)})
+
+
+def _write(path: Path, lines: list[dict[str, object]]) -> None:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def _plan(catalog: Path, out: Path, model: str | None, fast: bool) -> list[tuple[str, str]] | str:
+    try:
+        manifest = load_manifest(catalog, default_model=model,
+                                 memo=out / STATE_DIR / MEMO if fast else None)
+    except ManifestError as exc:
+        return f"invalid: {sorted(str(p) for p in exc.problems)}"
+    store = Checkpoint.open(out)
+    try:
+        if fast:
+            todo = manifest.jobs.todo(store)
+            assert todo is not None
+        else:
+            todo = [(job, fp) for job in manifest.jobs
+                    if not store.is_done(job, fp := fingerprint(job))]
+        return [(job.id, fp) for job, fp in todo]
+    finally:
+        store.close()
+
+
+def _record_some(catalog: Path, out: Path, model: str | None, picks: list[int]) -> None:
+    """Record states for some jobs: done (image on disk), done with the image gone, failed."""
+    jobs = list(load_manifest(catalog, default_model=model).jobs)
+    store = Checkpoint.open(out)
+    try:
+        for n, pick in zip(range(len(jobs)), picks, strict=False):
+            job = jobs[n]
+            if pick == 0:
+                continue
+            status = Status.FAILED if pick == 3 else Status.SUCCEEDED
+            rel = f"images/{job.id}.png"
+            images: tuple[ImageRecord, ...] = ()
+            from batch.checkpoint import FileMeta
+
+            metas: tuple[FileMeta, ...] = ()
+            if status is Status.SUCCEEDED:
+                path = out / rel
+                path.write_bytes(b"png" + job.id.encode())
+                images = (ImageRecord(rel, "0" * 64, path.stat().st_size, "image/png", 1, 1),)
+                metas = (FileMeta(None, path.stat().st_mtime_ns),)
+            store.record(JobState(job.id, fingerprint(job), status, 1, None, images, metas),
+                         durable=False)
+            if pick == 2 and status is Status.SUCCEEDED:
+                os.unlink(out / rel)
+    finally:
+        store.close()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(LINE, min_size=1, max_size=8),
+       picks=st.lists(st.integers(0, 3), min_size=8, max_size=8),
+       edits=st.lists(st.tuples(st.integers(0, 7), st.sampled_from(["a cat", "an owl"])),
+                      max_size=3),
+       model=st.sampled_from([None, "m2"]), tear=st.booleans())
+def test_the_fast_plan_is_the_plan_asked_job_by_job(
+    tmp_path_factory: pytest.TempPathFactory, lines: list[dict[str, object]], picks: list[int],
+    edits: list[tuple[int, str]], model: str | None, tear: bool,
+) -> None:
+    tmp = tmp_path_factory.mktemp("plan")
+    catalog, out = tmp / "c.jsonl", tmp / "out"
+    (out / "images").mkdir(parents=True)
+    _write(catalog, lines)
+    try:
+        _record_some(catalog, out, None, picks)
+    except ManifestError:
+        pass
+    # First resume: no memo yet; it writes one.
+    assert _plan(catalog, out, None, True) == _plan(catalog, out, None, False)
+    # Lines edited, another --model, a torn memo: the memo must not lie.
+    for at, prompt in edits:
+        if at < len(lines):
+            lines[at] = {**lines[at], "prompt": prompt}
+    _write(catalog, lines)
+    if tear and (out / STATE_DIR / MEMO).exists():
+        memo = out / STATE_DIR / MEMO
+        memo.write_bytes(memo.read_bytes()[:-3])
+    assert _plan(catalog, out, model, True) == _plan(catalog, out, model, False)
+    assert _plan(catalog, out, model, True) == _plan(catalog, out, model, False)
