@@ -267,8 +267,10 @@ class _Catalog:
     def save_memo(self) -> None:
         if self.memo_path is None:
             return
-        parts = [self.memo.records[np.frombuffer(self.hits, np.int64)]]
-        self.memo = LineMemo.empty(self.context)  # let the old one go before the new is built
+        # The records seen again, in the old memo's (sorted) order; the old memo then goes.
+        parts = [self.memo.records[np.sort(np.frombuffer(self.hits, np.int64))]]
+        self.memo = LineMemo.empty(self.context)
+        self.hits = array("q")
         fresh = np.zeros(len(self.fresh_shapes), RECORD)
         for name, column in zip(("line", "id", "lower", "fp"), self.fresh, strict=True):
             fresh[name] = np.frombuffer(column, np.uint64)

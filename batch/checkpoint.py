@@ -270,7 +270,7 @@ class Checkpoint:
 
     def _load_line(self, line: bytes, path: Path, number: int, scan: Scan, offset: int,
                    base: str) -> None:
-        if not line.strip():
+        if scan.add_line(line, offset, base) or not line.strip():
             return
         try:
             record = json.loads(line)

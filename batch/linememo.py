@@ -114,11 +114,19 @@ class LineMemo:
             return None
         return cls(context, shapes, np.frombuffer(raw, RECORD))
 
-    def encode(self) -> bytes:
+    def pieces(self) -> list[bytes | memoryview]:
+        """The file's bytes in pieces (the records not copied), the checksum last."""
         shapes = json.dumps([list(shape) for shape in self.shapes]).encode()
-        body = b"".join([_MAGIC, self.context, len(shapes).to_bytes(8, "little"), shapes,
-                         np.ascontiguousarray(self.records).tobytes()])
-        return body + hashlib.blake2b(body, digest_size=_SUM).digest()
+        pieces: list[bytes | memoryview] = [
+            _MAGIC, self.context, len(shapes).to_bytes(8, "little"), shapes,
+            np.ascontiguousarray(self.records).view(np.uint8).data]
+        total = hashlib.blake2b(digest_size=_SUM)
+        for piece in pieces:
+            total.update(piece)
+        return [*pieces, total.digest()]
+
+    def encode(self) -> bytes:
+        return b"".join(self.pieces())
 
     def find(self, lines: np.ndarray) -> np.ndarray:
         """The record index of each line digest, or -1 where the memo has none."""
@@ -133,7 +141,9 @@ class LineMemo:
         """Write atomically; a failure only logs (the memo is a cache)."""
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_bytes(self.encode())
+            with tmp.open("wb") as handle:
+                for piece in self.pieces():
+                    handle.write(piece)
             os.replace(tmp, path)
         except OSError as exc:
             log.warning("could not write %s (%s); the next run parses every line", path,
@@ -152,7 +162,8 @@ def _shape(item: Any) -> Shape:
 def build(context: bytes, shapes: list[Shape], parts: list[np.ndarray]) -> LineMemo:
     """A memo of ``parts`` (arrays of RECORD), sorted by line digest, repeats dropped."""
     records = np.concatenate(parts) if parts else np.zeros(0, RECORD)
-    records = np.sort(records, order="line", kind="stable")
+    del parts[:]  # the caller's copies go as soon as they are joined
+    records = records[np.argsort(records["line"], kind="stable")]
     if len(records):
         keep = np.ones(len(records), bool)
         keep[1:] = records["line"][1:] != records["line"][:-1]
