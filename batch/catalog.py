@@ -81,6 +81,16 @@ class _Catalog:
         self.fresh_shapes = array("I")
         self.decoder = json_decoder()
 
+    def _reset(self) -> None:
+        """Forget the first pass and the memo (its records are not to be trusted here)."""
+        self.memo = LineMemo.empty(self.context)
+        self.digests = JobDigests()
+        self.shapes = Shapes()
+        self.hits = array("q")
+        self.shape_ids = {}
+        self.fresh = [array("Q") for _ in range(4)]
+        self.fresh_shapes = array("I")
+
     def builder(self, probs: Problems) -> _Builder:
         builder = _Builder(self.path, self.options.default_model, probs)
         builder.single = Endpoint.default(self.options.provider)
@@ -91,6 +101,21 @@ class _Catalog:
     # -- the validation pass ---------------------------------------------------
 
     def validate(self, probs: Problems) -> None:
+        clean = Problems(probs.cap)
+        if self._pass(probs) and self.hits:
+            # Two lines yield one id. A derived id's "-2" depends on the lines before it,
+            # which the memo did not parse: only a pass without it tells which is which.
+            log.info("%s: ids clash; reading every line again", self.where)
+            self._reset()
+            probs.items, probs.more = clean.items, clean.more
+            self._pass(probs)
+        if probs:
+            raise ManifestError(probs.items, probs.more)
+        log.debug("%s: %d job(s), %d line(s) known from the memo", self.where,
+                  len(self.digests.ids), len(self.hits))
+
+    def _pass(self, probs: Problems) -> bool:
+        """One pass over the file; True if ids clash (named in ``probs``)."""
         handle = open_jsonl(self.path, self.where, probs)
         if handle is None:
             raise ManifestError(probs.items, probs.more)
@@ -116,12 +141,7 @@ class _Catalog:
         if self.options.endpoint is not None:
             probs.add(self.where, "endpoints", f"--endpoint {self.options.endpoint}: the "
                       "manifest names no such endpoint")
-        if not probs:
-            self._clashes(probs)
-        if probs:
-            raise ManifestError(probs.items, probs.more)
-        log.debug("%s: %d job(s), %d line(s) known from the memo", self.where,
-                  len(self.digests.ids), len(self.hits))
+        return not probs and self._clashes(probs)
 
     def _chunk(self, chunk: list[tuple[bytes | None, int, int]], builder: _Builder,
                probs: Problems, counts: np.ndarray) -> None:
@@ -140,17 +160,19 @@ class _Catalog:
                                 records["fp"].tolist(), strict=True))
                 counts += np.bincount(records["shape"], minlength=len(counts))[:len(counts)]
                 self.hits.extend(known)
+                builder.entries += len(known)
         digests = self.digests
+        offsets, numbers, ids = digests.offsets.append, digests.numbers.append, digests.ids
+        lowers, fps = digests.lower.append, digests.fps.append
         for n, (data, number, offset) in enumerate(chunk):
             if memoise and found[n] >= 0:
                 ident, lower, fp = next(rows)
-                builder.entries += 1
                 builder.count += 1
-                digests.offsets.append(offset)
-                digests.numbers.append(number)
-                digests.ids.append(ident)
-                digests.lower.append(lower)
-                digests.fps.append(fp)
+                offsets(offset)
+                numbers(number)
+                ids.append(ident)
+                lowers(lower)
+                fps(fp)
                 continue
             raw = decode_line(data, number, offset, self.where, self.decoder, probs)
             if raw is None:
@@ -171,20 +193,21 @@ class _Catalog:
                 digests.lower.append(digests.ids[-1] if lower == job.id
                                      else digest64(lower.encode()))
                 digests.fps.append(fp)
-                if memoise and len(made) == 1 and "id" in raw and not any(
+                # A derived id is memoised only without its "-n" (see validate).
+                if memoise and len(made) == 1 and job.index not in digests.ordinals and not any(
                         image.kind is InputKind.FILE for image in job.images):
                     for column, value in zip(self.fresh, (lines[n], digests.ids[-1],
                                                           digests.lower[-1], fp), strict=True):
                         column.append(value)
                     self.fresh_shapes.append(self.shape_ids.setdefault(key, len(self.shape_ids)))
 
-    def _clashes(self, probs: Problems) -> None:
+    def _clashes(self, probs: Problems) -> bool:
         """Name ids that occur twice (or differ only in case) by a second pass, if any do."""
         lower = np.frombuffer(self.digests.lower, np.uint64)
         ordered = np.sort(lower)
         repeated = ordered[1:][ordered[1:] == ordered[:-1]]
         if not len(repeated):
-            return
+            return False
         builder = self.builder(Problems(probs.cap))
         builder.naming = set(repeated.tolist())
         for raw, location in self._entries():
@@ -192,6 +215,7 @@ class _Catalog:
         for problem in builder.probs.items:
             if problem.field == "id":
                 probs.add(problem.location, problem.field, problem.message)
+        return True
 
     # -- passes over the validated file ------------------------------------------
 
