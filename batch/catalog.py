@@ -291,8 +291,15 @@ class _Catalog:
     def save_memo(self) -> None:
         if self.memo_path is None:
             return
+        old = self.memo.records
+        # Records of lines no longer in the catalog are harmless (they cannot lie), so a
+        # memo is rewritten only when it learnt lines, or when most of it is of old lines.
+        bloated = len(old) > 2 * len(self.hits) + 1000
+        if not len(self.fresh_shapes) and not bloated:
+            return
         # The records seen again, in the old memo's (sorted) order; the old memo then goes.
-        parts = [self.memo.records[np.sort(np.frombuffer(self.hits, np.int64))]]
+        parts = [old[np.sort(np.frombuffer(self.hits, np.int64))] if bloated else old.copy()]
+        del old
         self.memo = LineMemo.empty(self.context)
         self.hits = array("q")
         fresh = np.zeros(len(self.fresh_shapes), RECORD)
