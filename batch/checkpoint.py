@@ -228,24 +228,22 @@ class Checkpoint:
         # Line by line into the index: a journal of a million jobs is never held.
         self._path = path
         end = 0  # bytes up to the end of the last complete line
-        torn = 0
+        torn = 0  # only the last line can lack its newline
         count = 0
         scan = Scan()
         base = f"{self.root}{os.sep}"
+
+        def other(line: bytes, number: int, offset: int) -> None:
+            self._load_line(line, path, number, scan, offset, base)
+
         try:
             with path.open("rb", buffering=1 << 20) as handle:
-                for count, line in enumerate(handle, 1):
-                    if not line.endswith(b"\n"):
-                        torn = len(line)  # only the last line can lack its newline
-                        break
-                    self._load_line(line, path, count, scan, end, base)
-                    end += len(line)
+                end, torn, count = scan.read(handle, str(self.root), other)
         except FileNotFoundError:
             pass
         except OSError as exc:
             raise OutputError(f"cannot read {path}: {exc.strerror}") from None
-        table = StateTable(scan, self._read_record, self._parse_record)
-        del scan
+        table = StateTable(scan, self._read_record, self._parse_record)  # empties the scan
         self.states = table
         if torn:
             log.warning("%s: dropping a torn last record (%d bytes)", path, torn)
@@ -270,7 +268,7 @@ class Checkpoint:
 
     def _load_line(self, line: bytes, path: Path, number: int, scan: Scan, offset: int,
                    base: str) -> None:
-        if scan.add_line(line, offset, base) or not line.strip():
+        if not line.strip():
             return
         try:
             record = json.loads(line)
