@@ -50,7 +50,9 @@ import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# The tree measured: this one, or (--before) another checkout, e.g. of main.
+TREE = Path(os.environ.get("IMGBATCH_BENCH_TREE", str(ROOT)))
+sys.path.insert(0, str(TREE))
 
 GOAL_S, GOAL_MB = 20.0, 250.0
 COLORS = ("crimson", "teal", "ochre", "ivory", "slate grey", "coral", "olive green", "plum",
@@ -235,21 +237,31 @@ def probe_sqlite(catalog: Path, root: Path, db_path: Path, what: str) -> None:
                       "todo": todo}), flush=True)
 
 
-def measure(argv: list[str], env: dict[str, str] | None = None
-            ) -> tuple[float, float, float, int, str]:
-    """Wall and CPU (user+sys) seconds, peak RSS (MB) and exit code of one child, and its
-    last output line. On a shared machine the CPU time is what an idle one would take."""
+PLANNED = b"already done"  # the run's log line once its plan is ready (batch.progress)
+
+
+def measure(argv: list[str], env: dict[str, str], cwd: Path
+            ) -> tuple[float, float, float, int, str, float | None]:
+    """Wall and CPU (user+sys) seconds, peak RSS (MB) and exit code of one child, its
+    last output line, and the wall seconds until it logged its plan (``run``). On a
+    shared machine the CPU time is closer to what an idle one would take."""
     t0 = time.perf_counter()
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             env=env, cwd=ROOT)
+                             env=env, cwd=cwd)
     assert child.stdout is not None
-    out = child.stdout.read()
+    planned = None
+    lines = []
+    for line in child.stdout:
+        if planned is None and PLANNED in line:
+            planned = time.perf_counter() - t0
+        lines.append(line.decode("utf-8", "replace").strip())
     _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
-    lines = out.decode("utf-8", "replace").strip().splitlines()
+    lines = [line for line in lines if line]
     cpu = usage.ru_utime + usage.ru_stime
-    return wall, cpu, usage.ru_maxrss / 1024, child.returncode, lines[-1] if lines else ""
+    return (wall, cpu, usage.ru_maxrss / 1024, child.returncode, lines[-1] if lines else "",
+            planned)
 
 
 def main() -> int:
@@ -258,6 +270,8 @@ def main() -> int:
     parser.add_argument("--every", type=int, default=100, help="every N-th job is left to do")
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "million")
     parser.add_argument("--only", default="validate,plan,run,status")
+    parser.add_argument("--before", type=Path, help="another checkout (say, of main) "
+                        "measured first on the same files, side by side")
     parser.add_argument("--probe-plan", nargs=2, type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--setup-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--probe-sqlite", nargs=4, help=argparse.SUPPRESS)
@@ -288,7 +302,7 @@ def main() -> int:
         "validate": [*imgbatch, "validate", str(catalog), "--quiet"],
         "plan": [sys.executable, __file__, "--probe-plan", str(catalog), str(root)],
         "run": [*imgbatch, "run", str(catalog), "--output", str(root), "--max-cost",
-                "0.000001", "--no-gallery", "--quiet", "--base-url", "http://127.0.0.1:9/v1"],
+                "0.000001", "--no-gallery", "--base-url", "http://127.0.0.1:9/v1"],
         "status": [*imgbatch, "status", str(root)],
         "sqlite-plan": [sys.executable, __file__, "--probe-sqlite", str(catalog), str(root),
                         str(db), "plan"],
@@ -298,13 +312,23 @@ def main() -> int:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{args.jobs} jobs, {args.jobs - args.jobs // args.every} done; this process "
           f"{own:.0f} MB; goal: under {GOAL_S:.0f} s and {GOAL_MB:.0f} MB", flush=True)
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"| {'step':8} | {'wall s':>7} | {'CPU s':>7} | {'peak MB':>7} | exit | last line")
-    print(f"|{'-' * 10}|{'-' * 9}|{'-' * 9}|{'-' * 9}|------|----------")
+    trees = [("before", args.before.resolve())] if args.before else []
+    trees.append(("after" if args.before else "this", ROOT))
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
+          + ", ".join(f"{name}: {tree}" for name, tree in trees))
+    print(f"| {'step':13} | {'tree':6} | {'wall s':>7} | {'CPU s':>7} | {'peak MB':>7} | "
+          f"{'plan s':>6} | exit | last line")
+    print(f"|{'-' * 15}|--------|{'-' * 9}|{'-' * 9}|{'-' * 9}|--------|------|----------")
     for name in args.only.split(","):
-        wall, cpu, rss, code, last = measure(commands[name], env)
-        print(f"| {name:8} | {wall:7.1f} | {cpu:7.1f} | {rss:7.0f} | {code:4} | {last[:90]}",
-              flush=True)
+        for label, tree in trees:
+            if label == "before" and name.startswith("sqlite"):
+                continue
+            tree_env = {**env, "PYTHONPATH": str(tree), "IMGBATCH_BENCH_TREE": str(tree)}
+            wall, cpu, rss, code, last, planned = measure(commands[name], tree_env, tree)
+            shown = f"{planned:6.1f}" if planned is not None else " " * 6
+            print(f"| {name:13} | {label:6} | {wall:7.1f} | {cpu:7.1f} | {rss:7.0f} | {shown} | "
+                  f"{code:4} | {last[:80]}", flush=True)
+        print(f"  load average {os.getloadavg()[0]:.1f}", flush=True)
     return 0
 
 

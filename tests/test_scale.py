@@ -170,3 +170,31 @@ def test_the_fast_plan_is_the_plan_asked_job_by_job(
         memo.write_bytes(memo.read_bytes()[:-3])
     assert _plan(catalog, out, model, True) == _plan(catalog, out, model, False)
     assert _plan(catalog, out, model, True) == _plan(catalog, out, model, False)
+
+
+def test_states_read_back_by_offset_survive_compaction_and_a_torn_tail(tmp_path: Path) -> None:
+    store = Checkpoint.open(tmp_path)
+    try:
+        for attempt in range(1, 4):  # 3 records per job: the open after compacts
+            for n in range(400):
+                store.record(JobState(f"j{n}", "ab" * 32, Status.PENDING, attempt),
+                             durable=False)
+        store.record(JobState("j7", "cd" * 32, Status.FAILED, 9, {"type": "x"}), durable=True)
+        assert store.states["j7"].attempts == 9 and store.attempts("j3") == 3
+    finally:
+        store.close()
+    journal = tmp_path / STATE_DIR / "journal.jsonl"
+    with journal.open("ab") as handle:
+        handle.write(b'{"id":"j1","fp":"')  # a torn last record
+    store = Checkpoint.open(tmp_path)
+    try:
+        assert len(journal.read_bytes().splitlines()) <= 402  # compacted: one line a job
+        assert len(store.states) == 400
+        assert store.states["j7"] == JobState("j7", "cd" * 32, Status.FAILED, 9, {"type": "x"})
+        assert store.states["j1"].attempts == 3 and "j400" not in store.states
+        store.record(JobState("j1", "ab" * 32, Status.PENDING, 4), durable=True)
+        assert store.attempts("j1") == 4
+        assert sorted(state.id for state in store.states.values()) == sorted(
+            f"j{n}" for n in range(400))
+    finally:
+        store.close()
