@@ -312,6 +312,7 @@ class _Catalog:
 
     def jobs(self) -> ManifestJobs:
         jobs = ManifestJobs.streamed(len(self.digests.ids), self.shapes, self.replay, self.plan)
+        jobs._ids = np.frombuffer(self.digests.ids, np.uint64)
         if self.memo_path is not None:
             jobs._fps = np.frombuffer(self.digests.fps, np.uint64)
         return jobs

@@ -118,6 +118,7 @@ class ManifestJobs(Sequence[Job]):
         self._replay = replay
         self._plan = plan
         self._fps: np.ndarray | None = None
+        self._ids: np.ndarray | None = None
 
     @classmethod
     def held(cls, jobs: Sequence[Job]) -> ManifestJobs:
@@ -146,6 +147,10 @@ class ManifestJobs(Sequence[Job]):
 
     def __len__(self) -> int:
         return self._count
+
+    def id_digests(self) -> np.ndarray | None:
+        """Per job (by index), the digest of its id, for a streamed catalog."""
+        return self._ids
 
     def fp_digests(self) -> np.ndarray | None:
         """Per job (by index), the digest of its fingerprint if the load computed it (else 0)."""

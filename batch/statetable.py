@@ -235,6 +235,34 @@ class StateTable(Mapping[str, Any]):
             return record, intact
         return None, False
 
+    def places(self, ids: np.ndarray) -> tuple[list[int], list[int], list[bool]]:
+        """Per id digest: (offset, length) of its last record (length 0: none) and whether
+        its images were found as recorded at open; for a pass over every job at once."""
+        if len(self.ids):
+            at = np.searchsorted(self.ids, ids)
+            at[at == len(self.ids)] = 0
+            found = self.ids[at] == ids
+            offsets = np.where(found, self.offsets[at], 0).tolist()
+            lengths = np.where(found, self.lengths[at], 0).tolist()
+            intact = (found & self.intact[at]).tolist()
+        else:
+            offsets, lengths, intact = [0] * len(ids), [0] * len(ids), [False] * len(ids)
+        if self.later:
+            for n in np.flatnonzero(np.isin(ids, np.fromiter(self.later, np.uint64))).tolist():
+                offsets[n], lengths[n] = self.later[int(ids[n])]
+                intact[n] = False
+        return offsets, lengths, intact
+
+    def read_record(self, job_id: str, offset: int, length: int) -> dict[str, Any] | None:
+        """The record at ``offset`` as read, if it is ``job_id``'s (no JobState built)."""
+        if not length:
+            return None
+        try:
+            record = json.loads(self._read(offset, length))
+        except ValueError:
+            return None
+        return record if isinstance(record, dict) and record.get("id") == job_id else None
+
     def checked_intact(self, job_id: str) -> bool:
         """Were the images of ``job_id``'s state found as recorded when the journal was read?"""
         key = digest64(job_id.encode())

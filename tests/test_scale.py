@@ -22,6 +22,7 @@ from batch.errors import ManifestError
 from batch.jobs import ImageRecord, Status
 from batch.linememo import MEMO, RECORD, LineMemo, build, context_digest, digest64, fp_digest
 from batch.manifest import load_manifest
+from batch.results import row, rows
 from batch.statetable import Scan, StateTable
 
 
@@ -107,6 +108,10 @@ def _plan(catalog: Path, out: Path, model: str | None, fast: bool) -> list[tuple
         if fast:
             todo = manifest.jobs.todo(store)
             assert todo is not None
+            # results.jsonl's rows, read from the records by offset, as JobStates would say.
+            assert list(rows(manifest.jobs, store)) == [
+                row(job, store.states.get(job.id), fingerprint(job), store)
+                for job in manifest.jobs]
         else:
             todo = [(job, fp) for job in manifest.jobs
                     if not store.is_done(job, fp := fingerprint(job))]
