@@ -23,7 +23,13 @@ Then every measurement is a child process, measured alone through ``os.wait4``
   writes results.jsonl for every job: the whole run path without the network;
 * ``status``: ``imgbatch status out-<N>``.
 
+``plan-cold`` is ``plan`` without the output folder's line memo (``batch.linememo``):
+the first resume after an upgrade or a new ``--model``; it writes the memo ``plan`` uses.
+The ``plan s`` column of ``run`` is the wall time from spawn until the run logged its plan.
+
     .venv/bin/python bench/million.py                   # 1,000,000 jobs, 990,000 done
+    .venv/bin/python bench/million.py --before ../main  # and a checkout of main, side by side
+    .venv/bin/python bench/million.py --only plan-cold,plan  # without and with the line memo
     .venv/bin/python bench/million.py --jobs 100000     # a tenth
     .venv/bin/python bench/million.py --only validate,plan
     .venv/bin/python bench/million.py --only plan,sqlite-plan,status,sqlite-status
@@ -148,8 +154,13 @@ def setup(workdir: Path, jobs: int, every: int) -> tuple[Path, Path]:
     return catalog, root
 
 
-def probe_plan(catalog: Path, root: Path) -> None:
-    """In a child: the steps of ``imgbatch run`` before its first request, timed by phase."""
+def probe_plan(catalog: Path, root: Path, cold: bool = False) -> None:
+    """In a child: the steps of ``imgbatch run`` before its first request, timed by phase.
+
+    ``cold``: without the line memo of an earlier run (the first resume after an upgrade
+    or a change of --model), which this plan then writes."""
+    if cold:
+        (root / ".imgbatch" / "lines.memo").unlink(missing_ok=True)
     import argparse as ap
 
     from batch import routing, runcommand
@@ -273,11 +284,12 @@ def main() -> int:
     parser.add_argument("--before", type=Path, help="another checkout (say, of main) "
                         "measured first on the same files, side by side")
     parser.add_argument("--probe-plan", nargs=2, type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--setup-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--probe-sqlite", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe_plan:
-        probe_plan(*args.probe_plan)
+        probe_plan(*args.probe_plan, cold=args.cold)
         return 0
     if args.probe_sqlite:
         catalog_arg, root_arg, db_arg, what = args.probe_sqlite
@@ -301,6 +313,8 @@ def main() -> int:
     commands = {
         "validate": [*imgbatch, "validate", str(catalog), "--quiet"],
         "plan": [sys.executable, __file__, "--probe-plan", str(catalog), str(root)],
+        "plan-cold": [sys.executable, __file__, "--probe-plan", str(catalog), str(root),
+                      "--cold"],
         "run": [*imgbatch, "run", str(catalog), "--output", str(root), "--max-cost",
                 "0.000001", "--no-gallery", "--base-url", "http://127.0.0.1:9/v1"],
         "status": [*imgbatch, "status", str(root)],
