@@ -298,15 +298,20 @@ class _Catalog:
         if not len(self.fresh_shapes) and not bloated:
             return
         # The records seen again, in the old memo's (sorted) order; the old memo then goes.
-        parts = [old[np.sort(np.frombuffer(self.hits, np.int64))] if bloated else old.copy()]
+        parts = [] if not len(old) else [
+            old[np.sort(np.frombuffer(self.hits, np.int64))] if bloated else old.copy()]
         del old
         self.memo = LineMemo.empty(self.context)
         self.hits = array("q")
         fresh = np.zeros(len(self.fresh_shapes), RECORD)
+        # Each column let go once copied: a first resume memoises a million lines at once.
         for name, column in zip(("line", "id", "lower", "fp"), self.fresh, strict=True):
             fresh[name] = np.frombuffer(column, np.uint64)
+            del column[:]
         fresh["shape"] = np.frombuffer(self.fresh_shapes, np.uint32)
+        self.fresh_shapes = array("I")
         parts.append(fresh)
+        del fresh
         shapes = sorted(self.shape_ids, key=self.shape_ids.__getitem__)
         build(self.context, shapes, parts).save(self.memo_path)
 

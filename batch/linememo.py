@@ -161,7 +161,8 @@ def _shape(item: Any) -> Shape:
 
 def build(context: bytes, shapes: list[Shape], parts: list[np.ndarray]) -> LineMemo:
     """A memo of ``parts`` (arrays of RECORD), sorted by line digest, repeats dropped."""
-    records = np.concatenate(parts) if parts else np.zeros(0, RECORD)
+    records = (parts[0] if len(parts) == 1 else np.concatenate(parts) if parts
+               else np.zeros(0, RECORD))
     del parts[:]  # the caller's copies go as soon as they are joined
     records = records[np.argsort(records["line"], kind="stable")]
     if len(records):

@@ -213,10 +213,20 @@ def raw_lines(handle: BinaryIO) -> Iterator[tuple[bytes | None, int]]:
 def decode_line(data: bytes | None, number: int, offset: int, where: str,
                 decoder: json.JSONDecoder, probs: Problems) -> Any:
     """The value of one JSONL line, FAILED once its problem is added, or None if blank."""
-    location = f"{where}:{number}"
     if data is None:
-        probs.add(location, None, f"line is longer than {MAX_JSONL_LINE_BYTES} bytes")
+        probs.add(f"{where}:{number}", None, f"line is longer than {MAX_JSONL_LINE_BYTES} bytes")
         return FAILED
+    if offset:
+        # The usual line, straight to the scanner (a million lines a catalog); anything
+        # wrong, odd or blank goes the way below, which says what is wrong.
+        try:
+            text = data.decode("utf-8")
+            value, end = decoder.scan_once(text, 0)  # type: ignore[attr-defined]
+            if end == len(text):
+                return value
+        except Exception:
+            pass
+    location = f"{where}:{number}"
     skipped = len(_BOM) if offset == 0 and data.startswith(_BOM) else 0
     try:
         line = data[skipped:].decode("utf-8")
