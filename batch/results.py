@@ -59,8 +59,8 @@ def rows(jobs: Sequence[Job], store: StateStore) -> Iterator[dict[str, Any]]:
     for job in jobs:
         if places is not None:
             n = job.index
-            record = table.read_record(job.id, places[0][n], places[1][n])
-            intact = places[2][n]
+            record = table.read_record(job.id, int(places[0][n]), int(places[1][n]))
+            intact = bool(places[2][n])
         else:
             record, intact = table.record(job.id)
         if record is None:

@@ -235,18 +235,20 @@ class StateTable(Mapping[str, Any]):
             return record, intact
         return None, False
 
-    def places(self, ids: np.ndarray) -> tuple[list[int], list[int], list[bool]]:
+    def places(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per id digest: (offset, length) of its last record (length 0: none) and whether
         its images were found as recorded at open; for a pass over every job at once."""
         if len(self.ids):
             at = np.searchsorted(self.ids, ids)
             at[at == len(self.ids)] = 0
             found = self.ids[at] == ids
-            offsets = np.where(found, self.offsets[at], 0).tolist()
-            lengths = np.where(found, self.lengths[at], 0).tolist()
-            intact = (found & self.intact[at]).tolist()
+            offsets = np.where(found, self.offsets[at], 0)
+            lengths = np.where(found, self.lengths[at], 0)
+            intact = found & self.intact[at]
         else:
-            offsets, lengths, intact = [0] * len(ids), [0] * len(ids), [False] * len(ids)
+            offsets = np.zeros(len(ids), np.uint64)
+            lengths = np.zeros(len(ids), np.uint32)
+            intact = np.zeros(len(ids), bool)
         if self.later:
             for n in np.flatnonzero(np.isin(ids, np.fromiter(self.later, np.uint64))).tolist():
                 offsets[n], lengths[n] = self.later[int(ids[n])]
