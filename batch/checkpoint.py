@@ -258,12 +258,13 @@ class Checkpoint:
         assert self._journal is not None
         self.runs = self.runs[-50:]
         runs = [json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in self.runs]
-        live = table.live()
-        states = (self._read_record(offset, length) for offset, length in live)
-        if self._journal.compact(chain(runs, states), len(runs) + len(live)):
+        offsets, lengths = table.live()
+        states = (self._read_record(int(offset), int(length))
+                  for offset, length in zip(offsets, lengths, strict=True))
+        if self._journal.compact(chain(runs, states), len(runs) + len(offsets)):
             self._close_reader()  # the file was replaced
-            lengths = np.array([length for _, length in live], np.uint64)
-            starts = np.cumsum(lengths) - lengths + np.uint64(sum(map(len, runs)))
+            sizes = lengths.astype(np.uint64)
+            starts = np.cumsum(sizes) - sizes + np.uint64(sum(map(len, runs)))
             table.moved(starts)
 
     def _load_line(self, line: bytes, path: Path, number: int, scan: Scan, offset: int,

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 from array import array
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, BinaryIO
 
@@ -292,12 +293,42 @@ class StateTable(Mapping[str, Any]):
         return list(zip(self.offsets[wanted].tolist(), self.lengths[wanted].tolist(),
                         strict=True))
 
-    def live(self) -> list[tuple[int, int]]:
-        """(offset, length) of every job's last record, in journal order."""
-        pairs = dict(zip(self.ids.tolist(), zip(self.offsets.tolist(), self.lengths.tolist(),
-                                                strict=True), strict=True))
-        pairs.update(self.later)
-        return sorted(pairs.values())
+    def live(self) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets, lengths) of every job's last record, in journal order."""
+        offsets, lengths = self.offsets, self.lengths
+        if self.later:
+            keep = ~np.isin(self.ids, np.fromiter(self.later, np.uint64, len(self.later)))
+            extra = np.array(list(self.later.values()), np.uint64).reshape(-1, 2)
+            offsets = np.concatenate([offsets[keep], extra[:, 0]])
+            lengths = np.concatenate([lengths[keep], extra[:, 1].astype(np.uint32)])
+        order = np.argsort(offsets, kind="stable")
+        return offsets[order], lengths[order]
+
+    def tally(self) -> tuple[dict[str, int], int, Counter[str]]:
+        """Jobs by status, requests in all, and failures by error type (``status``): from
+        the arrays, reading back only the records of failures and of this session."""
+        counts: Counter[str] = Counter()
+        errors: Counter[str] = Counter()
+        later = np.zeros(len(self.ids), bool)
+        if self.later:
+            later = np.isin(self.ids, np.fromiter(self.later, np.uint64, len(self.later)))
+        codes = np.bincount(self.status[~later], minlength=len(STATUS_CODES))
+        for status, code in STATUS_CODES.items():
+            counts[status.value] += int(codes[code])
+        attempts = int(self.attempts[~later].sum(dtype=np.uint64))
+        failed = (self.status == STATUS_CODES[Status.FAILED]) & ~later
+        failures = zip(self.offsets[failed].tolist(), self.lengths[failed].tolist(), strict=True)
+        for is_later, (offset, length) in [*((False, p) for p in failures),
+                                            *((True, p) for p in self.later.values())]:
+            state = self._parse(self._read(offset, length))
+            if state is None:
+                continue
+            if is_later:
+                counts[state.status.value] += 1
+                attempts += state.attempts
+            if state.status is Status.FAILED and state.error:
+                errors[str(state.error.get("type"))] += 1
+        return {k: n for k, n in counts.items() if n}, attempts, errors
 
     def moved(self, offsets: np.ndarray) -> None:
         """After compaction: the records now sit at ``offsets`` (in the order of ``live``)."""
@@ -326,8 +357,9 @@ class StateTable(Mapping[str, Any]):
             yield state.id
 
     def values(self) -> Iterator[Any]:  # type: ignore[override]
-        for offset, length in self.live():
-            state = self._parse(self._read(offset, length))
+        offsets, lengths = self.live()
+        for offset, length in zip(offsets, lengths, strict=True):
+            state = self._parse(self._read(int(offset), int(length)))
             if state is not None:
                 yield state
 

@@ -198,8 +198,15 @@ def test_states_read_back_by_offset_survive_compaction_and_a_torn_tail(tmp_path:
         assert store.states["j7"] == JobState("j7", "cd" * 32, Status.FAILED, 9, {"type": "x"})
         assert store.states["j1"].attempts == 3 and "j400" not in store.states
         store.record(JobState("j1", "ab" * 32, Status.PENDING, 4), durable=True)
+        store.record(JobState("j500", "ab" * 32, Status.FAILED, 1, {"type": "y"}), durable=True)
         assert store.attempts("j1") == 4
-        assert sorted(state.id for state in store.states.values()) == sorted(
-            f"j{n}" for n in range(400))
+        # status's tally from the arrays says what the states read back say.
+        counts, attempts, errors = store.states.tally()
+        states = list(store.states.values())
+        assert counts == {"pending": 399, "failed": 2} and errors == {"x": 1, "y": 1}
+        assert attempts == sum(state.attempts for state in states) == 399 * 3 + 1 + 9 + 1
+        assert sorted(state.id for state in states) == sorted(
+            [*(f"j{n}" for n in range(400)), "j500"])
+        assert len(store.states) == 401
     finally:
         store.close()
