@@ -14,7 +14,7 @@ greppable by an operator at 3 a.m.
 The file itself, with its one-writer rule and compaction, is
 :class:`batch.journal.Journal`. The states are not held in memory: one pass
 over the journal at open builds a compact index of every job's last record
-(:class:`batch.statetable.StateTable`, 38 bytes a job, images checked on the
+(:class:`batch.statetable.StateTable`, 34 bytes a job, images checked on the
 way), and a state is read back by offset when asked for. A streamed catalog
 plans against that index by digest (:meth:`Checkpoint.done_mask`).
 

@@ -3,7 +3,7 @@
 :class:`ManifestJobs` is what ``Manifest.jobs`` is: ``len()``, iteration in
 manifest order and indexing, whether the jobs are kept (YAML, JSON: small by
 nature) or built again from the file at each pass (a JSONL catalog, see
-:mod:`batch.manifest`). What needs only the kinds of jobs (``validate``'s
+:mod:`batch.catalog`). What needs only the kinds of jobs (``validate``'s
 plan, prices, endpoints in use, capability checks) reads :class:`Shapes`:
 one representative job and a count per distinct shape, gathered while the
 manifest was validated, so none of it walks a million jobs again.
@@ -182,8 +182,3 @@ class ManifestJobs(Sequence[Job]):
                 return job
         raise IndexError(index)
 
-
-def sorted_unique(values: np.ndarray) -> np.ndarray:
-    """The values that occur more than once."""
-    ordered = np.sort(values, kind="stable")
-    return np.unique(ordered[1:][ordered[1:] == ordered[:-1]])

@@ -2,7 +2,7 @@
 
 Holding a JobState per job costs about a kilobyte; a million-job checkpoint
 would need a gigabyte before its first request. The table keeps per job id
-what the plan joins on, 38 bytes: an 8-byte digest of the id, of the
+what the plan joins on, 34 bytes: an 8-byte digest of the id, of the
 fingerprint, the status, the attempts, where its last record is in the
 journal (offset, length) and whether its images were found as recorded when
 the journal was read. The full state is read back from the journal, by
