@@ -13,10 +13,12 @@ and sleeps on nothing, so the same object runs the real pool (through
 - **An isolated 429 is noise**: its request waits its own ``Retry-After`` (the
   retry policy) and the pool goes on.
 - **A shared limit is evidence**: a run of refused starts in a row longer than
-  chance explains at the background 429 share, or a 429 share far above it.
-  Only then does the pool pause for the ``Retry-After`` and get paced: at the
-  rate the server accepted before refusing, or at most half the pace when a
-  paced run meets the limit again. If slowing down does not make 429s rarer,
+  chance explains at the background 429 share, or a 429 share far above it;
+  or the 429 itself saying the key's quota is spent (rate-limit headers at 0,
+  a Gemini QuotaFailure), which needs no statistics. Only then does the pool
+  pause for the ``Retry-After`` and get paced: at the rate the server accepted
+  before refusing, or at most half the pace when a paced run meets the limit
+  again. If slowing down does not make 429s rarer,
   they were background after all, and pacing is dropped.
 - **Probing.** While paced, each clean interval raises the pace by a step that
   doubles (5%, 10%, 20%, 25%...), so a limit that rose again is found in a
@@ -146,8 +148,12 @@ class Controller:
         return self._base + len(self._starts) - 1
 
     def on_end(self, ticket: int, now: float, outcome: Outcome | None,
-               retry_after_s: float | None = None) -> Verdict | None:
-        """The request of ``ticket`` ended: answered (``outcome``) or abandoned (None)."""
+               retry_after_s: float | None = None, *, shared_said: bool = False,
+               ) -> Verdict | None:
+        """The request of ``ticket`` ended: answered (``outcome``) or abandoned (None).
+
+        ``shared_said``: the 429 itself said the key's quota is spent (no statistics needed).
+        """
         self.in_flight -= 1
         i = ticket - self._base
         start = self._starts[i] if 0 <= i < len(self._starts) else None
@@ -163,7 +169,7 @@ class Controller:
         self._turnaround_429 = max(self._turnaround_429 * 0.9, now - start.at)
         if now < self.pause_until:
             return Verdict.SAME_EPISODE
-        if self._shared(ticket, now):
+        if self._shared(ticket, now) or shared_said:
             self._on_shared(now, start.at, retry_after_s)
             return Verdict.SHARED
         self._learn_noise(True)

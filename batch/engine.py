@@ -23,83 +23,38 @@ Unfinished jobs stay ``pending``.
 from __future__ import annotations
 
 import asyncio
-import enum
-import json
 import logging
 import random
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 
 from tenacity import AsyncRetrying, RetryCallState, stop_never
 
-from batch.checkpoint import FileMeta, JobState, fingerprint
+from batch.checkpoint import fingerprint
 from batch.commit import GroupCommitter, Offload, in_thread
-from batch.cost import Budget, PriceTable, to_usd
+from batch.cost import Budget, to_usd
 from batch.errors import (
     FatalApiError,
     JobError,
-    NotRecorded,
     RateLimited,
     StorageError,
 )
-from batch.jobs import ImageRecord, Job, Status
+from batch.jobs import Job, Status
 from batch.limits import Limits
-from batch.limits import build as build_limits
 from batch.progress import Observer
-from batch.providers.base import Generation, Provider
-from batch.retry import Decision, RetryPolicy, decide
+from batch.providers.base import Provider
+from batch.recorder import Recorder
+from batch.retry import Decision, decide
+
+# Re-exported: the engine's callers name its types through it.
+from batch.runtypes import EngineConfig as EngineConfig
+from batch.runtypes import Route as Route
+from batch.runtypes import RunStats as RunStats
+from batch.runtypes import StopReason as StopReason
+from batch.runtypes import make_limits as make_limits
 from batch.storage.base import ImageSink, StateStore
 
 log = logging.getLogger(__name__)
-
-
-class StopReason(enum.StrEnum):
-    NONE = "completed"
-    FATAL = "fatal_api_error"
-    STORAGE = "storage_error"
-    SIGNAL = "signal"
-    RUNTIME = "max_runtime"
-    RATE_LIMIT = "rate_limit_wait_exceeded"
-    BUDGET = "max_cost"
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    concurrency: int = 8
-    policy: RetryPolicy = field(default_factory=RetryPolicy)
-    rpm: float | None = None
-    adaptive: bool = True
-    force: bool = False
-    max_runtime_s: float | None = None
-    max_cost_usd: float | None = None
-    prices: PriceTable = field(default_factory=lambda: PriceTable.with_overrides({}))
-    seed: int | None = None
-    grace_s: float = 30.0  # requests in flight may finish this long after a stop
-
-
-@dataclass
-class RunStats:
-    """Counters of one run (mutable: the engine adds to them as it goes)."""
-
-    planned: int = 0
-    skipped: int = 0  # already done with the same fingerprint
-    requests: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    retries: Counter[str] = field(default_factory=Counter)
-    rate_limited: int = 0
-    bytes_written: int = 0
-    images_written: int = 0
-    peak_in_flight: int = 0
-    cost_usd: float = 0.0
-    broken_cost_usd: float = 0.0  # 200s whose image came broken: most likely billed, not kept
-    unpriced_images: int = 0
-    tokens: Counter[str] = field(default_factory=Counter)
-    stop: StopReason = StopReason.NONE
-    stop_message: str = ""
-
 
 # Stops that bound the time requests in flight may take.
 _TIMED_STOPS = frozenset({StopReason.SIGNAL, StopReason.RUNTIME})
@@ -111,24 +66,6 @@ class _Stopped(Exception):
 
 class _OverBudget(Exception):
     """This job's price no longer fits the budget, though cheaper jobs may."""
-
-
-@dataclass(frozen=True)
-class Route:
-    """Where one endpoint's jobs go: its provider and its own limits (a 429 stays there)."""
-
-    provider: Provider
-    limits: Limits
-    concurrency: int
-
-
-def make_limits(
-    concurrency: int, rpm: float | None, adaptive: bool, max_pause_s: float = 900.0,
-    name: str = "",
-) -> Limits:
-    """One endpoint's limits (see :mod:`batch.limits`)."""
-    return build_limits(concurrency, rpm=rpm, adaptive=adaptive, max_pause_s=max_pause_s,
-                        name=name)
 
 
 class Engine:
@@ -177,9 +114,12 @@ class Engine:
         self._commits: set[asyncio.Task[None]] = set()
         self._commit_bugs: list[BaseException] = []
         self._signals = 0
-        self._cost = 0  # micro-dollars of committed images
         self._broken = 0  # micro-dollars of answers that came broken, most likely billed
         self._grace: asyncio.TimerHandle | None = None
+        self.recorder = Recorder(
+            store, self.sink, self.committer, config.prices, self.stats, observer,
+            lambda message: self.stop(StopReason.STORAGE, message),
+        )
 
     # -- control ---------------------------------------------------------------
 
@@ -350,26 +290,26 @@ class Engine:
             commit: asyncio.Task[None] = await retrying(self._attempt, job, fp, old_paths)
         except asyncio.CancelledError:
             if history:  # keep why the job is unfinished; queued without yielding
-                self._submit_end(job, fp, Status.PENDING, history[-1])
+                self.recorder.submit_end(job, fp, Status.PENDING, history[-1])
             raise
         except (_Stopped, _OverBudget):
             if history:
-                await self._record_end(job, fp, Status.PENDING, history[-1])
+                await self.recorder.record_end(job, fp, Status.PENDING, history[-1])
             return
         except StorageError as exc:
             self.stop(StopReason.STORAGE, f"{exc}; jobs left pending, re-run to resume")
             return
         except FatalApiError as exc:
-            self._submit_end(job, fp, Status.PENDING, exc)
+            self.recorder.submit_end(job, fp, Status.PENDING, exc)
             self.stop(StopReason.FATAL, str(exc))
             return
         except JobError as exc:
             if decisions and decisions[-1].retry:
                 # Worth another request, but the run is stopping: finish it next run.
-                await self._record_end(job, fp, Status.PENDING, exc)
+                await self.recorder.record_end(job, fp, Status.PENDING, exc)
                 return
             self.stats.failed += 1
-            await self._record_end(job, fp, Status.FAILED, exc)
+            await self.recorder.record_end(job, fp, Status.FAILED, exc)
             self.observer.on_failure(job, exc)
             return
         # Shielded: cancelling this worker must not cancel the commit of a paid image.
@@ -432,7 +372,7 @@ class Engine:
                 spent = price * len(generation.images)
                 # Queued in the same step as the answer: no cancellation can fall between.
                 commit = asyncio.get_running_loop().create_task(
-                    self._commit(job, fp, generation, old_paths)
+                    self.recorder.commit_answer(job, fp, generation, old_paths)
                 )
                 self._commits.add(commit)
                 commit.add_done_callback(self._commit_done)
@@ -464,90 +404,3 @@ class Engine:
                 "jobs left pending",
             )
             return
-
-    async def _commit(
-        self, job: Job, fp: str, generation: Generation, old_paths: set[str]
-    ) -> None:
-        try:
-            # Where any later open finds them (an object store uploads them here).
-            images = await self.sink.prepare(generation.images)
-        except StorageError as exc:
-            # Paid images: prepare kept what it could not make durable (never discard them).
-            for staged in generation.images:
-                self.sink.release(staged)
-            self.stop(StopReason.STORAGE, f"{exc}; jobs left pending, re-run to resume")
-            return
-        pairs = [
-            (
-                ImageRecord(
-                    path=s.final_rel,
-                    sha256=s.sha256,
-                    bytes=s.bytes,
-                    mime=s.info.mime,
-                    width=s.info.width,
-                    height=s.info.height,
-                ),
-                FileMeta(s.tmp_rel, s.mtime_ns),
-            )
-            for s in images
-        ]
-        state = JobState(
-            id=job.id,
-            fingerprint=fp,
-            status=Status.SUCCEEDED,
-            attempts=self.store.attempts(job.id),
-            images=tuple(image for image, _ in pairs),
-            image_meta=tuple(meta for _, meta in pairs),
-            usage_json=json.dumps(generation.usage) if generation.usage else None,
-            latency_s=round(generation.latency_s, 3),
-            text=generation.text or None,
-        )
-        try:
-            # Recorded before the rename: a crash in between is finished by the next open.
-            await self.committer.commit(state, images)
-        except StorageError as exc:
-            for staged in images:
-                if isinstance(exc, NotRecorded):
-                    self.sink.discard(staged)  # frees the space a full disk needs for results
-                else:
-                    # (Maybe) recorded: the journal points at these temporaries,
-                    # and the next open publishes them; deleting them loses a paid image.
-                    self.sink.release(staged)
-            self.stop(StopReason.STORAGE, f"{exc}; jobs left pending, re-run to resume")
-            return
-        for path in old_paths - {image.path for image in state.images}:
-            self.sink.remove(path)
-        self.stats.succeeded += 1
-        self.stats.images_written += len(images)
-        self.stats.bytes_written += sum(s.bytes for s in images)
-        price = self.config.prices.job_micros(job)
-        cost = 0
-        if price is None:
-            self.stats.unpriced_images += len(generation.images)
-        else:
-            cost = price * len(generation.images)
-            self._cost += cost
-            self.stats.cost_usd = to_usd(self._cost)
-        for key, value in (generation.usage or {}).items():
-            if isinstance(value, int) and key.endswith("tokens"):
-                self.stats.tokens[key] += value
-        self.observer.on_success(job, state, to_usd(cost))
-
-    def _end_state(self, job: Job, fp: str, status: Status, error: JobError) -> JobState:
-        return JobState(
-            id=job.id,
-            fingerprint=fp,
-            status=status,
-            attempts=self.store.attempts(job.id),
-            error=error.as_record(),
-        )
-
-    def _submit_end(self, job: Job, fp: str, status: Status, error: JobError) -> None:
-        """Queue a job's end without waiting (its worker is being cancelled)."""
-        self.committer.submit(self._end_state(job, fp, status, error))
-
-    async def _record_end(self, job: Job, fp: str, status: Status, error: JobError) -> None:
-        try:
-            await self.committer.commit(self._end_state(job, fp, status, error))
-        except StorageError as exc:
-            self.stop(StopReason.STORAGE, str(exc))

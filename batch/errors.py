@@ -20,7 +20,8 @@ boundary each: the manifest loader, the protocol client and the store.
         │   ├── TransportError     connection refused / reset, server disconnected
         │   ├── RequestTimeout     no answer, or a stalled body, within the timeout
         │   ├── ServerError        408, 409 and every 5xx, whatever the body
-        │   ├── RateLimited        429 (does not use up the job's attempts)
+        │   ├── RateLimited        429 (does not use up the job's attempts); says whether
+        │   │                      the server called its shared quota spent
         │   ├── MalformedResponse  200 whose body is truncated, not JSON, bad base64,
         │   │                      or an image that is not complete
         │   └── NoImage            200 without an image (retried once, then the job fails)
@@ -166,7 +167,24 @@ class ServerError(RetryableError):
 
 
 class RateLimited(RetryableError):
+    """A 429. ``quota_used_up``: the server said the key's shared quota is spent (rate-limit
+    headers at 0, a per-minute QuotaFailure), so the whole pool must wait, not only this
+    request; False when it said nothing either way."""
+
     type = "rate_limited"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        job_id: str = "",
+        http_status: int | None = None,
+        retry_after_s: float | None = None,
+        quota_used_up: bool = False,
+    ) -> None:
+        super().__init__(message, job_id=job_id, http_status=http_status,
+                         retry_after_s=retry_after_s)
+        self.quota_used_up = quota_used_up
 
 
 class MalformedResponse(RetryableError):

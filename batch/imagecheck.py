@@ -174,6 +174,15 @@ def _preload() -> None:
     from PIL import Image  # noqa: F401
 
 
+def decode_pool(workers: int = 1) -> ProcessPoolExecutor:
+    """Decode children for ``--verify decode``: spawned (the run has threads, and a forked
+    child would inherit their locks), and each ends with the run, even a SIGKILLed one."""
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_die_with, initargs=(os.getpid(),),
+    )
+
+
 def _die_with(parent: int) -> None:
     """Make this decode child end when the run does, even one killed with SIGKILL.
 
@@ -215,20 +224,20 @@ class DecodeChecked(Generic[A]):
 
     def __init__(self, inner: _Provider[A], *, workers: int = 1) -> None:
         self._inner = inner
-        self._workers = workers
-        self._pool: ProcessPoolExecutor | None = None
+        self.children = DecodeChildren(workers)
         self.warming: Future[None] | None = None  # the child's start, begun with the first request
 
     async def generate(self, job: Job, sink: ImageSink) -> A:
-        if self._pool is None:
+        if self.warming is None:
             # Spawning the child and importing its decoders takes about a second of CPU;
             # started with the first request it is ready by the first answer, instead of
             # delaying every answer of the first wave by that second.
-            self.warming = self._executor().submit(_preload)
+            self.warming = self.children.warm()
         answer = await self._inner.generate(job, sink)
         try:
             for staged in answer.images:
-                problem = await self._problem(sink.local_path(staged), staged.info.mime)
+                problem = await self.children.problem(sink.local_path(staged),
+                                                      staged.info.mime)
                 if problem is not None:
                     raise ImageFormatError(problem, job_id=job.id)
         except asyncio.CancelledError:
@@ -250,32 +259,43 @@ class DecodeChecked(Generic[A]):
             raise
         return answer
 
-    async def _problem(self, path: Path, mime: str) -> str | None:
+    async def close(self) -> None:
+        self.children.close()
+        await self._inner.close()
+
+
+class DecodeChildren:
+    """The decode children of one run (sync or batch mode): ``problem`` asks one whether an
+    image decodes. A child that dies (a decoder crash, the OOM killer) fails every image it
+    held; each is tried once more in a fresh child before it is refused, so an image queued
+    behind the culprit is not paid for again."""
+
+    def __init__(self, workers: int = 1) -> None:
+        self._workers = workers
+        self.pool: ProcessPoolExecutor | None = None
+
+    def warm(self) -> Future[None]:
+        """Start a child and load its decoders now, before the first image needs them."""
+        return self._executor().submit(_preload)
+
+    async def problem(self, path: Path, mime: str) -> str | None:
+        """What is wrong with the image at ``path`` (decoded in a child), or None."""
         loop = asyncio.get_running_loop()
         for _ in range(2):
             pool = self._executor()
             try:
                 return await loop.run_in_executor(pool, decode_problem, path, mime)
             except BrokenProcessPool:
-                # A child died (a decoder crash, the OOM killer) and failed every image it
-                # held; each is tried once more in a fresh child before it is refused, so
-                # an image queued behind the culprit is not paid for again.
-                if self._pool is pool:
-                    self._pool = None
+                if self.pool is pool:
+                    self.pool = None
                 pool.shutdown(wait=False, cancel_futures=True)
         return f"{mime} decoder crashed on it twice"
 
     def _executor(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            # spawn: the run has threads, and a forked child would inherit their locks.
-            context = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(
-                max_workers=self._workers, mp_context=context,
-                initializer=_die_with, initargs=(os.getpid(),),
-            )
-        return self._pool
+        if self.pool is None:
+            self.pool = decode_pool(self._workers)
+        return self.pool
 
-    async def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-        await self._inner.close()
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)

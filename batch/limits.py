@@ -115,6 +115,7 @@ class Limits:
             ticket.seq, self._clock.now(),
             Outcome.REFUSED if refused else Outcome.ADMITTED,
             error.retry_after_s if error is not None and refused else None,
+            shared_said=isinstance(error, RateLimited) and error.quota_used_up,
         )
         if verdict is Verdict.ISOLATED:
             log.debug("an isolated 429: only its own request waits (%s)", error)

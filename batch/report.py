@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from batch.engine import RunStats, StopReason
 from batch.images import write_atomic
 from batch.jobs import Status
+from batch.runtypes import RunStats, StopReason
 from batch.storage.base import StateStore
 
 SUMMARY = "summary.json"

@@ -47,7 +47,7 @@ def parse_retry_after(headers: Mapping[str, str], now_s: float) -> float | None:
     ``headers`` must be case-insensitive (aiohttp's CIMultiDict is) or lower-case.
     ``retry-after-ms`` wins over ``Retry-After``; a date in the past means 0.
     """
-    ms = _header(headers, "retry-after-ms")
+    ms = header(headers, "retry-after-ms")
     if ms is not None:
         try:
             value = float(ms) / 1000.0
@@ -55,7 +55,7 @@ def parse_retry_after(headers: Mapping[str, str], now_s: float) -> float | None:
             value = -1.0
         if value >= 0 and value == value and value != float("inf"):
             return value
-    raw = _header(headers, "retry-after")
+    raw = header(headers, "retry-after")
     if raw is None:
         return None
     raw = raw.strip()
@@ -74,7 +74,8 @@ def parse_retry_after(headers: Mapping[str, str], now_s: float) -> float | None:
     return seconds
 
 
-def _header(headers: Mapping[str, str], name: str) -> str | None:
+def header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header of a case-insensitive or lower-case mapping, also when written in title case."""
     value = headers.get(name)
     if value is None:
         value = headers.get(name.title())

@@ -57,14 +57,22 @@ def job_of(name: str) -> str:
     return name.rsplit(".", 1)[0].split("~", 1)[0]
 
 
-def check_recorded_images(out: Path, prompts: Mapping[str, str] | None = None) -> int:
+Decoded = dict[str, tuple[tuple[int, int], dict[str, str]]]
+
+
+def check_recorded_images(
+    out: Path, prompts: Mapping[str, str] | None = None, decoded: Decoded | None = None
+) -> int:
     """Every success in the journal has its image on disk, byte for byte; returns how many.
 
     The image is under its final name, or (a crash between the record and the rename)
     under the temporary name the record gives. Its sha256 is computed here, Pillow
     decodes it to the recorded size, and with ``prompts`` the simulator's tag in it
     names the job's own prompt. Every file under a final name must be one of these.
+    ``decoded`` (by sha256) carries Pillow's verdicts over from earlier checks of the
+    same folder: bytes with a sha256 already decoded need not be decoded again.
     """
+    decoded = {} if decoded is None else decoded
     states, _ = journal(out)
     recorded: dict[str, set[str]] = {}
     count = 0
@@ -77,7 +85,9 @@ def check_recorded_images(out: Path, prompts: Mapping[str, str] | None = None) -
                 candidates.append(out / image["tmp"])
             found = [p for p in candidates if p.exists() and sha256_file(p) == image["sha256"]]
             assert found, f"{job_id}: recorded image {image['path']} is lost"
-            size, text = decode(found[0])
+            if image["sha256"] not in decoded:
+                decoded[image["sha256"]] = decode(found[0])
+            size, text = decoded[image["sha256"]]
             assert size == (image["width"], image["height"]), job_id
             if prompts is not None:
                 made_for = json.loads(text[TAG])["prompt_sha256"]
@@ -88,6 +98,6 @@ def check_recorded_images(out: Path, prompts: Mapping[str, str] | None = None) -
     for path in folder.iterdir() if folder.is_dir() else ():
         if path.name.startswith("."):
             continue  # a temporary name: never what a user opens
-        decode(path)
+        # Recorded hashes were all decoded above: a file with one of them has those bytes.
         assert sha256_file(path) in recorded.get(job_of(path.name), set()), path.name
     return count

@@ -22,7 +22,7 @@ from batch.providers.base import ClientConfig
 from batch.providers.batch_openai import OpenAIBatchClient, _skip_for, info_of
 from batch.providers.batchapi import BatchLimits, BatchState, LineErrorKind, ResultLine
 from batch.providers.batchlines import decode_lines
-from batch.providers.transport import stream_body
+from batch.providers.bodystream import stream_body
 from batch.runners.batchplan import Line, LineTooBig, grouped, split
 from batch.sim import batch_openai_wire as simwire
 from batch.sim.images import PngMaker

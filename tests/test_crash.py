@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 
 from tests.conftest import ROOT, cli_env, imgbatch_argv, read_results, run_args, run_cli, simulator
-from tests.oracles import check_recorded_images, journal
+from tests.oracles import Decoded, check_recorded_images, journal
 from tests.test_e2e import catalog, check_outputs
 
 KILLS = int(os.environ.get("IMGBATCH_CRASH_KILLS", "20"))
@@ -83,6 +83,7 @@ def test_kill_9_many_times_then_resume(tmp_path: Path) -> None:
         "run", str(manifest), "--output", str(out), "--concurrency", str(CONCURRENCY)
     )
     kills = 0
+    decoded: Decoded = {}  # images already judged by Pillow, by sha256
     during_writes = 0
     orphans_checked = 0
     with simulator(
@@ -118,7 +119,7 @@ def test_kill_9_many_times_then_resume(tmp_path: Path) -> None:
             assert wait_for(partial(all_gone, kids), 10), f"left running: {kids}"
             orphans_checked += len(kids)
             kills += 1
-            check_recorded_images(out, prompts)
+            check_recorded_images(out, prompts, decoded)
         final = run_cli(
             *run_args(manifest, out, sim),
             "--concurrency",

@@ -1,4 +1,4 @@
-"""Tests for batch.decoder: the streaming body decoder and the Inflater."""
+"""Tests for batch.decoder (the streaming body decoder) and batch.inflate (the Inflater)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batch.decoder import (
-    INFLATE_PIECE_BYTES,
-    BodyDecoder,
-    ImageBegin,
-    ImageBytes,
-    ImageEnd,
-    Inflater,
-    placeholder,
-)
+from batch.decoder import BodyDecoder, ImageBegin, ImageBytes, ImageEnd, placeholder
 from batch.errors import MalformedResponse
+from batch.inflate import INFLATE_PIECE_BYTES, Inflater
 
 Decoded = tuple[list[tuple[str, bytes]], Any]
 

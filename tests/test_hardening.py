@@ -57,11 +57,12 @@ from batch.errors import (
 from batch.imageinfo import probe
 from batch.images import LocalImages
 from batch.jobs import DEFAULT_MODEL, InputImage, InputKind, Job, Status
-from batch.providers import transport
+from batch.providers import bodystream
 from batch.providers.base import ClientConfig, Generation, Secret
+from batch.providers.bodystream import INPUT_CHUNK_BYTES, stream_body
 from batch.providers.chat import ChatCompletionsClient
 from batch.providers.chat_wire import body_parts
-from batch.providers.transport import INPUT_CHUNK_BYTES, env_proxy, stream_body
+from batch.providers.transport import env_proxy
 from batch.sim.config import Faults, SimConfig
 from batch.sim.server import build_app
 from tests.conftest import KEY, ROOT, cli_env, read_results, run_cli
@@ -744,7 +745,7 @@ def test_short_reads_still_stream_the_exact_base64(
 ) -> None:
     image = input_file(tmp_path / "in.png", 60_000 + seed)
     data = Path(image.ref).read_bytes()
-    monkeypatch.setattr(transport, "_open_regular", lambda image: ShortReads(data, seed))
+    monkeypatch.setattr(bodystream, "_open_regular", lambda image: ShortReads(data, seed))
     job = replace(a_job(), images=(image,))
     parts = body_parts(job, "tok")
 
@@ -983,8 +984,8 @@ def test_endless_trickling_body_is_ended_by_the_timeout(
 # == secrets ==============================================================================
 
 INTERNAL_BUG = """
-import batch.engine as engine
-original = engine.Engine._commit
+import batch.recorder as recorder
+original = recorder.Recorder.commit_answer
 calls = []
 async def broken_commit(self, job, fp, generation, old_paths):
     calls.append(job.id)
@@ -993,7 +994,7 @@ async def broken_commit(self, job, fp, generation, old_paths):
     if nth == 2:  # the second image to commit, once it is recorded
         raise RuntimeError("simulated internal bug")
     return result
-engine.Engine._commit = broken_commit
+recorder.Recorder.commit_answer = broken_commit
 """
 
 

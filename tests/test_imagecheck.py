@@ -7,10 +7,13 @@ so each test proves what the decode adds, not what the structure walk already ca
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import signal
 import struct
+import subprocess
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +26,7 @@ from batch.imageinfo import ImageFormatError, probe
 from batch.images import LocalImages, StagedImage, discard
 from batch.jobs import DEFAULT_MODEL, Job
 from batch.storage.base import ImageSink
+from tests.test_crash import all_gone, wait_for
 
 MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
 
@@ -221,13 +225,13 @@ def test_a_decode_child_that_dies_is_replaced_and_the_image_checked_again(
         task = asyncio.create_task(
             provider.generate(Job("j1", "p", DEFAULT_MODEL, "1:1", "1K"), LocalImages(tmp_path))
         )
-        while provider._pool is None or not provider._pool._processes:
+        while provider.children.pool is None or not provider.children.pool._processes:
             await asyncio.sleep(0)  # the child is spawned when the check is submitted
-        first = provider._pool
+        first = provider.children.pool
         for process in list(first._processes.values()):
             process.kill()
         answer = await task
-        replaced = provider._pool is not first
+        replaced = provider.children.pool is not first
         await provider.close()
         return answer, replaced
 
@@ -261,7 +265,7 @@ def test_ctrl_c_reaching_the_decode_child_leaves_it_to_the_run(tmp_path: Path) -
         provider = DecodeChecked(Staging([noise("PNG")]))
         (staged,) = (await provider.generate(job, LocalImages(tmp_path))).images
         discard(tmp_path, staged)  # its temporary name may be reused below
-        first = provider._pool
+        first = provider.children.pool
         assert first is not None
         children = list(first._processes.values())
         for process in children:
@@ -274,7 +278,7 @@ def test_ctrl_c_reaching_the_decode_child_leaves_it_to_the_run(tmp_path: Path) -
             assert process.is_alive()
         (staged,) = (await provider.generate(job, LocalImages(tmp_path))).images
         staged.file.close()
-        kept = provider._pool is first
+        kept = provider.children.pool is first
         await provider.close()
         return kept
 
@@ -303,7 +307,7 @@ def test_an_abort_during_the_decode_keeps_the_paid_answer(tmp_path: Path) -> Non
             await asyncio.Future()  # a decode that never ends
             return None
 
-        provider._problem = stuck  # type: ignore[method-assign]
+        provider.children.problem = stuck  # type: ignore[method-assign]
 
         async def caller() -> None:
             received.append(await provider.generate(
@@ -351,3 +355,52 @@ def test_the_decode_child_starts_with_the_first_request_not_its_answer(tmp_path:
         staged.file.close()
 
     asyncio.run(once())
+
+
+KILLED_WITH_ITS_CHILDREN = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from batch.imagecheck import DecodeChildren
+
+async def main() -> None:
+    image = Path(sys.argv[1])
+    check = DecodeChildren(int(sys.argv[2])).problem
+    # Killed with images still queued for the child, as a run is mid-collection.
+    queued = [asyncio.ensure_future(check(image, "image/png")) for _ in range(20)]
+    done, _ = await asyncio.wait(queued, return_when=asyncio.FIRST_COMPLETED)
+    print(next(iter(done)).result(), flush=True)
+    kids = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            kids += (task / "children").read_text().split()
+        except FileNotFoundError:
+            pass  # a thread that ended meanwhile
+    print(" ".join(kids), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_decode_children_end_with_a_run_killed_with_sigkill(tmp_path: Path, workers: int) -> None:
+    image = tmp_path / "a.png"
+    image.write_bytes(noise("PNG", (1024, 1024)))
+    said, errors = tmp_path / "said.txt", tmp_path / "errors.txt"
+    # Files, not pipes: an orphan holding a pipe would keep the read waiting.
+    with said.open("w") as stdout, errors.open("w") as stderr:
+        run = subprocess.run([sys.executable, "-c", KILLED_WITH_ITS_CHILDREN, str(image),
+                              str(workers)],
+                             stdout=stdout, stderr=stderr, timeout=120, check=False)
+    assert run.returncode == -signal.SIGKILL, errors.read_text()
+    verdict, kids = said.read_text().splitlines()
+    assert verdict == "None"  # the image was decoded in a child: the child existed
+    pids = [int(pid) for pid in kids.split()]
+    assert pids, "no decode child was running"
+    try:
+        # Adopted by init once the run is gone; the parent-death signal must end them.
+        assert wait_for(lambda: all_gone(pids), 20), f"left running after the run: {pids}"
+    finally:
+        for pid in pids:  # what a failure left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -16,6 +16,7 @@ import pytest
 from batch.congestion import ControlConfig, Verdict
 from batch.errors import RateLimited, ServerError
 from batch.limits import Limits, Ticket
+from batch.providers import chat_wire
 
 
 class _Timer:
@@ -210,3 +211,28 @@ def test_the_log_of_a_shared_limit_names_its_endpoint(caplog: pytest.LogCaptureF
         asyncio.run(scenario())
     lines = [r.getMessage() for r in caplog.records]
     assert lines and all(line.startswith("endpoint eu: ") for line in lines), lines
+
+
+@pytest.mark.parametrize(("headers", "verdict", "paused_s"), [
+    # OpenAI's headers name the spent quota and its reset: the pool waits for it at once.
+    ({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1.5s"},
+     Verdict.SHARED, 1.5),
+    ({"Retry-After": "3", "x-ratelimit-remaining-tokens": "0"}, Verdict.SHARED, 3.0),
+    # Quota left, or no headers: one 429 alone is taken for noise, the pool goes on.
+    ({"x-ratelimit-remaining-requests": "12", "Retry-After": "3"}, Verdict.ISOLATED, 0.0),
+    ({"Retry-After": "3"}, Verdict.ISOLATED, 0.0),
+])
+def test_a_429_that_says_its_quota_is_spent_pauses_the_pool_at_the_first_one(
+    headers: dict[str, str], verdict: Verdict, paused_s: float,
+) -> None:
+    error = chat_wire.error_for_status(429, headers, b'{"error":{"message":"slow down"}}',
+                                       job_id="j", now_s=0.0)
+
+    async def scenario() -> tuple[Verdict | None, float]:
+        clock = VirtualClock()
+        limits = _limits(clock, adaptive=False)
+        async with limits.slot() as ticket:
+            said = limits.on_answer(ticket, error)
+        return said, limits.controller.wait_s(clock.now())
+
+    assert asyncio.run(scenario()) == (verdict, pytest.approx(paused_s))

@@ -25,7 +25,7 @@ from batch.errors import (
     ServerError,
 )
 from batch.jobs import Job
-from batch.providers import gemini_wire, images_wire
+from batch.providers import gemini_wire, http_errors, images_wire
 
 RPC = "type.googleapis.com/google.rpc."
 
@@ -33,6 +33,43 @@ RPC = "type.googleapis.com/google.rpc."
 def gemini_error(status: int, *details: dict[str, Any]) -> bytes:
     return json.dumps({"error": {"code": status, "message": "said", "status": "X",
                                  "details": list(details)}}).encode()
+
+
+@pytest.mark.parametrize(("details", "spent"), [
+    ([{"@type": RPC + "QuotaFailure", "violations": [
+        {"quotaId": "GenerateRequestsPerMinutePerProjectPerModel"}]},
+      {"@type": RPC + "RetryInfo", "retryDelay": "47s"}], True),
+    # RESOURCE_EXHAUSTED naming no quota: the service's own capacity, not this key's limit.
+    ([{"@type": RPC + "RetryInfo", "retryDelay": "2s"}], False),
+    ([], False),
+])
+def test_a_gemini_429_naming_a_quota_says_the_quota_is_spent(
+    details: list[dict[str, Any]], spent: bool,
+) -> None:
+    error = gemini_wire.error_for_status(429, {}, gemini_error(429, *details), "j", 0.0)
+    assert isinstance(error, RateLimited) and error.quota_used_up is spent
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    ({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "6m0s"},
+     (True, 360.0)),
+    ({"X-Ratelimit-Remaining-Requests": "0", "X-Ratelimit-Reset-Requests": "20ms"},
+     (True, 0.02)),
+    ({"x-ratelimit-remaining-requests": "3", "x-ratelimit-remaining-tokens": "0",
+      "x-ratelimit-reset-tokens": "1h2m3.5s"}, (True, 3723.5)),
+    ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "1764547200"}, (True, None)),
+    ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "7"}, (True, 7.0)),
+    ({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "soon"},
+     (True, None)),
+    ({"x-ratelimit-remaining-requests": "5"}, (False, None)),
+    ({"x-ratelimit-remaining-requests": "many"}, (False, None)),
+    ({}, (False, None)),
+])
+def test_rate_limit_headers(headers: dict[str, str],
+                            expected: tuple[bool, float | None]) -> None:
+    spent, reset_s = http_errors.quota_used_up(headers)
+    assert (spent, reset_s) == (expected[0], pytest.approx(expected[1]) if expected[1]
+                                else expected[1])
 
 
 @pytest.mark.parametrize(("status", "body", "kind", "wait"), [

@@ -21,6 +21,7 @@ import sys
 import urllib.request
 import zlib
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -311,6 +312,40 @@ def test_rpm_limit_answers_429_with_retry_after() -> None:
         assert (await stats(s, base))["faults"]["rpm_limit"] == 1
 
     run(SimConfig(rpm_limit=3, rate_window_s=2.0, scale=1 / 64), scenario)
+
+
+def test_quota_headers_name_the_spent_window_and_only_it() -> None:
+    async def scenario(base: str, s: aiohttp.ClientSession) -> None:
+        # The first request meets the rate_limit fault: the gateway's own 429, no quota named.
+        async with s.post(base + PATH, json=request_body("p0")) as resp:
+            assert resp.status == 429 and "x-ratelimit-remaining-requests" not in resp.headers
+        assert (await post(s, base, request_body("p0")))[0] == 200
+        async with s.post(base + PATH, json=request_body("p1")) as resp:
+            assert resp.status == 429  # the window of two requests is spent
+            assert resp.headers["x-ratelimit-remaining-requests"] == "0"
+            assert 1.0 < float(resp.headers["x-ratelimit-reset-requests"].rstrip("s")) <= 2.0
+        gemini = base + "/v1beta/models/gemini-3-pro-image-preview:generateContent"
+        async with s.post(gemini, json={"contents": [{"parts": [{"text": "p2"}]}]},
+                          headers={"x-goog-api-key": "k"}) as resp:
+            assert resp.status == 429
+            details = (await resp.json())["error"]["details"]
+            assert any(d["@type"].endswith("QuotaFailure") for d in details)
+
+    faults = replace(Faults(), rate_limit=1.0)
+    run(SimConfig(rpm_limit=2, rate_window_s=2.0, scale=1 / 64, quota_headers=True,
+                  faults=faults), scenario)
+
+
+def test_a_gemini_429_of_its_own_names_no_quota() -> None:
+    async def scenario(base: str, s: aiohttp.ClientSession) -> None:
+        gemini = base + "/v1beta/models/gemini-3-pro-image-preview:generateContent"
+        async with s.post(gemini, json={"contents": [{"parts": [{"text": "p"}]}]},
+                          headers={"x-goog-api-key": "k"}) as resp:
+            assert resp.status == 429
+            details = (await resp.json())["error"]["details"]
+            assert [d["@type"].rsplit(".", 1)[-1] for d in details] == ["RetryInfo"]
+
+    run(SimConfig(scale=1 / 64, faults=replace(Faults(), rate_limit=1.0)), scenario)
 
 
 async def _expect_fault(fault: str, base: str, s: aiohttp.ClientSession) -> None:

@@ -57,7 +57,8 @@ from batch.providers.batchapi import (
 )
 from batch.providers.batchlines import decode_lines
 from batch.providers.batchretry import CONTROL_POLICY, retrying
-from batch.providers.transport import Transport, describe, stream_body
+from batch.providers.bodystream import stream_body
+from batch.providers.transport import Transport, describe
 from batch.retry import decide
 
 log = logging.getLogger(__name__)

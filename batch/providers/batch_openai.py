@@ -58,15 +58,9 @@ from batch.providers.batchapi import (
 from batch.providers.batchlines import decode_lines
 from batch.providers.batchretry import CONTROL_POLICY, retrying
 from batch.providers.bodies import BodyParts
+from batch.providers.bodystream import InputProblem, stream_body
 from batch.providers.http_errors import error_object
-from batch.providers.transport import (
-    CHUNK_BYTES,
-    ERROR_BODY_BYTES,
-    InputProblem,
-    Transport,
-    describe,
-    stream_body,
-)
+from batch.providers.transport import CHUNK_BYTES, ERROR_BODY_BYTES, Transport, describe
 from batch.retry import RetryPolicy, decide
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,9 @@ from typing import Any
 from batch.errors import JobError
 from batch.jobs import Job
 from batch.providers.base import Answer, ClientConfig, Generation
+from batch.providers.bodystream import stream_body
 from batch.providers.chat_wire import body_parts, error_for_status, interpret
-from batch.providers.transport import Request, Transport, stream_body
+from batch.providers.transport import Request, Transport
 from batch.storage.base import ImageSink
 
 

@@ -78,7 +78,8 @@ def error_for_status(
         return redirect_error(status, headers, job_id)
     message = server_message(body, headers.get("Content-Type", "") or "")
     retry_after = parse_retry_after(headers, now_s)
-    return error_for_code(status, message, job_id=job_id, retry_after_s=retry_after)
+    return error_for_code(status, message, job_id=job_id, retry_after_s=retry_after,
+                          headers=headers)
 
 
 def interpret(document: Any, streamed: Mapping[str, int], *, job_id: str) -> Answer:

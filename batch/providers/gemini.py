@@ -13,8 +13,9 @@ import secrets
 from batch.jobs import Job
 from batch.providers import gemini_wire as wire
 from batch.providers.base import ClientConfig, Generation
+from batch.providers.bodystream import stream_body
 from batch.providers.fetch import urls_fetched
-from batch.providers.transport import Request, Transport, stream_body
+from batch.providers.transport import Request, Transport
 from batch.storage.base import ImageSink
 
 

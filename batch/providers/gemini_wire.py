@@ -137,7 +137,9 @@ def error_for_status(
                 "the rest stays pending for a later run",
                 job_id=job_id, http_status=status,
             )
-        return RateLimited(message, job_id=job_id, http_status=status, retry_after_s=wait)
+        # A QuotaFailure names a per-minute quota of the project: every request meets it.
+        return RateLimited(message, job_id=job_id, http_status=status, retry_after_s=wait,
+                           quota_used_up=bool(quotas))
     return error_for_code(status, message, job_id=job_id, retry_after_s=wait)
 
 

@@ -86,7 +86,8 @@ def error_for_status(
         return QuotaExhausted(f"{message} (insufficient_quota); the rest stays pending",
                               job_id=job_id, http_status=status)
     retry_after = parse_retry_after(headers, now_s)
-    return error_for_code(status, message, job_id=job_id, retry_after_s=retry_after)
+    return error_for_code(status, message, job_id=job_id, retry_after_s=retry_after,
+                          headers=headers)
 
 
 def interpret(document: Any, streamed: Mapping[str, int], job_id: str) -> Answer:

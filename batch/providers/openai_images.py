@@ -12,7 +12,8 @@ import secrets
 from batch.jobs import Job
 from batch.providers import images_wire as wire
 from batch.providers.base import ClientConfig, Generation
-from batch.providers.transport import Request, Transport, stream_body
+from batch.providers.bodystream import stream_body
+from batch.providers.transport import Request, Transport
 from batch.storage.base import ImageSink
 
 

@@ -15,15 +15,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import multiprocessing
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from batch import fsops
 from batch.errors import JobError, RejectedError, StorageError
-from batch.imagecheck import decode_problem
 from batch.images import StagedImage, StreamTransform, final_name
 from batch.jobs import Job
 from batch.providers.batchapi import BatchApi
@@ -134,25 +131,6 @@ class SinkStage:
             raise
         self.discard(image)
         return stamped
-
-
-class DecodeCheck:
-    """``--verify decode`` for collected images: each decoded in a spawned child, as
-    sync mode's DecodeChecked does (a decoder crash takes the child, not the run)."""
-
-    def __init__(self) -> None:
-        self._pool: ProcessPoolExecutor | None = None
-
-    async def problem(self, path: Path, mime: str) -> str | None:
-        if self._pool is None:
-            # spawn: a forked child would inherit the commit thread's locks.
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, decode_problem, path, mime)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def drain(queued: list[asyncio.Future[None]]) -> None:

@@ -32,6 +32,7 @@ from batch.checkpoint import STATE_DIR, FileMeta, JobState, fingerprint
 from batch.commit import GroupCommitter
 from batch.cost import PriceTable
 from batch.errors import FatalApiError, JobError, NotRecorded, RejectedError, StorageError
+from batch.imagecheck import DecodeChildren
 from batch.imageinfo import DEFAULT_MAX_PIXELS
 from batch.images import StagedImage, StreamTransform
 from batch.jobs import ImageRecord, Job, Status
@@ -46,7 +47,7 @@ from batch.providers.batchapi import (
     ResultLine,
 )
 from batch.runners import batchplan as plan
-from batch.runners.batchfiles import DecodeCheck, SinkStage, copy_range, drain, write_spool
+from batch.runners.batchfiles import SinkStage, copy_range, drain, write_spool
 from batch.runners.batchledger import REQUESTS_DIR, BatchRecord, Ledger, run_id
 from batch.runners.batchplan import BatchStats
 from batch.storage.base import ImageSink, StateStore
@@ -99,7 +100,7 @@ class BatchRunner:
         self._stop = asyncio.Event()
         self._tags = ledger.new_tag(run_id())
         self._committer = GroupCommitter(store)
-        self._decoder = DecodeCheck()
+        self._decoder = DecodeChildren()
         self.fallback: list[Job] = []  # for the sync engine (--batch-fallback sync)
         # Submissions per job in this run: --wait gives up on a job whose line keeps failing.
         self._sent: Counter[str] = Counter()

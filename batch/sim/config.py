@@ -77,6 +77,7 @@ class SimConfig:
     rpm_limit: int = 0
     rate_window_s: float = 60.0
     retry_after_s: float = 1.0
+    quota_headers: bool = False  # a spent --rpm-limit window says so in x-ratelimit-* headers
     payload_bytes: int = 0
     images_per_response: int = 1
     escape_slashes: bool = False
@@ -126,6 +127,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--rpm-limit", type=int, default=0, metavar="N", help="requests per window, 0 = off")
     add("--rate-window", type=float, default=60.0, metavar="S", help="rate window (60 s)")
     add("--retry-after", type=float, default=1.0, metavar="S", help="Retry-After of 429 faults")
+    add("--quota-headers", action="store_true",
+        help="a 429 of the --rpm-limit window says x-ratelimit-remaining-requests: 0 (OpenAI's "
+             "headers; Gemini always names its quota in the body)")
     add("--payload-bytes", type=int, default=0, metavar="N", help="pad each PNG to ~N bytes")
     add("--images-per-response", type=int, default=1, metavar="N")
     add("--escape-slashes", action="store_true", help='write "\\/" for every "/" in JSON')
@@ -152,6 +156,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         latency_s=args.latency, latency_jitter_s=args.latency_jitter, faults=faults,
         fault_attempts=args.fault_attempts, seed=args.seed, rpm_limit=args.rpm_limit,
         rate_window_s=args.rate_window, retry_after_s=args.retry_after,
+        quota_headers=args.quota_headers,
         payload_bytes=args.payload_bytes, images_per_response=args.images_per_response,
         escape_slashes=args.escape_slashes, gzip=args.gzip, jpeg_lie=args.jpeg_lie,
         refuse_prompt=args.refuse_prompt,

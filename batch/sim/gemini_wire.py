@@ -119,13 +119,18 @@ def bad_key() -> bytes:
     }])
 
 
-def rate_limited(seconds: float, per_day: bool = False) -> bytes:
-    quota = ("GenerateRequestsPerDayPerProjectPerModel" if per_day
-             else "GenerateRequestsPerMinutePerProjectPerModel")
+def rate_limited(seconds: float, per_day: bool = False, quota: bool = True) -> bytes:
+    """A 429: a quota of the project (per minute, or per day), or without ``quota`` the
+    service's own RESOURCE_EXHAUSTED, which names none."""
+    if not quota:
+        return error_body(429, "Resource has been exhausted (e.g. check quota).", [
+            {"@type": _RPC + "RetryInfo", "retryDelay": f"{seconds:.6g}s"}])
+    name = ("GenerateRequestsPerDayPerProjectPerModel" if per_day
+            else "GenerateRequestsPerMinutePerProjectPerModel")
     details: list[dict[str, Any]] = [
         {"@type": _RPC + "QuotaFailure", "violations": [{
             "quotaMetric": "generativelanguage.googleapis.com/generate_requests_per_model",
-            "quotaId": quota}]},
+            "quotaId": name}]},
     ]
     if not per_day:
         details.append({"@type": _RPC + "RetryInfo", "retryDelay": f"{seconds:.6g}s"})

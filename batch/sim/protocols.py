@@ -17,10 +17,12 @@ from batch.sim import gemini_wire as gemini
 from batch.sim import images_wire as images
 from batch.sim.wire import (
     Parsed,
+    Refusal,
     Reject,
     completion_body,
     error_body,
     parse_request,
+    quota_headers,
     retry_headers,
 )
 
@@ -51,7 +53,9 @@ class Wire(Protocol):
     def auth(self, request: web.Request, key: str | None) -> Outcome | None: ...
     async def parse(self, request: web.Request) -> Parsed: ...
     def reject(self, exc: Reject) -> Outcome: ...
-    def rate_limited(self, seconds: float, per_day: bool) -> Outcome: ...
+    def rate_limited(self, seconds: float, why: Refusal, headers: bool) -> Outcome:
+        """A 429 for ``why``; ``headers``: say a spent window quota in rate-limit headers."""
+        ...
     def server_error(self, status: int, message: str) -> Outcome: ...
     def answer(self, parsed: Parsed, images: list[bytes], fault: str, sha: str,
                n: int) -> Outcome: ...
@@ -76,9 +80,10 @@ class Chat:
     def reject(self, exc: Reject) -> Outcome:
         return exc.status, [error_body(exc.message, "invalid_request_error", exc.code)], {}
 
-    def rate_limited(self, seconds: float, per_day: bool) -> Outcome:
+    def rate_limited(self, seconds: float, why: Refusal, headers: bool) -> Outcome:
         body = error_body("Rate limit exceeded", "rate_limit_error", 429)
-        return 429, [body], retry_headers(seconds)
+        said = quota_headers(seconds) if headers and why is Refusal.WINDOW else {}
+        return 429, [body], retry_headers(seconds) | said
 
     def server_error(self, status: int, message: str) -> Outcome:
         return status, [error_body(message, "server_error", status)], {}
@@ -117,8 +122,10 @@ class Gemini:
     def reject(self, exc: Reject) -> Outcome:
         return exc.status, [gemini.error_body(exc.status, exc.message)], {}
 
-    def rate_limited(self, seconds: float, per_day: bool) -> Outcome:
-        return 429, [gemini.rate_limited(seconds, per_day)], {}  # no Retry-After header
+    def rate_limited(self, seconds: float, why: Refusal, headers: bool) -> Outcome:
+        # No Retry-After header; the quota, when one is met, is named in the body.
+        body = gemini.rate_limited(seconds, why is Refusal.DAY, why is not Refusal.NOISE)
+        return 429, [body], {}
 
     def server_error(self, status: int, message: str) -> Outcome:
         said = "The model is overloaded. Please try again later." if status == 503 else message
@@ -161,14 +168,15 @@ class Images:
     def reject(self, exc: Reject) -> Outcome:
         return exc.status, [images.error_body(exc.message, code=exc.code)], {}
 
-    def rate_limited(self, seconds: float, per_day: bool) -> Outcome:
-        if per_day:
+    def rate_limited(self, seconds: float, why: Refusal, headers: bool) -> Outcome:
+        if why is Refusal.DAY:
             return 429, [images.error_body(
                 "You exceeded your current quota, please check your plan and billing details.",
                 "insufficient_quota", "insufficient_quota")], {}
         body = images.error_body("Rate limit reached for images per minute.", "requests",
                                  "rate_limit_exceeded")
-        return 429, [body], retry_headers(seconds)
+        said = quota_headers(seconds) if headers and why is Refusal.WINDOW else {}
+        return 429, [body], retry_headers(seconds) | said
 
     def server_error(self, status: int, message: str) -> Outcome:
         return status, [images.error_body(message, "server_error")], {}

@@ -32,7 +32,7 @@ from batch.sim.images import PngMaker, colour, image_dims, jpeg, label_lines, re
 from batch.sim.protocols import Chat, Gemini, Images, Outcome, Wire
 from batch.sim.wire import FLASH_MODEL as FLASH_MODEL
 from batch.sim.wire import KNOWN_MODELS as KNOWN_MODELS
-from batch.sim.wire import Parsed, Reject, error_body, server_error
+from batch.sim.wire import Parsed, Refusal, Reject, error_body, server_error
 
 CHUNK = 64 * 1024
 _BLOCKED_AGENTS = ("python-urllib", "python-requests", "python/")
@@ -159,11 +159,13 @@ class _Simulator:
         self.by_prompt[sha] += 1
         if cfg.daily_quota and self.served >= cfg.daily_quota:
             self.faults["daily_quota"] += 1
-            return await self._out(request, wire.rate_limited(cfg.retry_after_s, True))
+            return await self._out(request, wire.rate_limited(cfg.retry_after_s, Refusal.DAY,
+                                                                    cfg.quota_headers))
         wait = self._admit()
         if wait is not None:
             self.faults["rpm_limit"] += 1
-            return await self._out(request, wire.rate_limited(wait, False))
+            return await self._out(request, wire.rate_limited(wait, Refusal.WINDOW,
+                                                                    cfg.quota_headers))
         self.attempts[sha] += 1
         picked = None
         if cfg.fault_attempts == 0 or self.attempts[sha] <= cfg.fault_attempts:
@@ -172,7 +174,8 @@ class _Simulator:
         if fault:
             self.faults[fault] += 1
         if fault == "rate_limit":  # quota rejections come back at once, before any latency
-            return await self._out(request, wire.rate_limited(cfg.retry_after_s, False))
+            return await self._out(request, wire.rate_limited(cfg.retry_after_s, Refusal.NOISE,
+                                                                    cfg.quota_headers))
         delay = cfg.latency_s + cfg.latency_jitter_s * self.rng.random()
         if delay > 0:
             await asyncio.sleep(delay)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import json
 import math
 import re
@@ -119,12 +120,26 @@ def parse_request(body: Any) -> Parsed:
     return Parsed(model, "\n".join(texts), images, ratio, size)
 
 
+class Refusal(enum.Enum):
+    """Why the simulator answers 429."""
+
+    NOISE = "noise"  # the gateway's own hiccup (an upstream overloaded): no quota is named
+    WINDOW = "window"  # the key's per-window quota (--rpm-limit)
+    DAY = "day"  # the key's per-day quota (--daily-quota)
+
+
 def retry_headers(seconds: float) -> dict[str, str]:
     # Retry-After only carries whole seconds; the precise value rides in retry-after-ms.
     headers = {"Retry-After": str(max(1, math.ceil(seconds)))}
     if seconds != int(seconds):
         headers["retry-after-ms"] = str(max(1, math.ceil(seconds * 1000)))
     return headers
+
+
+def quota_headers(seconds: float) -> dict[str, str]:
+    """OpenAI's rate-limit headers for a request quota that is spent (--quota-headers)."""
+    return {"x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": f"{max(seconds, 0.001):.3f}s"}
 
 
 def error_body(message: str, kind: str, code: str | int | None = None) -> bytes:
