@@ -12,7 +12,11 @@ crash can only tear the last line (which loading drops), and the file is
 greppable by an operator at 3 a.m.
 
 The file itself, with its one-writer rule and compaction, is
-:class:`batch.journal.Journal`.
+:class:`batch.journal.Journal`. The states are not held in memory: one pass
+over the journal at open builds a compact index of every job's last record
+(:class:`batch.statetable.StateTable`, 34 bytes a job, images checked on the
+way), and a state is read back by offset when asked for. A streamed catalog
+plans against that index by digest (:meth:`Checkpoint.done_mask`).
 
 A success is recorded *before* its image is renamed to the final name, with
 the temporary name beside it: a crash or a failed rename between the two is
@@ -37,6 +41,8 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from batch import fsops
 from batch.errors import LockHeld, NotRecorded, OutputError, StorageError, Unpublished
 from batch.images import (
@@ -51,6 +57,7 @@ from batch.images import (
 )
 from batch.jobs import ImageRecord, Job, Status
 from batch.journal import Journal
+from batch.statetable import Scan, StateTable
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +168,14 @@ class Checkpoint:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.sink = LocalImages(root)
-        self.states: dict[str, JobState] = {}
+        # The main journal's states are a StateTable; a Ray shard's store holds a dict.
+        self.states: Any = {}
         self.runs: list[dict[str, Any]] = []
         self._lock_fd: int | None = None
         self._journal: Journal | None = None
         self._intact: set[str] = set()  # succeeded ids whose files were found as recorded
+        self._path = root / STATE_DIR / JOURNAL
+        self._read_fd: int | None = None
 
     # -- opening -------------------------------------------------------------
 
@@ -215,35 +225,50 @@ class Checkpoint:
         self._lock_fd = fd
 
     def _load(self, path: Path, *, writable: bool = True) -> None:
-        # Line by line: a journal of 100,000 jobs is never held whole in memory.
+        # Line by line into the index: a journal of a million jobs is never held.
+        self._path = path
         end = 0  # bytes up to the end of the last complete line
-        torn = 0
+        torn = 0  # only the last line can lack its newline
         count = 0
+        scan = Scan()
+        base = f"{self.root}{os.sep}"
+
+        def other(line: bytes, number: int, offset: int) -> None:
+            self._load_line(line, path, number, scan, offset, base)
+
         try:
-            with path.open("rb") as handle:
-                for count, line in enumerate(handle, 1):
-                    if not line.endswith(b"\n"):
-                        torn = len(line)  # only the last line can lack its newline
-                        break
-                    end += len(line)
-                    self._load_line(line, path, count)
+            with path.open("rb", buffering=1 << 20) as handle:
+                end, torn, count = scan.read(handle, str(self.root), other)
         except FileNotFoundError:
             pass
         except OSError as exc:
             raise OutputError(f"cannot read {path}: {exc.strerror}") from None
+        table = StateTable(scan, self._read_record, self._parse_record)  # empties the scan
+        self.states = table
         if torn:
             log.warning("%s: dropping a torn last record (%d bytes)", path, torn)
         if not writable:
             return
         lines = count - (1 if torn else 0)
         self._journal = Journal.open(path, lines=lines, torn_at=end if torn else None)
-        if lines > 1000 and lines > 2 * (len(self.states) + len(self.runs)):
-            self.runs = self.runs[-50:]
-            runs = (json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in self.runs)
-            states = (state.to_line() for state in self.states.values())
-            self._journal.compact(chain(runs, states), len(self.runs) + len(self.states))
+        if lines > 1000 and lines > 2 * (len(table) + len(self.runs)):
+            self._compact(table)
 
-    def _load_line(self, line: bytes, path: Path, number: int) -> None:
+    def _compact(self, table: StateTable) -> None:
+        assert self._journal is not None
+        self.runs = self.runs[-50:]
+        runs = [json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in self.runs]
+        offsets, lengths = table.live()
+        states = (self._read_record(int(offset), int(length))
+                  for offset, length in zip(offsets, lengths, strict=True))
+        if self._journal.compact(chain(runs, states), len(runs) + len(offsets)):
+            self._close_reader()  # the file was replaced
+            sizes = lengths.astype(np.uint64)
+            starts = np.cumsum(sizes) - sizes + np.uint64(sum(map(len, runs)))
+            table.moved(starts)
+
+    def _load_line(self, line: bytes, path: Path, number: int, scan: Scan, offset: int,
+                   base: str) -> None:
         if not line.strip():
             return
         try:
@@ -251,17 +276,37 @@ class Checkpoint:
             if "run" in record:
                 self.runs.append(record)
             else:
-                state = JobState.from_record(record)
-                self.states[state.id] = state
+                scan.add(record, offset, len(line), base)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("%s:%d: skipping an unreadable record (%s)", path, number, exc)
+
+    def _read_record(self, offset: int, length: int) -> bytes:
+        if self._read_fd is None:
+            self._read_fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        return os.pread(self._read_fd, length, offset)
+
+    @staticmethod
+    def _parse_record(data: bytes) -> JobState | None:
+        try:
+            return JobState.from_record(json.loads(data))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def _close_reader(self) -> None:
+        if self._read_fd is not None:
+            fd, self._read_fd = self._read_fd, None
+            os.close(fd)
 
     def _recover(self) -> None:
         """Finish renames cut short by a crash, then drop temporaries nobody needs."""
         wanted: set[str] = set()
         base = f"{self.root}{os.sep}"
-        for state in self.states.values():
-            if state.status is not Status.SUCCEEDED:
+        table = self.states
+        assert isinstance(table, StateTable)
+        # Only the successes whose files were not found as recorded when the journal was read.
+        for offset, length in table.unchecked_successes():
+            state = self._parse_record(self._read_record(offset, length))
+            if state is None or state.status is not Status.SUCCEEDED:
                 continue
             intact = True
             for image, meta in zip(state.images, state.image_meta, strict=True):
@@ -285,7 +330,6 @@ class Checkpoint:
                     wanted.add(tmp.name)
                     log.info("recovered %s from an interrupted run", image.path)
             if intact:
-                # Checked here once; the plan need not stat these files again.
                 self._intact.add(state.id)
         for stray in stray_temporaries(self.root):
             if stray.name not in wanted:
@@ -303,9 +347,16 @@ class Checkpoint:
             return False
         return self.intact(state, verify=verify)
 
+    def done_mask(self, ids: np.ndarray, fps: np.ndarray) -> np.ndarray:
+        """Per job (digests of id and fingerprint): surely done, from the index alone."""
+        if not isinstance(self.states, StateTable):
+            return np.zeros(len(ids), bool)
+        return self.states.done_mask(ids, fps)
+
     def intact(self, state: JobState, *, verify: bool = False) -> bool:
         """True if every image of ``state`` is on disk with its recorded content."""
-        if not verify and state.id in self._intact:
+        if not verify and (state.id in self._intact or (
+                isinstance(self.states, StateTable) and self.states.checked_intact(state.id))):
             return True
         for image, meta in zip(state.images, state.image_meta, strict=True):
             path = self.root / image.path
@@ -324,14 +375,15 @@ class Checkpoint:
 
     def record(self, state: JobState, *, durable: bool) -> None:
         """Append ``state``; ``durable`` fsyncs it before returning."""
+        line = state.to_line()
         try:
-            self._append(state.to_line(), durable=durable)
+            offset = self._append(line, durable=durable)
         except NotRecorded:
             raise
         except StorageError:
-            self._remember([state])  # it may well be in the journal
+            self._remember([state], [line], None)  # it may well be in the journal
             raise
-        self._remember([state])
+        self._remember([state], [line], offset)
 
     def commit_batch(self, states: list[JobState], staged: list[StagedImage]) -> None:
         """Make ``staged`` images and ``states`` durable, then publish the images.
@@ -358,17 +410,17 @@ class Checkpoint:
         finally:
             for image in staged:
                 image.file.close()
+        lines = [state.to_line() for state in states]
         try:
-            self._append(b"".join(state.to_line() for state in states), durable=True,
-                         lines=len(states))
+            offset = self._append(b"".join(lines), durable=True, lines=len(states))
         except NotRecorded:
             raise
         except StorageError as exc:
-            self._remember(states)
+            self._remember(states, lines, None)
             raise Unpublished(
                 f"{exc}; its images wait under temporary names for the next run"
             ) from None
-        self._remember(states)
+        self._remember(states, lines, offset)
         failures = []
         for image in staged:
             try:
@@ -386,15 +438,23 @@ class Checkpoint:
         self.runs.append(record)
         self._append(json.dumps(record, separators=(",", ":")).encode() + b"\n", durable=True)
 
-    def _remember(self, states: list[JobState]) -> None:
-        for state in states:
+    def _remember(self, states: list[JobState], lines: list[bytes], offset: int | None) -> None:
+        """``states`` were appended as ``lines`` at ``offset`` (None: unknown, after a failure)."""
+        if offset is None and self._journal is not None:
+            offset = self._journal.last_offset  # the bytes were written; only the fsync failed
+        for state, line in zip(states, lines, strict=True):
             self._intact.discard(state.id)
-            self.states[state.id] = state
+            if not isinstance(self.states, StateTable):
+                self.states[state.id] = state
+            elif offset is not None:
+                self.states.put(state.id, offset, len(line))
+            if offset is not None:
+                offset += len(line)
 
-    def _append(self, data: bytes, *, durable: bool, lines: int = 1) -> None:
+    def _append(self, data: bytes, *, durable: bool, lines: int = 1) -> int:
         if self._journal is None:
             raise NotRecorded("the checkpoint is closed")
-        self._journal.append(data, durable=durable, lines=lines)
+        return self._journal.append(data, durable=durable, lines=lines)
 
     def mark_attempt(self, job: Job, fp: str) -> JobState:
         """Count one more request for ``job`` before it is sent."""
@@ -410,6 +470,7 @@ class Checkpoint:
     def close(self) -> None:
         if self._journal is not None:
             self._journal.close()
+        self._close_reader()
         if self._lock_fd is not None:
             fd, self._lock_fd = self._lock_fd, None
             os.close(fd)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from batch import __version__, report, routing
 from batch.checkpoint import STATE_DIR, Checkpoint
-from batch.cost import PriceTable, estimate
+from batch.cost import PriceTable, estimate_weighted
 from batch.errors import (
     ImgbatchError,
     LockHeld,
@@ -216,9 +216,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     prices = PriceTable.with_overrides(manifest.pricing)
     for line in routing.plan_lines(manifest, prices, args.provider):
         print(line)
-    total, unknown = estimate(manifest.jobs, PriceTable.with_overrides(manifest.pricing))
+    shapes = manifest.jobs.shapes.weighted()  # a million jobs are a few shapes
+    total, unknown = estimate_weighted(shapes, prices)
     note = f" (+{unknown} job(s) of unknown price)" if unknown else ""
-    batch_total, _ = estimate_batch(manifest.jobs, prices)
+    batch_total = sum(estimate_batch([job], prices)[0] * n for job, n in shapes)
     print(f"  estimated cost: ${total:.2f} sync, ${batch_total:.2f} at the batch rate, "
           f"for one image per job{note}")
     return EXIT_OK

@@ -8,7 +8,7 @@ price costs "unknown", which the report says rather than guessing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from batch.jobs import Job
@@ -48,16 +48,21 @@ class PriceTable:
         return None if price is None else to_micros(price)
 
 
-def estimate(jobs: list[Job] | tuple[Job, ...], table: PriceTable) -> tuple[float, int]:
+def estimate(jobs: Iterable[Job], table: PriceTable) -> tuple[float, int]:
     """Cost of one image per job, and how many jobs have no known price."""
+    return estimate_weighted(((job, 1) for job in jobs), table)
+
+
+def estimate_weighted(jobs: Iterable[tuple[Job, int]], table: PriceTable) -> tuple[float, int]:
+    """Like :func:`estimate` over (job, how many jobs like it): a manifest's shapes."""
     total = 0.0
     unknown = 0
-    for job in jobs:
+    for job, count in jobs:
         price = table.job_price(job)
         if price is None:
-            unknown += 1
+            unknown += count
         else:
-            total += price
+            total += price * count
     return total, unknown
 
 

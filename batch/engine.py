@@ -180,11 +180,18 @@ class Engine:
 
     def plan(self, jobs: Sequence[Job]) -> list[tuple[Job, str]]:
         """The jobs that need a request, with their fingerprints, in manifest order."""
-        todo = []
-        for job in jobs:
-            fp = fingerprint(job)
-            if self.config.force or not self.store.is_done(job, fp):
-                todo.append((job, fp))
+        # A streamed catalog plans by digest against the store's index (batch.catalog).
+        planner = getattr(jobs, "todo", None)
+        found = None if self.config.force or planner is None else planner(self.store)
+        todo: list[tuple[Job, str]]
+        if found is not None:
+            todo = list(found)
+        else:
+            todo = []
+            for job in jobs:
+                fp = fingerprint(job)
+                if self.config.force or not self.store.is_done(job, fp):
+                    todo.append((job, fp))
         self.stats.planned = len(todo)
         self.stats.skipped = len(jobs) - len(todo)
         return todo

@@ -39,6 +39,7 @@ class Journal:
         self._fd: int | None = fd
         self._lock = threading.Lock()
         self._refused: str | None = None  # why appends are refused after a failed one
+        self.last_offset: int | None = None  # where the last whole append began
 
     @classmethod
     def open(cls, path: Path, *, lines: int, torn_at: int | None) -> Journal:
@@ -56,14 +57,18 @@ class Journal:
             raise OutputError(f"cannot open {path}: {exc.strerror}") from None
         return cls(path, fd, lines)
 
-    def append(self, data: bytes, *, durable: bool, lines: int = 1) -> None:
-        """Append whole records (``lines`` of them); ``durable`` fsyncs them. Any thread."""
+    def append(self, data: bytes, *, durable: bool, lines: int = 1) -> int:
+        """Append whole records (``lines`` of them); ``durable`` fsyncs them. Any thread.
+
+        Returns the offset the records start at (also ``last_offset``, kept when only
+        the fsync fails: the bytes are then in the file, maybe not durable)."""
         with self._lock:
             if self._fd is None:
                 raise NotRecorded("the checkpoint is closed")
             if self._refused is not None:
                 raise NotRecorded(f"the checkpoint refuses writes after: {self._refused}")
             fd = self._fd
+            self.last_offset = None
             try:
                 size = os.fstat(fd).st_size
             except OSError as exc:
@@ -80,6 +85,7 @@ class Journal:
                     raise StorageError(message) from None
                 raise NotRecorded(message) from None
             self.lines += lines
+            self.last_offset = size
         if durable:
             try:
                 fsops.fsync(fd)
@@ -87,12 +93,13 @@ class Journal:
                 message = f"fsync of the checkpoint failed: {exc.strerror}"
                 self._refused = message
                 raise StorageError(message) from None
+        return size
 
-    def compact(self, records: Iterable[bytes], count: int) -> None:
+    def compact(self, records: Iterable[bytes], count: int) -> bool:
         """Replace the file with ``records`` (``count`` lines), atomically.
 
         A failure before the rename leaves the long file as it was and only
-        logs: compacting is an optimisation. After the rename, a failure to
+        logs (returns False): compacting is an optimisation. After the rename, a failure to
         make it durable is a StorageError: a record appended to the new file
         could vanish with the rename in a crash.
         """
@@ -116,7 +123,7 @@ class Journal:
             with contextlib.suppress(OSError):  # else the next open removes it
                 fsops.unlink(tmp)
             log.warning("could not compact %s (%s); keeping it as it is", self.path, exc.strerror)
-            return
+            return False
         with self._lock:
             if self._fd is not None:
                 fsops.close(self._fd)
@@ -128,6 +135,7 @@ class Journal:
                 raise StorageError(f"compacting {self.path} failed: {exc.strerror}") from None
             log.info("compacted %s from %d to %d records", self.path, self.lines, count)
             self.lines = count
+        return True
 
     def close(self) -> None:
         with self._lock:

@@ -36,22 +36,26 @@ from batch.jobs import (
     DEFAULT_ASPECT_RATIO,
     DEFAULT_IMAGE_SIZE,
     IMAGE_SIZES,
-    InputKind,
     Job,
 )
+from batch.linememo import digest64
 from batch.manifestfile import (
     FAILED,
     FORMATS,
     Problems,
     json_decoder,
-    jsonl_entries,
     parse_document,
     read_text,
 )
 from batch.manifestfile import MAX_JSONL_LINE_BYTES as MAX_JSONL_LINE_BYTES
 from batch.manifestfile import MAX_MANIFEST_BYTES as MAX_MANIFEST_BYTES
+from batch.manifestjobs import JobDigests, ManifestJobs
 
 log = logging.getLogger(__name__)
+
+_QUICK_KEYS = frozenset(("id", "prompt", "aspect_ratio", "image_size", "model"))
+_RATIOS = frozenset(ASPECT_RATIOS)
+_SIZES = frozenset(IMAGE_SIZES)
 
 MAX_JOBS = 1_000_000  # after expansion; guards memory against a runaway cross product
 JOB_FIELDS = ("id", "prompt", "aspect_ratio", "image_size", "model", "images", "params",
@@ -66,7 +70,7 @@ class Manifest:
     """A loaded manifest: its jobs in order, and the optional price table."""
 
     path: Path
-    jobs: tuple[Job, ...]
+    jobs: ManifestJobs  # a sequence; a JSONL catalog is read again at each pass
     pricing: Mapping[str, Mapping[str, float]]  # model -> image_size -> USD per image
     # name -> endpoint, in manifest order; empty: one endpoint from the command line
     endpoints: Mapping[str, Endpoint] = field(default_factory=dict)
@@ -79,8 +83,13 @@ def load_manifest(
     max_problems: int = 50,
     provider: str = CHAT,
     endpoint: str | None = None,
+    memo: Path | None = None,
 ) -> Manifest:
     """Read, validate and expand a manifest; raises ManifestError listing every problem.
+
+    A JSONL catalog streams (:mod:`batch.catalog`); ``memo`` (the output folder's
+    line memo, :mod:`batch.linememo`) lets it skip lines known from a previous run
+    and plan by digest.
 
     ``provider`` serves every job when the manifest names no endpoints; ``endpoint``
     (``--endpoint``) serves the jobs that name none when it does. ``default_model``
@@ -92,19 +101,20 @@ def load_manifest(
     if fmt is None:
         probs.add(where, None, "unknown manifest type; use .yaml, .yml, .json, .jsonl or .ndjson")
         raise ManifestError(probs.items)
+    if fmt == "jsonl":
+        from batch.catalog import load_jsonl
+
+        return load_jsonl(Path(path), _Options(default_model, provider, endpoint, max_problems),
+                          probs, memo)
     text = read_text(Path(path), where, probs)
     builder = _Builder(Path(path), default_model, probs)
     builder.single = Endpoint.default(provider)
     builder.chosen = endpoint
     pricing: dict[str, dict[str, float]] = {}
     if text is not None:
-        decoder = json_decoder()
-        if fmt == "jsonl":
-            builder.build(jsonl_entries(text, where, decoder, probs))
-        else:
-            doc = parse_document(text, fmt, where, decoder, probs)
-            if doc is not FAILED:
-                pricing = builder.build_document(doc)
+        doc = parse_document(text, fmt, where, json_decoder(), probs)
+        if doc is not FAILED:
+            pricing = builder.build_document(doc)
         if builder.entries == 0 and not probs:
             probs.add(where, None, "the manifest lists no jobs")
     if endpoint is not None and endpoint not in builder.endpoints:
@@ -115,7 +125,17 @@ def load_manifest(
         raise ManifestError(probs.items, probs.more)
     log.debug("%s: %d job(s) from %d entr(ies), %d input file(s) hashed", where,
               len(builder.jobs), builder.entries, len(builder.inputs.files))
-    return Manifest(Path(path), tuple(builder.jobs), pricing, builder.endpoints)
+    return Manifest(Path(path), ManifestJobs.held(builder.jobs), pricing, builder.endpoints)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """What shapes the jobs besides the file: the command line's say."""
+
+    default_model: str | None
+    provider: str
+    endpoint: str | None
+    max_problems: int
 
 
 class _Builder:
@@ -137,6 +157,12 @@ class _Builder:
         self.inputs = InputImages(path.parent, self.bad, _probe_file)
         self.derived: Counter[str] = Counter()
         self.ids: dict[str, tuple[str, str]] = {}  # lowercased id -> (id, location)
+        self.count = 0  # jobs made so far
+        self.keep = True  # False: a streamed catalog; jobs are returned, not kept
+        self.digests: JobDigests | None = None  # streamed: ids are checked from digests
+        self.naming: set[int] | None = None  # lowercased-id digests whose clash is named
+        self.replaying = False  # building again what was validated: no checks
+        self.ordinal: int | None = None  # building one entry again: its derived id's "-n"
 
     def bad(self, location: str, field: str | None, message: str) -> None:
         self.probs.add(location, field, message)
@@ -200,18 +226,53 @@ class _Builder:
         for raw, location in entries:
             self.entries += 1
             if raw is not FAILED:
-                self._entry(raw, location)
+                self.entry(raw, location)
 
-    def _entry(self, raw: Any, location: str) -> None:
+    def quick(self, raw: dict[str, Any], location: str) -> Job | None:
+        """The job of the commonest entry (explicit id, prompt, model, size and ratio, all
+        plainly valid), checked in a few lines; None: ask :meth:`entry`, which names the
+        problems. A catalog of a million such lines spends most of its time here."""
+        if not _QUICK_KEYS.issuperset(raw) or self.defaults or self.endpoints:
+            return None
+        ident = raw.get("id")
+        prompt = raw.get("prompt")
+        if not isinstance(ident, str) or not isinstance(prompt, str):
+            return None
+        if not self.replaying and (not prompt.strip() or ex.id_problem(ident) is not None):
+            return None
+        ratio = raw.get("aspect_ratio", DEFAULT_ASPECT_RATIO)
+        size = raw.get("image_size", DEFAULT_IMAGE_SIZE)
+        model = raw.get("model")
+        if ratio not in _RATIOS or size not in _SIZES:
+            return None
+        if model is None:
+            model = self.default_model or self.single.model
+        elif not isinstance(model, str) or not model.strip():
+            return None
+        else:
+            model = model.strip()
+        job = Job(ident, prompt, model, ratio, size, (), self.no_params, self.count, location,
+                  self.single.name, {})
+        if not self.replaying:
+            if next(iter(check_job(self.single.provider, job)), None) is not None:
+                return None
+            self._register(ident, location)
+        self.count += 1
+        if self.keep:
+            self.jobs.append(job)
+        return job
+
+    def entry(self, raw: Any, location: str) -> list[Job]:
+        """Validate one entry; its jobs (also kept in ``jobs`` unless streaming)."""
         if not isinstance(raw, dict):
             self.bad(location, None, f"a job must be a mapping of fields, got {ex.describe(raw)}")
-            return
+            return []
         own = self._fields(raw, location, JOB_FIELDS)
         if "prompt" not in raw:
             self.bad(location, "prompt", "is required")
-            return
+            return []
         if own is None:
-            return
+            return []
         job = {**self.defaults, **own}
         variables: dict[str, list[ex.Scalar]] = job.get("vars", {})
         count: int = job.get("count", 1)
@@ -221,14 +282,14 @@ class _Builder:
             for field, message in found:
                 self.bad(location, field, message)
             if template is None:
-                return
+                return []
         size = ex.variant_count(variables, count)
-        if len(self.jobs) + size > MAX_JOBS:
+        if self.count + size > MAX_JOBS:
             self.bad(location, None, f"expands to {size} jobs; a manifest may hold {MAX_JOBS}")
-            return
+            return []
         target = self._endpoint(job.get("endpoint", ""), location)
         if target is None:
-            return
+            return []
         base = own.get("id") or self._derived_id(raw)
         model = job.get("model", self.default_model or target.model)
         ratio = job.get("aspect_ratio", DEFAULT_ASPECT_RATIO)
@@ -236,14 +297,19 @@ class _Builder:
         images = job.get("images", ())
         params = job.get("params", self.no_params)
         options = {name: job[name] for name in OPTION_FIELDS if name in job}
-        first = len(self.jobs)
+        made = []
         for ident, prompt in ex.expand(base, job["prompt"], template, variables, count):
-            self._register(ident, location)
-            self.jobs.append(Job(ident, prompt, model, ratio, image_size, images, params,
-                                 len(self.jobs), location, target.name, options))
-        if len(self.jobs) > first:  # every variant asks the same of its provider
-            for field_name, message in check_job(target.provider, self.jobs[first]):
+            if not self.replaying:
+                self._register(ident, location)
+            made.append(Job(ident, prompt, model, ratio, image_size, images, params,
+                            self.count, location, target.name, options))
+            self.count += 1
+        if made and not self.replaying:  # every variant asks the same of its provider
+            for field_name, message in check_job(target.provider, made[0]):
                 self.bad(location, field_name, message)
+        if self.keep:
+            self.jobs += made
+        return made
 
     def _endpoint(self, name: str, location: str) -> Endpoint | None:
         if not self.endpoints:
@@ -262,12 +328,20 @@ class _Builder:
         # changing the command line does not rename finished jobs.
         written = {**self.defaults_written, **{k: v for k, v in raw.items() if k != "id"}}
         ident = ex.derived_id(raw["prompt"], written)
+        if self.ordinal is not None:  # building one entry again, away from the others
+            return ident if self.ordinal == 1 else f"{ident}-{self.ordinal}"
         self.derived[ident] += 1
         seen = self.derived[ident]
+        if seen > 1 and self.digests is not None:
+            self.digests.ordinals[self.count] = seen
         return ident if seen == 1 else f"{ident}-{seen}"
 
     def _register(self, ident: str, location: str) -> None:
+        if self.digests is not None:  # streamed: clashes are found from digests at the end
+            return
         key = ident.lower()
+        if self.naming is not None and digest64(key.encode()) not in self.naming:
+            return
         first = self.ids.get(key)
         if first is None:
             self.ids[key] = (ident, location)
@@ -280,7 +354,15 @@ class _Builder:
     def _fields(self, raw: dict[Any, Any], location: str,
                 allowed: tuple[str, ...]) -> dict[str, Any] | None:
         """The entry's fields, normalised, or None once their problems are reported."""
-        out: dict[str, Any] = {}
+        out: dict[str, Any]
+        if self.replaying:  # checked when it was validated: the same values, faster
+            out = dict(raw)
+            if isinstance(out.get("model"), str):
+                out["model"] = out["model"].strip()
+            if "images" in out:
+                out["images"] = self.inputs.images(out["images"], location)
+            return out
+        out = {}
         ok = True
         for key, value in raw.items():
             if key not in allowed:
@@ -307,21 +389,23 @@ class _Builder:
 
 def summarize(manifest: Manifest) -> dict[str, Any]:
     """A plan for `imgbatch validate`: job counts by size/ratio and model, input images."""
-    jobs = manifest.jobs
-    pairs = Counter((j.image_size, j.aspect_ratio) for j in jobs)
+    shapes = manifest.jobs.shapes
+    pairs: Counter[tuple[str, str]] = Counter()
+    models: Counter[str] = Counter()
+    for job, n in shapes.weighted():
+        pairs[(job.image_size, job.aspect_ratio)] += n
+        models[job.model] += n
     by_size: dict[str, dict[str, int]] = {}
     for size, ratio in sorted(pairs, key=lambda p: (_rank(IMAGE_SIZES, p[0]),
                                                    _rank(ASPECT_RATIOS, p[1]))):
         by_size.setdefault(size, {})[ratio] = pairs[(size, ratio)]
-    images = [image for job in jobs for image in job.images]
-    kinds = Counter(image.kind.value for image in images)
     return {
-        "jobs": len(jobs),
+        "jobs": len(manifest.jobs),
         "by_size_and_ratio": by_size,
-        "by_model": dict(sorted(Counter(j.model for j in jobs).items())),
-        "input_images": {kind.value: kinds.get(kind.value, 0) for kind in InputKind},
+        "by_model": dict(sorted(models.items())),
+        "input_images": shapes.input_kinds(),
         # bytes sent over the whole run: a file used by 10 jobs counts 10 times
-        "input_image_bytes": sum(image.size_bytes or 0 for image in images),
+        "input_image_bytes": shapes.input_bytes(),
     }
 
 

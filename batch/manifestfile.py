@@ -14,7 +14,7 @@ import stat
 from collections import Counter
 from collections.abc import Hashable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 from yaml.nodes import MappingNode, ScalarNode
@@ -27,7 +27,8 @@ try:  # the libyaml parser is several times faster; the pure one gives the same 
 except ImportError:  # pragma: no cover
     from yaml import SafeLoader as _SafeBase  # type: ignore[assignment]
 
-MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024  # YAML and JSON, parsed whole
+MAX_JSONL_BYTES = 64 * 1024**3  # JSONL streams: its size does not bound memory
 MAX_JSONL_LINE_BYTES = 1024 * 1024
 FORMATS = {".yaml": "yaml", ".yml": "yaml", ".json": "json", ".jsonl": "jsonl",
            ".ndjson": "jsonl"}
@@ -163,17 +164,6 @@ def parse_document(
     return FAILED
 
 
-def _lines(text: str) -> Iterator[str]:
-    # Lazily, so a big catalog is not held twice; only "\n" ends a line, since JSON
-    # strings may hold a raw U+2028 that str.splitlines() would split on.
-    start = 0
-    while start <= len(text):
-        end = text.find("\n", start)
-        end = len(text) if end < 0 else end
-        yield text[start:end]
-        start = end + 1
-
-
 def _reason(exc: BaseException) -> str:
     # Giant ints fail with advice about sys.set_int_max_str_digits(), not for our users.
     return str(exc).split("; use sys.")[0]
@@ -195,25 +185,89 @@ def _exceeds(doc: Any, budget: int) -> bool:
     return False
 
 
-def jsonl_entries(
-    text: str, where: str, decoder: json.JSONDecoder, probs: Problems
-) -> Iterator[tuple[Any, str]]:
-    """(value or FAILED, "file:line") for every non-blank JSONL line."""
-    for number, line in enumerate(_lines(text), 1):
-        if not line or line.isspace():
-            continue
-        location = f"{where}:{number}"
-        # chars <= bytes <= 4 * chars, so only long lines pay for the exact count
-        if len(line) * 4 > MAX_JSONL_LINE_BYTES and len(line.encode()) > MAX_JSONL_LINE_BYTES:
-            probs.add(location, None, f"line is longer than {MAX_JSONL_LINE_BYTES} bytes")
-            yield FAILED, location
-            continue
-        try:
-            yield decoder.decode(line), location
-        except json.JSONDecodeError as exc:
-            probs.add(location, None, f"invalid JSON at column {exc.colno}: {exc.msg}")
-            yield FAILED, location
-        except (ValueError, RecursionError) as exc:
-            probs.add(location, None, f"invalid JSON: {_reason(exc)}")
-            yield FAILED, location
+def raw_lines(handle: BinaryIO) -> Iterator[tuple[bytes | None, int]]:
+    """(line without its "\\n", or None if longer than the limit; bytes it took in the file).
 
+    Only one line is held at a time; a giant line is skipped in chunks, never read whole.
+    """
+    limit = MAX_JSONL_LINE_BYTES
+    while True:
+        data = handle.readline(limit + 1)
+        if not data:
+            return
+        length = len(data)
+        if data[-1:] == b"\n":
+            yield data[:-1], length
+            continue
+        if length <= limit:  # the last line, without a newline
+            yield data, length
+            return
+        while not data.endswith(b"\n"):
+            data = handle.readline(1 << 20)
+            if not data:
+                break
+            length += len(data)
+        yield None, length
+
+
+def decode_line(data: bytes | None, number: int, offset: int, where: str,
+                decoder: json.JSONDecoder, probs: Problems) -> Any:
+    """The value of one JSONL line, FAILED once its problem is added, or None if blank."""
+    if data is None:
+        probs.add(f"{where}:{number}", None, f"line is longer than {MAX_JSONL_LINE_BYTES} bytes")
+        return FAILED
+    if offset:
+        # The usual line, straight to the scanner (a million lines a catalog); anything
+        # wrong, odd or blank goes the way below, which says what is wrong.
+        try:
+            text = data.decode("utf-8")
+            value, end = decoder.scan_once(text, 0)  # type: ignore[attr-defined]
+            if end == len(text):
+                return value
+        except Exception:
+            pass
+    location = f"{where}:{number}"
+    skipped = len(_BOM) if offset == 0 and data.startswith(_BOM) else 0
+    try:
+        line = data[skipped:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = offset + skipped + exc.start
+        probs.add(location, None,
+                  f"not valid UTF-8: byte 0x{data[skipped + exc.start]:02x} at byte offset "
+                  f"{at} (line {number}, column {skipped + exc.start + 1}); save the file "
+                  "as UTF-8")
+        return FAILED
+    if not line or line.isspace():
+        return None
+    try:
+        return decoder.decode(line)
+    except json.JSONDecodeError as exc:
+        probs.add(location, None, f"invalid JSON at column {exc.colno}: {exc.msg}")
+    except (ValueError, RecursionError) as exc:
+        probs.add(location, None, f"invalid JSON: {_reason(exc)}")
+    return FAILED
+
+
+def open_jsonl(path: Path, where: str, probs: Problems) -> BinaryIO | None:
+    """The JSONL file open for reading, or None once the problem is added."""
+    try:
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            probs.add(where, None, "is a directory, not a manifest file")
+        elif not stat.S_ISREG(info.st_mode):
+            probs.add(where, None, "is not a regular file")
+        elif info.st_size > MAX_JSONL_BYTES:
+            probs.add(where, None, f"is {info.st_size} bytes; the limit is {MAX_JSONL_BYTES}")
+        else:
+            return path.open("rb", buffering=1 << 20)
+    except FileNotFoundError:
+        probs.add(where, None, "file not found")
+    except (OSError, ValueError) as exc:  # permissions, I/O, a NUL byte in the path
+        probs.add(where, None, f"cannot read the manifest: {getattr(exc, 'strerror', None) or exc}")
+    return None
+
+
+def identity(path: Path) -> tuple[int, int, int, int]:
+    """What changes when a file is rewritten: device, inode, size and mtime."""
+    info = path.stat()
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns

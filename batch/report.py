@@ -119,11 +119,16 @@ def status_lines(root: Path, store: StateStore, shown: str | None = None) -> lis
     counts: Counter[str] = Counter()
     errors: Counter[str] = Counter()
     attempts = 0
-    for state in store.states.values():
-        counts[state.status.value] += 1
-        attempts += state.attempts
-        if state.status is Status.FAILED and state.error:
-            errors[str(state.error.get("type"))] += 1
+    tally = getattr(store.states, "tally", None)  # a million-job index counts by itself
+    if tally is not None:
+        found, attempts, errors = tally()
+        counts.update(found)
+    else:
+        for state in store.states.values():
+            counts[state.status.value] += 1
+            attempts += state.attempts
+            if state.status is Status.FAILED and state.error:
+                errors[str(state.error.get("type"))] += 1
     lines = [f"{shown or root}: {len(store.states)} job(s): "
              + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
              + f"; {attempts} request(s) in all"]

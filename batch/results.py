@@ -14,6 +14,8 @@ from typing import Any
 from batch.checkpoint import JobState, fingerprint
 from batch.images import write_atomic
 from batch.jobs import Job, Status
+from batch.linememo import fp_digest
+from batch.statetable import StateTable
 from batch.storage.base import StateStore
 
 RESULTS = "results.jsonl"
@@ -43,8 +45,63 @@ def row(job: Job, state: JobState | None, fp: str, store: StateStore) -> dict[st
 
 
 def rows(jobs: Sequence[Job], store: StateStore) -> Iterator[dict[str, Any]]:
+    table = store.states
+    if not isinstance(table, StateTable):
+        for job in jobs:
+            yield row(job, table.get(job.id), fingerprint(job), store)
+        return
+    # A million rows: from the journal's records as read, no JobState built, and the
+    # fingerprint compared by the digest the load computed when it can.
+    fps = getattr(jobs, "fp_digests", lambda: None)()
+    ids = getattr(jobs, "id_digests", lambda: None)()
+    # Every job's record located at once, when the catalog knows its ids' digests.
+    places = table.places(ids) if ids is not None else None
     for job in jobs:
-        yield row(job, store.states.get(job.id), fingerprint(job), store)
+        if places is not None:
+            n = job.index
+            record = table.read_record(job.id, int(places[0][n]), int(places[1][n]))
+            intact = bool(places[2][n])
+        else:
+            record, intact = table.record(job.id)
+        if record is None:
+            yield row(job, None, "", store)
+            continue
+        known = int(fps[job.index]) if fps is not None else 0
+        try:
+            current = (fp_digest(record["fp"]) == known if known
+                       else record["fp"] == fingerprint(job))
+        except (ValueError, TypeError, KeyError):
+            current = False
+        yield _record_row(job, record, current, intact, store)
+
+
+def _record_row(job: Job, record: dict[str, Any], current: bool, intact: bool,
+                store: StateStore) -> dict[str, Any]:
+    """:func:`row` of a journal record as read."""
+    status = record.get("status") if current else Status.PENDING.value
+    images = record.get("images") or [] if current else []
+    if status == Status.SUCCEEDED.value and not intact:
+        state = JobState.from_record(record)
+        if not store.intact(state):
+            status, images = Status.PENDING.value, []
+    succeeded = status == Status.SUCCEEDED.value
+    return {
+        "id": job.id,
+        "status": status,
+        "attempts": record.get("attempts", 0),
+        "images": [{key: image[key] for key in _IMAGE_KEYS} for image in images]
+        if succeeded else [],
+        "error": record.get("error") if current and not succeeded else None,
+        "prompt": job.prompt,
+        "model": job.model,
+        "aspect_ratio": job.aspect_ratio,
+        "image_size": job.image_size,
+        "usage": (record.get("usage") or None) if current else None,
+        "latency_s": record.get("latency_s") if current else None,
+    }
+
+
+_IMAGE_KEYS = ("path", "sha256", "bytes", "mime", "width", "height")
 
 
 def write_results(jobs: Sequence[Job], store: StateStore) -> Counter[str]:

@@ -11,15 +11,17 @@ from __future__ import annotations
 import argparse
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from batch.cost import PriceTable, estimate
+from batch.checkpoint import STATE_DIR
+from batch.cost import PriceTable, estimate_weighted
 from batch.endpoints import CHAT, PROVIDERS, Endpoint
 from batch.engine import Route, make_limits
 from batch.errors import UsageError
 from batch.jobs import Job
+from batch.linememo import MEMO
 from batch.manifest import Manifest, load_manifest
 from batch.provenance import Stamper
 from batch.providers import registry
@@ -43,9 +45,18 @@ def add_arguments(parser: argparse.ArgumentParser, *, run: bool) -> None:
 
 
 def load(args: argparse.Namespace) -> Manifest:
-    """The manifest, its jobs resolved against the endpoint flags."""
+    """The manifest, its jobs resolved against the endpoint flags.
+
+    ``run`` into a local folder reads the folder's line memo (:mod:`batch.linememo`):
+    a resumed catalog then parses only the lines it does not know.
+    """
+    memo = None
+    if getattr(args, "command", None) == "run" and getattr(args, "cluster", None) is None:
+        output = getattr(args, "output", None) or str(Path("output") / args.manifest.stem)
+        if "://" not in output:
+            memo = Path(output) / STATE_DIR / MEMO
     return load_manifest(args.manifest, default_model=args.model, provider=args.provider,
-                         endpoint=args.endpoint)
+                         endpoint=args.endpoint, memo=memo)
 
 
 @dataclass(frozen=True)
@@ -102,7 +113,7 @@ def endpoints_in_use(manifest: Manifest, settings: Settings) -> dict[str, Endpoi
         if name not in manifest.endpoints:
             raise UsageError(f"--base-url {name}=...: no endpoint named {name!r} "
                              f"(the manifest names {', '.join(manifest.endpoints)})")
-    used = {job.endpoint for job in manifest.jobs}
+    used = {job.endpoint for job in manifest.jobs.shapes.representatives()}
     return {name: replace(ep, base_url=named.get(name, ep.base_url))
             for name, ep in manifest.endpoints.items() if name in used}
 
@@ -147,16 +158,20 @@ def build_routes(
 def plan_lines(manifest: Manifest, table: PriceTable, provider: str) -> list[str]:
     """``validate``'s lines per endpoint: provider, where, jobs by model, cost of one image each."""
     endpoints = manifest.endpoints or {"(single)": Endpoint.default(provider)}
-    by_endpoint: dict[str, list[Job]] = {}
-    for job in manifest.jobs:
-        by_endpoint.setdefault(job.endpoint or "(single)", []).append(job)
+    by_endpoint: dict[str, list[tuple[Job, int]]] = {}
+    for job, n in manifest.jobs.shapes.weighted():
+        by_endpoint.setdefault(job.endpoint or "(single)", []).append((job, n))
     lines = []
     for name, endpoint in endpoints.items():
-        jobs: Sequence[Job] = by_endpoint.get(name, [])
-        total, unknown = estimate(list(jobs), table)
-        models = ", ".join(f"{m} x{n}" for m, n in Counter(j.model for j in jobs).items())
+        jobs = by_endpoint.get(name, [])
+        total, unknown = estimate_weighted(jobs, table)
+        per_model: Counter[str] = Counter()
+        for job, n in jobs:
+            per_model[job.model] += n
+        models = ", ".join(f"{m} x{n}" for m, n in per_model.items())
+        count = sum(n for _, n in jobs)
         note = f" (+{unknown} of unknown price)" if unknown else ""
         lines.append(f"  endpoint {name}: {endpoint.provider} at {endpoint.base_url}, key "
-                     f"${endpoint.api_key_env}; {len(jobs)} job(s){': ' + models if jobs else ''}"
+                     f"${endpoint.api_key_env}; {count} job(s){': ' + models if jobs else ''}"
                      f"; ${total:.2f}{note}")
     return lines

@@ -106,9 +106,11 @@ async def _build_gallery_apart(
 
 
 def enforce_capabilities(manifest: Manifest, provider: str) -> None:
-    """Reject jobs their model cannot do, each checked against its endpoint's provider."""
+    """Reject jobs their model cannot do, each checked against its endpoint's provider.
+
+    One job per shape: what a model can do depends on nothing else of a job."""
     by_provider: dict[str, list[Job]] = {}
-    for job in manifest.jobs:
+    for job in manifest.jobs.shapes.representatives():
         endpoint = manifest.endpoints.get(job.endpoint) if manifest.endpoints else None
         by_provider.setdefault(endpoint.provider if endpoint else provider, []).append(job)
     for name, jobs in by_provider.items():
@@ -134,7 +136,7 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
                          "folder; it is not available with s3:// outputs or --cluster yet")
     prices = PriceTable.with_overrides(manifest.pricing)
     if args.max_cost is not None:
-        unpriced = sorted({(j.model, price_key(j)) for j in manifest.jobs
+        unpriced = sorted({(j.model, price_key(j)) for j in manifest.jobs.shapes.representatives()
                            if prices.job_price(j) is None})
         if unpriced:
             raise UsageError(
@@ -192,7 +194,8 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
                             fallback_sync=args.batch_fallback == "sync",
                             deadline_s=args.batch_deadline))
         batch = None if ledger is None else batchcli.BatchPart(
-            runner, [job for job in manifest.jobs if job.endpoint in batched], ledger)
+            runner, [job for job in manifest.jobs if job.endpoint in batched] if batched else [],
+            ledger)
         # With --batch-fallback sync a batch endpoint may also send jobs one by one.
         sync = {name: ep for name, ep in endpoints.items()
                 if name not in batched or args.batch_fallback == "sync"}
@@ -321,7 +324,8 @@ async def _run(
         if batch is not None and batch.runner is not None:
             batch_stats = await batch.runner.run(batch.jobs)
         held = batch.held() if batch is not None else set()
-        todo = engine.plan([job for job in manifest.jobs if job.id not in held])
+        todo = engine.plan([job for job in manifest.jobs if job.id not in held] if held
+                           else manifest.jobs)
         # What is left of the process's deadline once the manifest is loaded and planned.
         left = None if deadline is None else deadline - time.monotonic()
         stats = await engine.run(todo, runtime_left_s=left)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,18 @@ class SegmentStore(Checkpoint):
                 self._intact.add(state.id)
 
 
+class _Fallback(dict[str, JobState]):
+    """A dict whose misses are looked up in ``table`` (the driver's index)."""
+
+    def __init__(self, table: Mapping[str, JobState]) -> None:
+        super().__init__()
+        self.table = table
+
+    def get(self, key: str, default: Any = None) -> Any:
+        found = super().get(key)
+        return found if found is not None else self.table.get(key, default)
+
+
 class DriverCheckpoint(Checkpoint):
     """The driver's checkpoint: the main journal with every segment folded in at open."""
 
@@ -161,11 +173,18 @@ class DriverCheckpoint(Checkpoint):
         folded = 0
         paths = segment_files(self.root)
         for path in paths:
+            # fold_line reads and writes a dict: the states it has not seen come from the index.
+            seen = _Fallback(self.states)
             lines = [line for number, line in enumerate(complete_lines(path), 1)
-                     if fold_line(self.states, self.runs, line, path, number)]
+                     if fold_line(seen, self.runs, line, path, number)]
             if lines:
-                self._journal.append(b"".join(lines), durable=True, lines=len(lines))
+                offset = self._journal.append(b"".join(lines), durable=True, lines=len(lines))
                 folded += len(lines)
+                for line in lines:
+                    state = self._parse_record(line)
+                    if state is not None:
+                        self._remember([state], [line], offset)
+                    offset += len(line)
             try:
                 fsops.unlink(path)
             except FileNotFoundError:
