@@ -12,9 +12,9 @@ import json
 import re
 import stat
 from collections import Counter
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import yaml
 from yaml.nodes import MappingNode, ScalarNode
@@ -26,6 +26,8 @@ try:  # the libyaml parser is several times faster; the pure one gives the same 
     from yaml import CSafeLoader as _SafeBase
 except ImportError:  # pragma: no cover
     from yaml import SafeLoader as _SafeBase  # type: ignore[assignment]
+
+T = TypeVar("T")
 
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024  # YAML and JSON, parsed whole
 MAX_JSONL_BYTES = 64 * 1024**3  # JSONL streams: its size does not bound memory
@@ -96,17 +98,24 @@ class Problems:
 
 def read_text(path: Path, where: str, probs: Problems) -> str | None:
     """The file's text (UTF-8, an optional BOM dropped), or None once the problem is added."""
+    data = _opened(path, where, probs, MAX_MANIFEST_BYTES, Path.read_bytes)
+    return None if data is None else _decode(data, where, probs)
+
+
+def _opened(path: Path, where: str, probs: Problems, limit: int,
+            read: Callable[[Path], T]) -> T | None:
+    """``read(path)`` of a regular file of at most ``limit`` bytes, or None once the
+    problem is added."""
     try:
         info = path.stat()
         if stat.S_ISDIR(info.st_mode):
             probs.add(where, None, "is a directory, not a manifest file")
         elif not stat.S_ISREG(info.st_mode):
             probs.add(where, None, "is not a regular file")
-        elif info.st_size > MAX_MANIFEST_BYTES:
-            probs.add(where, None, f"is {info.st_size} bytes; the limit is {MAX_MANIFEST_BYTES}")
+        elif info.st_size > limit:
+            probs.add(where, None, f"is {info.st_size} bytes; the limit is {limit}")
         else:
-            data = path.read_bytes()
-            return _decode(data, where, probs)
+            return read(path)
     except FileNotFoundError:
         probs.add(where, None, "file not found")
     except (OSError, ValueError) as exc:  # permissions, I/O, a NUL byte in the path
@@ -250,21 +259,8 @@ def decode_line(data: bytes | None, number: int, offset: int, where: str,
 
 def open_jsonl(path: Path, where: str, probs: Problems) -> BinaryIO | None:
     """The JSONL file open for reading, or None once the problem is added."""
-    try:
-        info = path.stat()
-        if stat.S_ISDIR(info.st_mode):
-            probs.add(where, None, "is a directory, not a manifest file")
-        elif not stat.S_ISREG(info.st_mode):
-            probs.add(where, None, "is not a regular file")
-        elif info.st_size > MAX_JSONL_BYTES:
-            probs.add(where, None, f"is {info.st_size} bytes; the limit is {MAX_JSONL_BYTES}")
-        else:
-            return path.open("rb", buffering=1 << 20)
-    except FileNotFoundError:
-        probs.add(where, None, "file not found")
-    except (OSError, ValueError) as exc:  # permissions, I/O, a NUL byte in the path
-        probs.add(where, None, f"cannot read the manifest: {getattr(exc, 'strerror', None) or exc}")
-    return None
+    return _opened(path, where, probs, MAX_JSONL_BYTES,
+                   lambda p: p.open("rb", buffering=1 << 20))
 
 
 def identity(path: Path) -> tuple[int, int, int, int]:
