@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,16 +56,33 @@ def fp_digest(fp: str) -> int:
     return int(fp[:16], 16)
 
 
-def context_digest(default_model: str | None, provider: str, endpoint: str | None) -> bytes:
-    """What, besides a line's bytes, shapes the job it yields."""
+# The code that turns a line into a job: any change to it (a default, a rule, the
+# fingerprint) makes every memo stale, without anyone having to remember to bump SCHEMA.
+CODE_FILES = ("manifest.py", "manifestfile.py", "manifestjobs.py", "catalog.py", "expand.py",
+              "inputs.py", "jobs.py", "jobstate.py", "endpoints.py", "capabilities.py",
+              "pricing.py", "linememo.py")
+
+
+def context_digest(default_model: str | None, provider: str, endpoint: str | None,
+                   read: Callable[[str], bytes] | None = None) -> bytes:
+    """What, besides a line's bytes, shapes the job it yields. ``read``: a file of the
+    package by name (tests give their own)."""
     from importlib import resources
 
     from batch import __version__
     from batch.capabilities import DATA_FILE
 
-    table = resources.files("batch").joinpath(DATA_FILE).read_bytes()
-    text = json.dumps([SCHEMA, __version__, hashlib.sha256(table).hexdigest(), default_model,
-                       provider, endpoint])
+    def packaged(name: str) -> bytes:
+        try:
+            return resources.files("batch").joinpath(name).read_bytes()
+        except OSError:
+            return b"?"  # not shipped as source: the version stands for it
+
+    read = read or packaged
+    code = hashlib.sha256()
+    for name in (DATA_FILE, *CODE_FILES):
+        code.update(name.encode() + b"\0" + hashlib.sha256(read(name)).digest())
+    text = json.dumps([SCHEMA, __version__, code.hexdigest(), default_model, provider, endpoint])
     return hashlib.sha256(text.encode()).digest()
 
 

@@ -46,9 +46,24 @@ _DONE = re.compile(rb'\{"id":"([A-Za-z0-9._-]{1,128})","fp":"([0-9a-f]{16})[0-9a
                    rb'"images":\[\{"path":"([^"\\]+)","sha256":"[0-9a-f]{64}","bytes":'
                    rb'([0-9]{1,15}),"mime":"[^"\\]*","width":[0-9]+,"height":[0-9]+,"tmp":'
                    rb'(?:null|"[^"\\]*"),"mtime_ns":([0-9]{1,20})\}\],"usage":')
+# The usual rest of that record (token counts, latency, no text), so that the line is
+# known whole without a JSON parse; anything else is parsed (see _whole).
+_TAIL = re.compile(rb'(?:null|\{"[a-z_]{1,64}":[0-9]{1,15}(?:,"[a-z_]{1,64}":[0-9]{1,15})*\}),'
+                   rb'"latency_s":(?:null|[0-9]{1,9}(?:\.[0-9]{1,9})?),"text":null\}\n')
 _IMAGE = re.compile(rb'"images":\[\{"path":"([^"\\]+)","sha256":"[0-9a-f]{64}","bytes":'
                     rb'([0-9]{1,15}),"mime":"[^"\\]*","width":[0-9]+,"height":[0-9]+,"tmp":'
                     rb'(?:null|"[^"\\]*"),"mtime_ns":([0-9]{1,20})\}\],"usage":')
+
+
+def _whole(line: bytes, key_end: int) -> bool:
+    """Whether the rest of a record, from the key a regex stopped at (``"usage":`` or
+    ``"error":``, 8 bytes), is JSON: a line damaged past what the regex read must not
+    count, as the full parse that reads it back would refuse it."""
+    try:
+        json.loads(b"{" + line[key_end - 8:])
+    except ValueError:
+        return False
+    return True
 
 
 class Scan:
@@ -71,7 +86,7 @@ class Scan:
         The loop of a million records at every open, so it is written for speed: one
         regex for the commonest record (a success with one image), stat relative to the
         output folder's descriptor."""
-        done = _DONE.match
+        done, tail = _DONE.match, _TAIL.fullmatch
         ids, fps, status, attempts = (self.ids.append, self.fps.append, self.status.append,
                                       self.attempts.append)
         offsets, lengths, intact = self.offsets.append, self.lengths.append, self.intact.append
@@ -83,6 +98,9 @@ class Scan:
                 if line[-1:] != b"\n":
                     return end, len(line), count
                 found = done(line)
+                if found is not None and tail(line, found.end()) is None \
+                        and not _whole(line, found.end()):
+                    found = None  # damaged after what the regex read: JSON decides (skips it)
                 if found is None:
                     if not self.add_line(line, end, root + os.sep):
                         other(line, count, end)
@@ -110,7 +128,7 @@ class Scan:
         """One record in the usual form, read without a JSON parse (a million of them are
         read at every open); False: read it as JSON with :meth:`add`."""
         head = _HEAD.match(line)
-        if head is None:
+        if head is None or not _whole(line, head.end()):
             return False
         ident, fp, status_text, attempts = head.groups()
         status = _BY_VALUE[status_text.decode()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import batch
 from batch.checkpoint import STATE_DIR, Checkpoint, FileMeta, JobState, fingerprint
 from batch.errors import ManifestError
 from batch.jobs import ImageRecord, Status
-from batch.linememo import MEMO, RECORD, LineMemo, build, context_digest, digest64, fp_digest
+from batch.linememo import (
+    CODE_FILES,
+    MEMO,
+    RECORD,
+    LineMemo,
+    build,
+    context_digest,
+    digest64,
+    fp_digest,
+)
 from batch.manifest import load_manifest
 from batch.results import row, rows
 from batch.statetable import Scan, StateTable
@@ -210,3 +221,44 @@ def test_states_read_back_by_offset_survive_compaction_and_a_torn_tail(tmp_path:
         assert len(store.states) == 401
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("damage", [
+    lambda line: line[:-5] + b"XXXXX",  # the end of the record replaced
+    lambda line: line.replace(b'"usage":', b'"usage":{{', 1),  # broken just past the regex
+    lambda line: line.replace(b'"error":null', b'"error":nul!', 1),  # ... and before it
+])
+def test_a_record_damaged_past_what_the_fast_read_checks_counts_for_neither_path(
+    tmp_path: Path, damage: Callable[[bytes], bytes],
+) -> None:
+    """A hand edit or bit rot inside a line: the index must not call the job done when the
+    full parse that reads its state back refuses the record (results.jsonl says pending)."""
+    catalog, out = tmp_path / "c.jsonl", tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    _write(catalog, [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}])
+    _record_some(catalog, out, None, [1, 1])
+    journal = out / STATE_DIR / "journal.jsonl"
+    lines = journal.read_bytes().split(b"\n")
+    lines = [damage(line) if line.startswith(b'{"id":"a"') else line for line in lines]
+    journal.write_bytes(b"\n".join(lines))
+    fast, slow = _plan(catalog, out, None, True), _plan(catalog, out, None, False)
+    assert fast == slow and [job for job, _ in fast] == ["a"]
+
+
+def test_the_memo_goes_stale_when_the_code_that_reads_a_line_changes() -> None:
+    """A new default model, id rule or fingerprint in an upgrade: the memo of the old code
+    must not be trusted, whether or not anyone bumped SCHEMA."""
+    sources: dict[str, bytes] = {}
+
+    def read(name: str) -> bytes:
+        return sources.get(name, b"the code as shipped: " + name.encode())
+
+    before = context_digest(None, "chat", None, read)
+    assert context_digest(None, "chat", None, read) == before
+    for name in CODE_FILES:
+        sources[name] = b"changed"
+        assert context_digest(None, "chat", None, read) != before, name
+        del sources[name]
+    # The real files are found: a missing one would make the code part of the digest blind.
+    for name in CODE_FILES:
+        assert (Path(batch.__file__).parent / name).is_file(), name
