@@ -94,8 +94,7 @@ class Engine:
             self.routes = dict(provider)
         else:
             limits = make_limits(config.concurrency, config.rpm, config.adaptive,
-                                 min(config.policy.max_server_wait_s,
-                                     config.policy.max_rate_limit_wait_s))
+                                 config.policy.max_pause_s)
             self.routes = {"": Route(provider, limits, config.concurrency)}
         self.store = store
         self.sink = sink if sink is not None else store.sink

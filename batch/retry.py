@@ -33,6 +33,11 @@ class RetryPolicy:
     max_server_wait_s: float = 900.0  # a Retry-After beyond this is clipped to it
     max_rate_limit_wait_s: float = 900.0
 
+    @property
+    def max_pause_s(self) -> float:
+        """The longest shared 429 pause: a longer one would idle past the stop it asks for."""
+        return min(self.max_server_wait_s, self.max_rate_limit_wait_s)
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -105,9 +110,7 @@ def decide(history: Sequence[JobError], policy: RetryPolicy, jitter: float) -> D
     if not isinstance(last, RateLimited) and counted_attempts(history) >= policy.max_attempts:
         return Decision(False, reason=f"gave up after {policy.max_attempts} attempts")
     if last.retry_after_s is not None:
-        cap_s = policy.max_server_wait_s
-        if isinstance(last, RateLimited):  # longer would idle past the stop it asks for
-            cap_s = min(cap_s, policy.max_rate_limit_wait_s)
+        cap_s = policy.max_pause_s if isinstance(last, RateLimited) else policy.max_server_wait_s
         wait = min(last.retry_after_s, cap_s)
         return Decision(True, wait, reason=f"server asked to wait {wait:.1f}s")
     # Rate limits back off on their own count, so a burst of 429s does not

@@ -26,6 +26,7 @@ from batch.manifest import Manifest, load_manifest
 from batch.provenance import Stamper
 from batch.providers import registry
 from batch.providers.base import ClientConfig, Secret
+from batch.retry import RetryPolicy
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, run: bool) -> None:
@@ -81,7 +82,8 @@ class Settings:
             api_key_env=args.api_key_env, concurrency=args.concurrency, rpm=args.rpm,
             timeout_s=args.timeout, stall_timeout_s=args.stall_timeout, ca_bundle=args.ca_bundle,
             embed_metadata=not getattr(args, "no_embed_metadata", False),
-            max_pause_s=min(900.0, getattr(args, "max_rate_limit_wait", 900.0)),
+            max_pause_s=RetryPolicy(
+                max_rate_limit_wait_s=getattr(args, "max_rate_limit_wait", 900.0)).max_pause_s,
         )
 
 

@@ -202,8 +202,7 @@ async def _drive(
     run_actor = _actor(RunActor, f"run-{run}").remote(config.max_cost_usd, {
         name: ControlConfig(max_limit=ep.concurrency or settings.concurrency,
                             rpm=ep.rpm or settings.rpm,
-                            max_pause_s=min(config.policy.max_server_wait_s,
-                                            config.policy.max_rate_limit_wait_s))
+                            max_pause_s=config.policy.max_pause_s)
         for name, ep in endpoints.items()
     })
     shards = make_shards([job.id for job, _ in todo], options.shard_size)
