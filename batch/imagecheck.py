@@ -2,17 +2,21 @@
 
 :mod:`batch.imageinfo` walks an image's structure as it streams in; it cannot see a JPEG
 scan whose entropy-coded data is garbage, or a WebP whose VP8 partition is cut short.
-This module decodes the staged file in a child process, one image at a time, before
-the image is recorded:
+This module decodes the staged file before the image is recorded:
 
 - PNG: the IDAT stream is inflated piece by piece (zlib's Adler-32 checks it) and its
   length and row filter bytes are checked against the header; no pixels are kept.
+  zlib is memory-safe and the pieces are bounded, so this runs in the run's own
+  process: on the event loop for a small image (a hand-off to a child costs more than
+  the check), in a thread for a larger one.
 - JPEG: libjpeg-turbo (simplejpeg) at 1/8 scale with warnings as errors. Pillow would
   hide libjpeg's "corrupt data" warnings and fill the gap with grey; the 1/8 scale still
   reads every entropy-coded bit but keeps ~1/64 of the pixels.
 - WebP, GIF: Pillow decodes the first frame. libwebp's decoder holds two RGBA canvases
-  and Pillow a third: a 4K WebP peaks near 300 MB, which is why decoding happens in a
-  child process that gives it back, and not in the run's own.
+  and Pillow a third: a 4K WebP peaks near 300 MB, which is why these are decoded in a
+  child process that gives it back, and not in the run's own; a native decoder that
+  crashes on hostile data then takes down the child, not the run. The child starts
+  with the first image that needs it: a run whose images are all PNG starts none.
 
 What no decoder can see is not caught: JPEG and lossy WebP carry no checksum, so a
 change that still parses (a flipped coefficient) decodes to other pixels.
@@ -21,30 +25,32 @@ change that still parses (a flipped coefficient) decodes to other pixels.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
-import multiprocessing
 import os
 import signal
 import struct
 import sys
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from enum import StrEnum
 from pathlib import Path
-from typing import BinaryIO, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, Generic, Protocol, TypeVar
 
-from batch.imageinfo import ImageFormatError
+from batch.imageinfo import ImageFormatError, ImageInfo
 from batch.images import StagedImage
 from batch.jobs import Job
 from batch.storage.base import ImageSink
+
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
 
 log = logging.getLogger(__name__)
 
 # Decompressed PNG data is checked in pieces of this size, so memory stays flat.
 _INFLATE_PIECE = 1 << 20
+# A PNG of at most this many pixels (512 KiB of rows at 16-bit RGBA, well under a
+# millisecond to check) is checked on the event loop: a thread hand-off costs as much.
+INLINE_PNG_PIXELS = 256 * 256
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
           (0, 1, 1, 2))
@@ -87,8 +93,8 @@ def decode_problem(path: Path, mime: str) -> str | None:
     return None
 
 
-# The decoders are imported where they are used: the child that runs a run's checks
-# starts faster when its images are all PNG.
+# The decoders are imported where they are used, in the child, on its first image of
+# their kind: the run's own process never loads them.
 def _pillow(handle: BinaryIO) -> None:
     from PIL import Image
 
@@ -168,15 +174,13 @@ def _png(handle: BinaryIO) -> None:
 _PR_SET_PDEATHSIG = 1
 
 
-def _preload() -> None:
-    """Import the decoders in the child before the first image needs them."""
-    import simplejpeg  # noqa: F401
-    from PIL import Image  # noqa: F401
-
-
 def decode_pool(workers: int = 1) -> ProcessPoolExecutor:
     """Decode children for ``--verify decode``: spawned (the run has threads, and a forked
     child would inherit their locks), and each ends with the run, even a SIGKILLed one."""
+    # Imported here: a run whose images are all PNG never starts a child (module doc).
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     return ProcessPoolExecutor(
         max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
         initializer=_die_with, initargs=(os.getpid(),),
@@ -192,6 +196,8 @@ def _die_with(parent: int) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform == "linux":
+        import ctypes
+
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the run ended before the line above
@@ -212,12 +218,22 @@ class _Provider(Protocol[A]):
     async def close(self) -> None: ...
 
 
+async def image_problem(children: DecodeChildren, path: Path, info: ImageInfo) -> str | None:
+    """What is wrong with the image at ``path`` once decoded, or None (see the module doc)."""
+    if info.mime != "image/png":
+        return await children.problem(path, info.mime)
+    if info.width * info.height <= INLINE_PNG_PIXELS:
+        return decode_problem(path, info.mime)
+    return await asyncio.to_thread(decode_problem, path, info.mime)
+
+
 class DecodeChecked(Generic[A]):
     """A provider whose answers' images are decoded before they count as received.
 
-    Decoding happens in ``workers`` child processes (spawned on first use), so a decode's
-    memory is paid ``workers`` times whatever the concurrency, is given back between
-    images, and a decoder that crashes on hostile data takes down a child, not the run.
+    JPEG, WebP and GIF are decoded in ``workers`` child processes (spawned on first
+    use), so a decode's memory is paid ``workers`` times whatever the concurrency, is
+    given back between images, and a decoder that crashes on hostile data takes down a
+    child, not the run; PNG in the run's own process (:func:`image_problem`).
     An image that does not decode fails the request as a malformed answer (retried), and
     every image of that answer is discarded.
     """
@@ -225,19 +241,13 @@ class DecodeChecked(Generic[A]):
     def __init__(self, inner: _Provider[A], *, workers: int = 1) -> None:
         self._inner = inner
         self.children = DecodeChildren(workers)
-        self.warming: Future[None] | None = None  # the child's start, begun with the first request
 
     async def generate(self, job: Job, sink: ImageSink) -> A:
-        if self.warming is None:
-            # Spawning the child and importing its decoders takes about a second of CPU;
-            # started with the first request it is ready by the first answer, instead of
-            # delaying every answer of the first wave by that second.
-            self.warming = self.children.warm()
         answer = await self._inner.generate(job, sink)
         try:
             for staged in answer.images:
-                problem = await self.children.problem(sink.local_path(staged),
-                                                      staged.info.mime)
+                problem = await image_problem(self.children, sink.local_path(staged),
+                                              staged.info)
                 if problem is not None:
                     raise ImageFormatError(problem, job_id=job.id)
         except asyncio.CancelledError:
@@ -274,12 +284,10 @@ class DecodeChildren:
         self._workers = workers
         self.pool: ProcessPoolExecutor | None = None
 
-    def warm(self) -> Future[None]:
-        """Start a child and load its decoders now, before the first image needs them."""
-        return self._executor().submit(_preload)
-
     async def problem(self, path: Path, mime: str) -> str | None:
         """What is wrong with the image at ``path`` (decoded in a child), or None."""
+        from concurrent.futures.process import BrokenProcessPool
+
         loop = asyncio.get_running_loop()
         for _ in range(2):
             pool = self._executor()

@@ -21,7 +21,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from batch.imagecheck import DecodeChecked, _png_rows, decode_check, decode_problem
+from batch.imagecheck import (
+    INLINE_PNG_PIXELS,
+    DecodeChecked,
+    _png_rows,
+    decode_check,
+    decode_problem,
+)
 from batch.imageinfo import ImageFormatError, probe
 from batch.images import LocalImages, StagedImage, discard
 from batch.jobs import DEFAULT_MODEL, Job
@@ -61,10 +67,14 @@ def png_with_idat(data: bytes, idat: bytes) -> bytes:
 
 
 def png_raw(data: bytes) -> bytes:
-    """The inflated image data of a PNG with one IDAT chunk."""
-    start = data.index(b"IDAT")
-    (length,) = struct.unpack(">I", data[start - 4 : start])
-    return zlib.decompress(data[start + 4 : start + 4 + length])
+    """The inflated image data of a PNG (its IDAT chunks joined)."""
+    idat, at = b"", 8
+    while at < len(data):
+        length, kind = struct.unpack(">I4s", data[at : at + 8])
+        if kind == b"IDAT":
+            idat += data[at + 8 : at + 8 + length]
+        at += 12 + length
+    return zlib.decompress(idat)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF"])
@@ -218,7 +228,7 @@ def test_a_decode_child_that_dies_is_replaced_and_the_image_checked_again(
     # A child killed mid-check (as a decoder crash or the OOM killer would) fails every
     # image it held; a sound one must then pass in a fresh child, not be paid for again.
     (tmp_path / "images").mkdir()
-    body = noise("PNG")
+    body = noise("JPEG")  # PNG is checked in the run's own process
 
     async def once() -> tuple[Answer, bool]:
         provider = DecodeChecked(Staging([body]))
@@ -262,7 +272,7 @@ def test_ctrl_c_reaching_the_decode_child_leaves_it_to_the_run(tmp_path: Path) -
     job = Job("j1", "p", DEFAULT_MODEL, "1:1", "1K")
 
     async def once() -> bool:
-        provider = DecodeChecked(Staging([noise("PNG")]))
+        provider = DecodeChecked(Staging([noise("JPEG")]))
         (staged,) = (await provider.generate(job, LocalImages(tmp_path))).images
         discard(tmp_path, staged)  # its temporary name may be reused below
         first = provider.children.pool
@@ -295,7 +305,7 @@ def test_an_abort_during_the_decode_keeps_the_paid_answer(tmp_path: Path) -> Non
     """A second signal while a received answer waits for its decode must not delete it:
     the caller gets the answer (to commit it) and the cancellation at its next await."""
     (tmp_path / "images").mkdir()
-    inner = Staging([noise("PNG")])
+    inner = Staging([noise("JPEG")])
     received: list[Answer] = []
 
     async def once() -> None:
@@ -328,33 +338,39 @@ def test_an_abort_during_the_decode_keeps_the_paid_answer(tmp_path: Path) -> Non
     assert (tmp_path / staged.tmp_rel).read_bytes() == inner.bodies[0]
 
 
-def test_the_decode_child_starts_with_the_first_request_not_its_answer(tmp_path: Path) -> None:
-    """Spawning the child costs about a second; begun at the first answer, it delayed every
-    answer of a latency-bound first wave (bench workload 2 was 1.14x its ideal)."""
+@pytest.mark.parametrize("size", [(40, 30), (600, 400)])  # inline, and in a thread
+def test_png_is_checked_in_the_run_without_a_child(tmp_path: Path, size: tuple[int, int]) -> None:
+    """A run of PNG answers starts no decode child (a second of CPU it would not use); a PNG
+    whose data does not decode is still refused, checked on the loop or in a thread."""
+    assert (size[0] * size[1] <= INLINE_PNG_PIXELS) == (size == (40, 30))
+    good = noise("PNG", size)
+    raw = png_raw(good)
+    bad = png_with_idat(good, zlib.compress(raw[: -(1 + 3 * size[0])]))  # a scanline short
+    assert probe(bad).width == size[0]  # its structure is sound
     (tmp_path / "images").mkdir()
-    body = noise("PNG")
 
-    async def once() -> None:
-        provider: DecodeChecked[Answer]
-
-        class Slow(Staging):
-            async def generate(self, job: Job, sink: ImageSink) -> Answer:
-                # The request is in flight: the child must already be starting, and be ready
-                # before this answer comes back.
-                assert provider.warming is not None
-                await asyncio.wait_for(asyncio.wrap_future(provider.warming), 60)
-                return await super().generate(job, sink)
-
-        provider = DecodeChecked(Slow([body]))
+    async def once() -> tuple[object, object, bool]:
+        provider = DecodeChecked(Staging([good]))
+        refusing = DecodeChecked(Staging([bad]))
         try:
-            answer = await provider.generate(Job("j1", "p", DEFAULT_MODEL, "1:1", "1K"),
+            passed = await provider.generate(Job("j1", "p", DEFAULT_MODEL, "1:1", "1K"),
                                              LocalImages(tmp_path))
+            try:
+                refused: object = await refusing.generate(
+                    Job("j2", "p", DEFAULT_MODEL, "1:1", "1K"), LocalImages(tmp_path))
+            except ImageFormatError as exc:
+                refused = exc
+            return passed, refused, provider.children.pool is None is refusing.children.pool
         finally:
             await provider.close()
-        (staged,) = answer.images
-        staged.file.close()
+            await refusing.close()
 
-    asyncio.run(once())
+    passed, refused, no_child = asyncio.run(once())
+    assert isinstance(passed, Answer)
+    for staged in passed.images:
+        staged.file.close()
+    assert isinstance(refused, ImageFormatError) and "PNG" in refused.message
+    assert no_child
 
 
 KILLED_WITH_ITS_CHILDREN = """
