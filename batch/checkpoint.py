@@ -354,7 +354,7 @@ class Checkpoint:
             if not isinstance(self.states, StateTable):
                 self.states[state.id] = state
             elif offset is not None:
-                self.states.put(state.id, offset, len(line))
+                self.states.put(state.id, offset, len(line), state)
             if offset is not None:
                 offset += len(line)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -219,6 +220,36 @@ def test_states_read_back_by_offset_survive_compaction_and_a_torn_tail(tmp_path:
         assert sorted(state.id for state in states) == sorted(
             [*(f"j{n}" for n in range(400)), "j500"])
         assert len(store.states) == 401
+    finally:
+        store.close()
+
+
+def test_states_written_this_session_read_back_as_the_journal_says(tmp_path: Path) -> None:
+    """The table keeps the last states appended (a job in flight reads its own back): with
+    more jobs than it keeps, each read must still be the job's last record, as a new
+    reader of the journal sees it."""
+    rng = random.Random(7)
+    last: dict[str, JobState] = {}
+    store = Checkpoint.open(tmp_path)
+    try:
+        store.record(JobState("seed", "ab" * 32, Status.PENDING, 1), durable=True)
+    finally:
+        store.close()
+    store = Checkpoint.open(tmp_path)  # the index now has arrays, and states come after
+    try:
+        for n in range(6000):
+            job = f"j{rng.randrange(3000)}"
+            state = JobState(job, "ab" * 32, Status.PENDING, n + 1)
+            store.record(state, durable=False)
+            last[job] = state
+            probe = rng.choice(list(last))
+            assert store.states[probe] == last[probe]
+        assert all(store.states[job] == state for job, state in last.items())
+    finally:
+        store.close()
+    store = Checkpoint.open(tmp_path)
+    try:
+        assert all(store.states[job] == state for job, state in last.items())
     finally:
         store.close()
 
