@@ -1,5 +1,5 @@
 """``python -m batch`` is the ``imgbatch`` command."""
 
-from batch.cli import entry
+from batch.launch import main
 
-entry()
+main()

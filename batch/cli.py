@@ -44,7 +44,6 @@ from batch.runcommand import (  # the exit codes are the CLI's contract; they li
     enforce_capabilities,
 )
 from batch.runners import batchcli
-from batch.runners.batchplan import estimate_batch
 from batch.sim import config as simconfig
 from batch.storage import outputs
 
@@ -219,6 +218,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     shapes = manifest.jobs.shapes.weighted()  # a million jobs are a few shapes
     total, unknown = estimate_weighted(shapes, prices)
     note = f" (+{unknown} job(s) of unknown price)" if unknown else ""
+    from batch.runners.batchplan import estimate_batch
+
     batch_total = sum(estimate_batch([job], prices)[0] * n for job, n in shapes)
     print(f"  estimated cost: ${total:.2f} sync, ${batch_total:.2f} at the batch rate, "
           f"for one image per job{note}")

@@ -10,7 +10,6 @@ images in :mod:`batch.inputs`, id rules, templates and expansion in
 
 from __future__ import annotations
 
-import difflib
 import logging
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -382,6 +381,8 @@ class _Builder:
         if not isinstance(key, str):
             self.bad(location, None, f"{what} names must be strings, got {ex.describe(key)}")
             return
+        import difflib  # only for a misspelt key
+
         close = difflib.get_close_matches(key[:100], allowed, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(allowed)}"
         self.bad(location, ex.show(key, 40).strip("'\""), f"unknown {what}{hint}")

@@ -9,23 +9,14 @@ bombs are caught before anything walks the document.
 from __future__ import annotations
 
 import json
-import re
 import stat
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-import yaml
-from yaml.nodes import MappingNode, ScalarNode
-
 from batch import expand as ex
 from batch.errors import Problem
-
-try:  # the libyaml parser is several times faster; the pure one gives the same values
-    from yaml import CSafeLoader as _SafeBase
-except ImportError:  # pragma: no cover
-    from yaml import SafeLoader as _SafeBase  # type: ignore[assignment]
 
 T = TypeVar("T")
 
@@ -35,32 +26,6 @@ MAX_JSONL_LINE_BYTES = 1024 * 1024
 FORMATS = {".yaml": "yaml", ".yml": "yaml", ".json": "json", ".jsonl": "jsonl",
            ".ndjson": "jsonl"}
 _BOM = b"\xef\xbb\xbf"
-# YAML 1.1 reads an unquoted 16:9 as the base-60 integer 969 (and 1:1 as 61).
-_SEXAGESIMAL_RE = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
-
-
-class _Loader(_SafeBase):
-    """yaml.safe_load's loader, except that `16:9` stays a string and duplicate keys fail."""
-
-    # A class-level table is how PyYAML configures resolvers; this copy is never mutated.
-    yaml_implicit_resolvers = {  # noqa: RUF012
-        ch: ([("tag:yaml.org,2002:str", _SEXAGESIMAL_RE)] if ch in "+-0123456789" else [])
-        + list(resolvers)
-        for ch, resolvers in _SafeBase.yaml_implicit_resolvers.items()
-    }
-
-    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        # PyYAML silently keeps the last of two equal keys: a pasted second `prompt:` would win.
-        seen: set[str] = set()
-        for key_node, _ in node.value:
-            if isinstance(key_node, ScalarNode) and key_node.tag.endswith(":str"):
-                if key_node.value in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key_node.value!r} appears twice", key_node.start_mark)
-                seen.add(key_node.value)
-        return super().construct_mapping(node, deep)
-
-
 class _DuplicateKey(ValueError):
     pass
 
@@ -147,7 +112,14 @@ def parse_document(
     try:
         if fmt == "json":
             return decoder.decode(text)
-        doc = yaml.load(text, Loader=_Loader)
+        # PyYAML is loaded for a YAML manifest only: a JSONL run starts without it.
+        from batch.yamldoc import YamlProblem, load_yaml
+
+        try:
+            doc = load_yaml(text)
+        except YamlProblem as exc:
+            probs.add(f"{where}:{exc.line}" if exc.line else where, None, exc.message)
+            return FAILED
         if _exceeds(doc, 10 * len(text) + 10_000):
             probs.add(where, None, "YAML aliases expand to too much data (or refer to themselves)")
             return FAILED
@@ -155,17 +127,6 @@ def parse_document(
     except json.JSONDecodeError as exc:
         probs.add(f"{where}:{exc.lineno}", None,
                   f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        message = f"invalid YAML{at}: {exc.problem or exc.context}"
-        if exc.problem and "constructor for the tag" in exc.problem:
-            message += " (tags that build objects are not allowed)"
-        probs.add(f"{where}:{mark.line + 1}" if mark else where, None, message)
-    except yaml.reader.ReaderError as exc:
-        line = text.count("\n", 0, exc.position) + 1
-        probs.add(f"{where}:{line}", None, f"invalid YAML at line {line}: character "
-                  f"U+{exc.character:04X} is not allowed ({exc.reason})")
     except RecursionError:
         probs.add(where, None, "nested too deeply to read")
     except Exception as exc:  # constructor ValueErrors (!!int abc), giant ints, duplicates...

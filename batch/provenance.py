@@ -37,7 +37,9 @@ PNG_XMP_KEY = b"XML:com.adobe.xmp"
 JPEG_XMP_HEAD = b"http://ns.adobe.com/xap/1.0/\0"
 FIELD_CHARS = 5000  # per text field: the JPEG APP1 segment holds at most 65,533 bytes
 HOLD_BYTES = 1 << 20  # JPEG metadata segments held until the scan starts; beyond, no stamp
-_NOT_XML = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+# What XML 1.0 forbids, spelt as the complement of what it allows: the negated class
+# compiles 10x slower (5 ms of every start).
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _PLAIN = re.compile("[\u0020-\u0025\u0027-\u003b\u003d\u003f-\u007e]*")  # nothing to escape
 FIELDS = ("job_id", "prompt", "model", "provider", "endpoint", "settings", "created", "tool")
 

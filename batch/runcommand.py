@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from batch import capabilities, report, routing
@@ -35,7 +36,6 @@ from batch.imagecheck import DecodeChecked, Verify
 from batch.images import IMAGES_DIR
 from batch.jobs import Job, Status
 from batch.manifest import Manifest
-from batch.metrics import MetricsFile
 from batch.pricing import price_key
 from batch.progress import ConsoleProgress, Observers
 from batch.providers.base import ClientConfig
@@ -43,9 +43,11 @@ from batch.results import RESULTS, write_results
 from batch.retry import RetryPolicy
 from batch.runners import batchcli
 from batch.runners.batchledger import Ledger
-from batch.runners.batchmode import BatchConfig, BatchRunner
 from batch.storage import outputs
 from batch.storage.base import StateStore
+
+if TYPE_CHECKING:  # loaded by the runs that use them
+    from batch.metrics import MetricsFile
 
 log = logging.getLogger("batch")
 
@@ -66,6 +68,8 @@ def metrics_file(path: Path | None, name: str, labels: dict[str, str],
                          "only files ending in .prom")
     if not path.parent.is_dir():
         raise UsageError(f"--metrics-file {path}: folder {path.parent} does not exist")
+    from batch.metrics import MetricsFile
+
     return MetricsFile(path, output=name,
                        endpoint_of=lambda job: labels.get(job.endpoint, job.endpoint),
                        endpoints=labels.values(), interval_s=interval_s)
@@ -182,6 +186,8 @@ def cmd_run(args: argparse.Namespace, started: float | None = None) -> int:
     try:
         runner = None
         if batched and ledger is not None:
+            from batch.runners.batchmode import BatchConfig, BatchRunner
+
             client = ClientConfig(timeout_s=args.timeout, stall_timeout_s=args.stall_timeout,
                                   ca_bundle=args.ca_bundle)
             runner = BatchRunner(

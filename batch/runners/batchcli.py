@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from batch.checkpoint import Checkpoint
 from batch.cost import to_usd
@@ -23,10 +24,11 @@ from batch.errors import UsageError
 from batch.jobs import Job
 from batch.provenance import Stamper
 from batch.providers.base import ClientConfig, Secret
-from batch.providers.batchapi import BatchApi
 from batch.runners.batchledger import Ledger
-from batch.runners.batchmode import BatchEndpoint, BatchRunner
-from batch.runners.batchplan import describe_age
+
+if TYPE_CHECKING:  # the batch machinery is loaded by the runs that use it
+    from batch.providers.batchapi import BatchApi
+    from batch.runners.batchmode import BatchEndpoint, BatchRunner
 
 # provider -> "module:class" of its BatchApi client (imported when a run needs it).
 BATCH_CLIENTS: Mapping[str, str] = {
@@ -98,6 +100,8 @@ def build_endpoints(endpoints: Mapping[str, Endpoint], names: set[str],
                     keys: Mapping[str, Secret], config: ClientConfig,
                     embed_metadata: bool = True) -> dict[str, BatchEndpoint]:
     """One batch client per batch endpoint (``config`` gives timeouts and TLS)."""
+    from batch.runners.batchmode import BatchEndpoint
+
     out = {}
     for name in names:
         ep = endpoints[name]
@@ -112,6 +116,8 @@ def build_endpoints(endpoints: Mapping[str, Endpoint], names: set[str],
 
 def status_lines(root: Path) -> list[str]:
     """The open batches of ``root`` as the ledger last saw them."""
+    from batch.runners.batchplan import describe_age
+
     ledger = Ledger.open(root, writable=False)
     opened = ledger.open_batches()
     if not opened:
