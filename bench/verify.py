@@ -93,8 +93,9 @@ async def through_wrapper(root: Path, rel: str, images: int, concurrency: int,
     started = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(images)))
     wall = time.perf_counter() - started
-    if provider._pool is not None:  # reap the children, so their peak RSS is counted
-        provider._pool.shutdown(wait=True)
+    pool = provider.children.pool
+    if pool is not None:  # reap the children, so their peak RSS is counted
+        pool.shutdown(wait=True)
     await provider.close()
     return wall
 
