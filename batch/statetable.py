@@ -15,7 +15,6 @@ open (:func:`scan`) and follows every append through :meth:`StateTable.put`.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from array import array
@@ -27,8 +26,6 @@ import numpy as np
 
 from batch.jobs import Status
 from batch.linememo import digest64, fp_digest
-
-log = logging.getLogger(__name__)
 
 STATUS_CODES = {status: n for n, status in enumerate(Status)}
 _SUCCEEDED = STATUS_CODES[Status.SUCCEEDED]
@@ -214,6 +211,8 @@ class StateTable(Mapping[str, Any]):
         self._recent: dict[str, Any] = {}
 
     def _find(self, key: int) -> int:
+        if not len(self.ids):  # a new output: every job of its first run asks
+            return -1
         # As a uint64 scalar: a Python int above 2**63 would turn the search into a copy.
         at = int(self.ids.searchsorted(np.uint64(key)))
         return at if at < len(self.ids) and int(self.ids[at]) == key else -1
