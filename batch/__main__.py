@@ -1,5 +1,5 @@
 """``python -m batch`` is the ``imgbatch`` command."""
 
-from batch.launch import main
+from batch.cli import entry
 
-main()
+entry()
