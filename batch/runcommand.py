@@ -19,7 +19,6 @@ import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from batch import capabilities, report, routing
@@ -36,6 +35,7 @@ from batch.imagecheck import DecodeChecked, Verify
 from batch.images import IMAGES_DIR
 from batch.jobs import Job, Status
 from batch.manifest import Manifest
+from batch.metrics import MetricsFile
 from batch.pricing import price_key
 from batch.progress import ConsoleProgress, Observers
 from batch.providers.base import ClientConfig
@@ -45,9 +45,6 @@ from batch.runners import batchcli
 from batch.runners.batchledger import Ledger
 from batch.storage import outputs
 from batch.storage.base import StateStore
-
-if TYPE_CHECKING:  # loaded by the runs that use them
-    from batch.metrics import MetricsFile
 
 log = logging.getLogger("batch")
 
@@ -68,8 +65,6 @@ def metrics_file(path: Path | None, name: str, labels: dict[str, str],
                          "only files ending in .prom")
     if not path.parent.is_dir():
         raise UsageError(f"--metrics-file {path}: folder {path.parent} does not exist")
-    from batch.metrics import MetricsFile
-
     return MetricsFile(path, output=name,
                        endpoint_of=lambda job: labels.get(job.endpoint, job.endpoint),
                        endpoints=labels.values(), interval_s=interval_s)
