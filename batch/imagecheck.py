@@ -32,6 +32,7 @@ import struct
 import sys
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Generic, Protocol, TypeVar
@@ -49,8 +50,9 @@ log = logging.getLogger(__name__)
 # PNG data is read, and checked once inflated, in pieces of these sizes: memory stays flat.
 _READ_PIECE = _INFLATE_PIECE = 1 << 20
 # A PNG of at most this many pixels (512 KiB of rows at 16-bit RGBA, well under a
-# millisecond to check) is checked on the event loop: a thread hand-off costs as much.
+# millisecond to check) and bytes is checked on the event loop: a hand-off costs as much.
 INLINE_PNG_PIXELS = 256 * 256
+INLINE_PNG_BYTES = 1 << 20
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
           (0, 1, 1, 2))
@@ -158,7 +160,9 @@ def _png(handle: BinaryIO, *, strided: bool = True) -> None:
                 total = stride * height if width else 0
             continue
         assert rows is not None  # the streaming walk put IHDR first
-        while True:
+        # Bytes after the end of the stream are let be, as decoders do; never fed again:
+        # zlib would keep them as the unconsumed tail of a call that gives nothing back.
+        while not inflater.eof:
             out = inflater.decompress(data, _INFLATE_PIECE)
             data = inflater.unconsumed_tail
             if stride:
@@ -249,22 +253,13 @@ class _Provider(Protocol[A]):
     async def close(self) -> None: ...
 
 
-async def image_problem(children: DecodeChildren, path: Path, info: ImageInfo) -> str | None:
-    """What is wrong with the image at ``path`` once decoded, or None (see the module doc)."""
-    if info.mime != "image/png":
-        return await children.problem(path, info.mime)
-    if info.width * info.height <= INLINE_PNG_PIXELS:
-        return decode_problem(path, info.mime)
-    return await asyncio.to_thread(decode_problem, path, info.mime)
-
-
 class DecodeChecked(Generic[A]):
     """A provider whose answers' images are decoded before they count as received.
 
     JPEG, WebP and GIF are decoded in ``workers`` child processes (spawned on first
     use), so a decode's memory is paid ``workers`` times whatever the concurrency, is
     given back between images, and a decoder that crashes on hostile data takes down a
-    child, not the run; PNG in the run's own process (:func:`image_problem`).
+    child, not the run; PNG in the run's own process (:meth:`DecodeChildren.check`).
     An image that does not decode fails the request as a malformed answer (retried), and
     every image of that answer is discarded.
     """
@@ -277,8 +272,8 @@ class DecodeChecked(Generic[A]):
         answer = await self._inner.generate(job, sink)
         try:
             for staged in answer.images:
-                problem = await image_problem(self.children, sink.local_path(staged),
-                                              staged.info)
+                problem = await self.children.check(sink.local_path(staged), staged.info,
+                                                    staged.bytes)
                 if problem is not None:
                     raise ImageFormatError(problem, job_id=job.id)
         except asyncio.CancelledError:
@@ -306,14 +301,29 @@ class DecodeChecked(Generic[A]):
 
 
 class DecodeChildren:
-    """The decode children of one run (sync or batch mode): ``problem`` asks one whether an
-    image decodes. A child that dies (a decoder crash, the OOM killer) fails every image it
-    held; each is tried once more in a fresh child before it is refused, so an image queued
-    behind the culprit is not paid for again."""
+    """The decoders of one run (sync or batch mode): ``check`` says whether an image decodes.
+
+    PNG is checked in this process (module doc): on the loop when small, else in a thread of
+    its own, so that a wave of big PNGs does not hold up the commits in the loop's default
+    pool. ``problem`` asks a child: one that dies (a decoder crash, the OOM killer) fails
+    every image it held; each is tried once more in a fresh child before it is refused, so
+    an image queued behind the culprit is not paid for again."""
 
     def __init__(self, workers: int = 1) -> None:
         self._workers = workers
         self.pool: ProcessPoolExecutor | None = None
+        self._thread: ThreadPoolExecutor | None = None
+
+    async def check(self, path: Path, info: ImageInfo, size_bytes: int) -> str | None:
+        """What is wrong with the image at ``path`` once decoded, or None."""
+        if info.mime != "image/png":
+            return await self.problem(path, info.mime)
+        if info.width * info.height <= INLINE_PNG_PIXELS and size_bytes <= INLINE_PNG_BYTES:
+            return decode_problem(path, info.mime)
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="imgbatch-png")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, decode_problem, path, info.mime)
 
     async def problem(self, path: Path, mime: str) -> str | None:
         """What is wrong with the image at ``path`` (decoded in a child), or None."""
@@ -338,3 +348,5 @@ class DecodeChildren:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
+        if self._thread is not None:
+            self._thread.shutdown(wait=False, cancel_futures=True)

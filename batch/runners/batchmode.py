@@ -32,7 +32,7 @@ from batch.checkpoint import STATE_DIR, FileMeta, JobState, fingerprint
 from batch.commit import GroupCommitter
 from batch.cost import PriceTable
 from batch.errors import FatalApiError, JobError, NotRecorded, RejectedError, StorageError
-from batch.imagecheck import DecodeChildren, image_problem
+from batch.imagecheck import DecodeChildren
 from batch.imageinfo import DEFAULT_MAX_PIXELS
 from batch.images import StagedImage, StreamTransform
 from batch.jobs import ImageRecord, Job, Status
@@ -235,7 +235,8 @@ class BatchRunner:
         if not self.config.decode_check or not line.images:
             return line
         for image in line.images:
-            problem = await image_problem(self._decoder, stage.sink.local_path(image), image.info)
+            problem = await self._decoder.check(stage.sink.local_path(image), image.info,
+                                                image.bytes)
             if problem is not None:
                 for staged in line.images:
                     stage.discard(staged)
