@@ -226,3 +226,33 @@ def test_a_429_reaches_the_server_without_waiting_for_the_batch_under_way() -> N
 
     stack = contextlib.AsyncExitStack()
     asyncio.run(main())
+
+
+def test_the_first_pool_after_slow_start_is_granted_one_a_call() -> None:
+    """Slow start's end releases the pool at once: one permit a call for its first
+    ``max_limit`` starts (each worker's next waits for its last to leave), then batches."""
+    now = [0.0]
+
+    async def sleep(delay_s: float) -> None:
+        now[0] += delay_s
+
+    async def admit(server: LimitsServer, seqs: tuple[int, ...]) -> None:
+        now[0] += 0.2
+        await server.end("w", server.epoch, [(seq, "admitted", None, False) for seq in seqs])
+
+    async def main() -> None:
+        server = LimitsServer(ControlConfig(max_limit=16, initial_limit=8),
+                              clock=lambda: now[0], sleep=sleep)
+        await admit(server, (await server.lease("w", 8)).seqs)  # round 1, at once
+        second = await server.lease("w", 16)  # round 2, at its spacing
+        assert len(second.seqs) == 16
+        await admit(server, second.seqs)
+        sizes = []
+        for _ in range(16):
+            grant = await server.lease("w", 8)
+            sizes.append(len(grant.seqs))
+            await admit(server, grant.seqs)
+        assert not server.controller.slow_start and sizes == [1] * 16
+        assert len((await server.lease("w", 8)).seqs) == 8  # the pool has shown it holds
+
+    asyncio.run(main())

@@ -67,6 +67,8 @@ class LimitsServer:
         self.spacing_s = spacing_s
         self._clock = clock
         self._sleep = sleep
+        self._slow = self.controller.slow_start  # as last seen
+        self._single = 0  # permits still granted one a call (see _most)
         self._holder: dict[int, str] = {}  # ticket -> worker
         self._adopted: set[int] = set()  # tickets of requests started in an earlier life
         self._seen: dict[str, float] = {}  # worker -> last call
@@ -100,7 +102,7 @@ class LimitsServer:
                 # Wakes on any answer; at least every second to expire dead workers' leases.
                 await asyncio.wait_for(event.wait(), timeout=min(wait, 1.0, give_up - now))
         seqs = [self._start(worker, now)]
-        while len(seqs) < want:
+        while len(seqs) < self._most(want):
             # Slow start spaces a round's starts by a few milliseconds. One a call, a round
             # took as many round trips (20-100 ms each from a busy node), so most of it was
             # answered before it ended, and its end released the rest of the pool at once
@@ -110,12 +112,28 @@ class LimitsServer:
             if 0 < wait <= self.spacing_s and self.controller.slow_start:
                 await self._sleep(wait)
                 wait = self.controller.wait_s(self._clock())
-            if wait > 0:
+            if wait > 0 or len(seqs) >= self._most(want):
                 break
             seqs.append(self._start(worker, self._clock()))
+        self._single = max(0, self._single - len(seqs))
         self._log_events()
         self.granted += len(seqs)
         return Grant(self.epoch, tuple(seqs))
+
+    def _most(self, want: int) -> int:
+        """The permits one call may grant: one, for the first pool after slow start.
+
+        Slow start ends by releasing the rest of the pool at once. A permit reaches the
+        server's gateway a round trip after its grant (more from a busy node), and its 429
+        comes back another one later: granted in batches, that jump would put a round
+        trip's worth of starts into a window it may just have filled, where one machine
+        hears of the limit within a few milliseconds. One a call, each worker's next
+        permit waits for its last to leave.
+        """
+        if self._slow and not self.controller.slow_start:
+            self._slow = False
+            self._single = self.controller.config.max_limit
+        return 1 if self._single > 0 else max(want, 1)
 
     def _start(self, worker: str, now: float) -> int:
         seq = self.controller.on_start(now)
