@@ -49,6 +49,7 @@ class Grant:
 
     epoch: str
     seqs: tuple[int, ...]
+    held_s: float = 0.0  # how long the server held the call before granting them
 
 
 class LimitsServer:
@@ -86,7 +87,8 @@ class LimitsServer:
     async def lease(self, worker: str, want: int) -> Grant:
         """Wait until a request may start, then grant up to ``want`` permits that may start now;
         none if nothing may start within ``poll_s`` (the client asks again: no call is long)."""
-        give_up = self._clock() + self.poll_s
+        called = self._clock()
+        give_up = called + self.poll_s
         while True:
             now = self._clock()
             self._touch(worker, now)
@@ -118,7 +120,7 @@ class LimitsServer:
         self._single = max(0, self._single - len(seqs))
         self._log_events()
         self.granted += len(seqs)
-        return Grant(self.epoch, tuple(seqs))
+        return Grant(self.epoch, tuple(seqs), self._clock() - called)
 
     def _most(self, want: int) -> int:
         """The permits one call may grant: one, for the first pool after slow start.
