@@ -1,4 +1,4 @@
-"""The cluster's shared limits against a rate window, on a virtual clock (issue 15).
+"""The cluster's shared limits against a rate window (issue 15's bench: 429s under 2%).
 
 Four workers lease permits from one
 :class:`~batch.runners.limits_server.LimitsServer` over a round trip, as shard
@@ -7,11 +7,14 @@ tasks do from the run's actor, and send to a sliding window
 permits are the simulation's, and answers that come back while the server
 waits reach it in time order, as they reach a real actor between its awaits.
 
-The case measured: slow start spaces a round's starts by a few milliseconds.
-Granted one a lease call, a round took as many round trips, so on a busy node
-most of it was answered before it ended, and the end of slow start released
-the rest of the pool at once into a full window (24 429s at once where one
-machine has 8: the bench's 429 share went over 2%).
+Measured on the bench under load, before these: slow start spaced a round's
+starts by a few milliseconds, so granted one a lease call, a round took as
+many round trips; on a busy node most of it was answered before it ended, and
+the end of slow start released the rest of the pool at once into a full
+window (24-44 429s at once where one machine has 10). Then: the jump itself,
+in batches of 8 a worker, 429s that waited for the batch of answers under way,
+and permits that reached a stalled worker after the server had paused. A
+table test for each.
 """
 
 from __future__ import annotations
