@@ -49,7 +49,6 @@ class Grant:
 
     epoch: str
     seqs: tuple[int, ...]
-    held_s: float = 0.0  # how long the server held the call before granting them
 
 
 class LimitsServer:
@@ -87,8 +86,7 @@ class LimitsServer:
     async def lease(self, worker: str, want: int) -> Grant:
         """Wait until a request may start, then grant up to ``want`` permits that may start now;
         none if nothing may start within ``poll_s`` (the client asks again: no call is long)."""
-        called = self._clock()
-        give_up = called + self.poll_s
+        give_up = self._clock() + self.poll_s
         while True:
             now = self._clock()
             self._touch(worker, now)
@@ -120,7 +118,7 @@ class LimitsServer:
         self._single = max(0, self._single - len(seqs))
         self._log_events()
         self.granted += len(seqs)
-        return Grant(self.epoch, tuple(seqs), self._clock() - called)
+        return Grant(self.epoch, tuple(seqs))
 
     def _most(self, want: int) -> int:
         """The permits one call may grant: one, for the first pool after slow start.

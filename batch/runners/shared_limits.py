@@ -8,9 +8,7 @@ The round trip to the actor (1-4 ms) is paid per batch, not per request:
 one pump asks for as many permits as there are waiting requests (at most
 ``batch``), and answers are sent back in batches while the previous batch
 is under way; a 429 goes at once, in a call of its own (the cluster's pool
-must hear of a shared limit as soon as one machine's would). Permits that
-reach a stalled worker far later than its calls take are given back unused
-and asked for again, once: the server may have paused since it granted them.
+must hear of a shared limit as soon as one machine's would).
 
 Every call is bounded: the client gives up on any call after
 ``call_timeout_s``, so an actor that hangs or whose node is gone fails its
@@ -24,9 +22,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Protocol
@@ -34,7 +31,7 @@ from typing import Protocol
 from batch.congestion import ControlConfig, Outcome, Verdict
 from batch.errors import ClusterError, JobError, RateLimited
 from batch.limits import Limits, Ticket
-from batch.runners.limits_server import EndEvent, Grant, LimitsRemote
+from batch.runners.limits_server import EndEvent, LimitsRemote
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +60,7 @@ class SharedLimits(Limits):
     def __init__(self, remote: LimitsRemote, worker: str, *, batch: int = 8,
                  renew_s: float = 2.5, hook: SlotHook | None = None,
                  lease_retries: int = 30, retry_s: float = 1.0,
-                 call_timeout_s: float = 20.0, unreachable_s: float = 60.0,
-                 stale_s: float = 0.1, clock: Callable[[], float] = time.monotonic) -> None:
+                 call_timeout_s: float = 20.0, unreachable_s: float = 60.0) -> None:
         super().__init__(ControlConfig(max_limit=1))
         self._remote = remote
         self.worker = worker
@@ -75,9 +71,6 @@ class SharedLimits(Limits):
         self._retry_s = retry_s
         self._call_timeout_s = call_timeout_s
         self._unreachable_s = unreachable_s
-        self._stale_s = stale_s
-        self._now = clock
-        self._transit_min = math.inf  # the fastest lease call, less the server's hold
         self._queue: collections.deque[asyncio.Future[tuple[str, int]]] = collections.deque()
         self._ends: list[tuple[str, EndEvent]] = []
         self._pump: asyncio.Task[None] | None = None
@@ -173,9 +166,7 @@ class SharedLimits(Limits):
     async def _run_pump(self) -> None:
         failures = 0
         failing_since = 0.0
-        asked_again = False
         while self._queue:
-            began = self._now()
             try:
                 # Bounded: the server answers within its poll_s, so a call this late went to
                 # an actor that hangs or is gone. (Permits it may still grant are held until
@@ -205,15 +196,6 @@ class SharedLimits(Limits):
                 await self._on_epoch(grant.epoch)
             except Exception as exc:  # the next renewal adopts them
                 log.warning("could not re-register the requests in flight: %r", exc)
-            if grant.seqs and not asked_again and self._late(grant, began):
-                # Its answer was on the way far longer than this worker's calls take (the
-                # process was not scheduled: a busy node), so the server may have heard of a
-                # shared limit since it granted these. Give them back unused; ask again, once.
-                asked_again = True
-                self._ends += [(grant.epoch, (seq, None, None, False)) for seq in grant.seqs]
-                self._kick_flush(urgent=True)
-                continue
-            asked_again = False
             for seq in grant.seqs:
                 while self._queue and self._queue[0].done():
                     self._queue.popleft()  # cancelled while the lease was under way
@@ -223,16 +205,6 @@ class SharedLimits(Limits):
                     # Nobody wants it now.
                     self._ends.append((grant.epoch, (seq, None, None, False)))
                     self._kick_flush()
-
-    def _late(self, grant: Grant, began: float) -> bool:
-        """Whether ``grant`` reached this worker ``stale_s`` later than its calls do.
-
-        Durations only: the server's clock and this one are on different nodes. The
-        baseline is at most ``stale_s`` (a far node is not late for being far).
-        """
-        transit = self._now() - began - grant.held_s
-        self._transit_min = min(self._transit_min, transit)
-        return transit > min(self._transit_min, self._stale_s) + self._stale_s
 
     def _fail_waiters(self, error: Exception) -> None:
         while self._queue:
