@@ -9,7 +9,10 @@ drive it with plain asyncio. Its client is
 :class:`~batch.runners.shared_limits.SharedLimits`.
 
 A lease is answered within ``poll_s`` (an empty grant when nothing may start
-yet), so no call to it is long. Leases: a worker renews its lease with every
+yet), so no call to it is long. During slow start one call waits out the
+few milliseconds between a round's starts (at most ``spacing_s`` each) to
+grant up to what was asked: one permit a call, a round would take as many
+round trips. Leases: a worker renews its lease with every
 call and every few seconds; the permits of a worker silent for
 ``lease_ttl_s`` (its process or node died) are ended as abandoned, and a
 shard's retry ends its dead attempts' at once (:meth:`LimitsServer.retire`),
@@ -53,14 +56,19 @@ class LimitsServer:
 
     def __init__(self, config: ControlConfig, *, cautious: bool = False,
                  lease_ttl_s: float = 10.0, adopt_window_s: float = 7.0, poll_s: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 spacing_s: float = 0.01, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         if cautious:
             config = replace(config, initial_limit=1)
         self.controller = Controller(config)
         self.epoch = uuid.uuid4().hex[:12]
         self.lease_ttl_s = lease_ttl_s
         self.poll_s = poll_s
+        self.spacing_s = spacing_s
         self._clock = clock
+        self._sleep = sleep
+        self._slow = self.controller.slow_start  # as last seen
+        self._single = 0  # permits still granted one a call (see _most)
         self._holder: dict[int, str] = {}  # ticket -> worker
         self._adopted: set[int] = set()  # tickets of requests started in an earlier life
         self._seen: dict[str, float] = {}  # worker -> last call
@@ -93,13 +101,44 @@ class LimitsServer:
             with suppress(TimeoutError):
                 # Wakes on any answer; at least every second to expire dead workers' leases.
                 await asyncio.wait_for(event.wait(), timeout=min(wait, 1.0, give_up - now))
-        seqs: list[int] = []
-        while len(seqs) < max(want, 1) and self.controller.wait_s(now) <= 0:
-            seq = self.controller.on_start(now)
-            self._holder[seq] = worker
-            seqs.append(seq)
+        seqs = [self._start(worker, now)]
+        while len(seqs) < self._most(want):
+            # Slow start spaces a round's starts by a few milliseconds. One a call, a round
+            # took as many round trips (20-100 ms each from a busy node), so most of it was
+            # answered before it ended, and its end released the rest of the pool at once
+            # into a full window. The call waits out those short gaps instead, as one
+            # machine's waiting requests do.
+            wait = self.controller.wait_s(self._clock())
+            if 0 < wait <= self.spacing_s and self.controller.slow_start:
+                await self._sleep(wait)
+                wait = self.controller.wait_s(self._clock())
+            if wait > 0 or len(seqs) >= self._most(want):
+                break
+            seqs.append(self._start(worker, self._clock()))
+        self._single = max(0, self._single - len(seqs))
+        self._log_events()
         self.granted += len(seqs)
         return Grant(self.epoch, tuple(seqs))
+
+    def _most(self, want: int) -> int:
+        """The permits one call may grant: one, for the first pool after slow start.
+
+        Slow start ends by releasing the rest of the pool at once. A permit reaches the
+        server's gateway a round trip after its grant (more from a busy node), and its 429
+        comes back another one later: granted in batches, that jump would put a round
+        trip's worth of starts into a window it may just have filled, where one machine
+        hears of the limit within a few milliseconds. One a call, each worker's next
+        permit waits for its last to leave.
+        """
+        if self._slow and not self.controller.slow_start:
+            self._slow = False
+            self._single = self.controller.config.max_limit
+        return 1 if self._single > 0 else max(want, 1)
+
+    def _start(self, worker: str, now: float) -> int:
+        seq = self.controller.on_start(now)
+        self._holder[seq] = worker
+        return seq
 
     async def adopt(self, worker: str, count: int) -> Grant:
         """``worker`` has ``count`` requests in flight granted by an earlier life of this

@@ -7,7 +7,8 @@ change. Its server is :class:`~batch.runners.limits_server.LimitsServer`.
 The round trip to the actor (1-4 ms) is paid per batch, not per request:
 one pump asks for as many permits as there are waiting requests (at most
 ``batch``), and answers are sent back in batches while the previous batch
-is under way.
+is under way; a 429 goes at once, in a call of its own (the cluster's pool
+must hear of a shared limit as soon as one machine's would).
 
 Every call is bounded: the client gives up on any call after
 ``call_timeout_s``, so an actor that hangs or whose node is gone fails its
@@ -74,6 +75,7 @@ class SharedLimits(Limits):
         self._ends: list[tuple[str, EndEvent]] = []
         self._pump: asyncio.Task[None] | None = None
         self._flush: asyncio.Task[None] | None = None
+        self._urgent: set[asyncio.Task[None]] = set()  # 429s sent ahead of the batch
         self._renewer: asyncio.Task[None] | None = None
         self._peak = 0
         self._in_flight = 0
@@ -146,9 +148,10 @@ class SharedLimits(Limits):
                 task.cancel()
                 with suppress(asyncio.CancelledError):
                     await task
-        if self._flush is not None:
-            with suppress(Exception):
-                await self._flush
+        for flush in (self._flush, *self._urgent):
+            if flush is not None:
+                with suppress(Exception):
+                    await flush
         if self._ends:
             await self._send_ends()
 
@@ -238,24 +241,36 @@ class SharedLimits(Limits):
     def _queue_end(self, ticket: SharedTicket, outcome: str | None,
                    retry_after_s: float | None, said: bool) -> None:
         self._ends.append((ticket.epoch, (ticket.seq, outcome, retry_after_s, said)))
-        self._kick_flush()
+        self._kick_flush(urgent=outcome == Outcome.REFUSED.value)
 
-    def _kick_flush(self) -> None:
+    def _kick_flush(self, *, urgent: bool = False) -> None:
+        loop = asyncio.get_running_loop()
         if self._flush is None or self._flush.done():
-            self._flush = asyncio.get_running_loop().create_task(self._send_ends())
+            self._flush = loop.create_task(self._send_ends())
+        elif urgent:
+            # A 429 may be the first of a shared limit, met while the pool refills at a few
+            # hundred starts a second: the server hears of it now, in a call of its own, not
+            # after the batch under way (a round trip: 20-60 ms from a busy node).
+            pending, self._ends = self._ends, []
+            task = loop.create_task(self._send(pending))
+            self._urgent.add(task)
+            task.add_done_callback(self._urgent.discard)
 
     async def _send_ends(self) -> None:
         # Answers that arrive while one batch is under way go in the next one.
         while self._ends:
             pending, self._ends = self._ends, []
-            by_epoch: dict[str, list[EndEvent]] = {}
-            for epoch, event in pending:
-                by_epoch.setdefault(epoch, []).append(event)
-            for epoch, events in by_epoch.items():
-                try:
-                    await asyncio.wait_for(self._remote.end(self.worker, epoch, events),
-                                           self._call_timeout_s)
-                except Exception as exc:  # the actor died: its successor ignores these
-                    log.warning("could not return %d permit(s): %s", len(events), exc)
-            self.round_trips += 1
+            await self._send(pending)
+
+    async def _send(self, pending: list[tuple[str, EndEvent]]) -> None:
+        by_epoch: dict[str, list[EndEvent]] = {}
+        for epoch, event in pending:
+            by_epoch.setdefault(epoch, []).append(event)
+        for epoch, events in by_epoch.items():
+            try:
+                await asyncio.wait_for(self._remote.end(self.worker, epoch, events),
+                                       self._call_timeout_s)
+            except Exception as exc:  # the actor died: its successor ignores these
+                log.warning("could not return %d permit(s): %s", len(events), exc)
+        self.round_trips += 1
 
