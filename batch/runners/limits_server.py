@@ -14,9 +14,11 @@ few milliseconds between a round's starts (at most ``spacing_s`` each) to
 grant up to what was asked: one permit a call, a round would take as many
 round trips. Leases: a worker renews its lease with every
 call and every few seconds; the permits of a worker silent for
-``lease_ttl_s`` (its process or node died) are ended as abandoned, and a
-shard's retry ends its dead attempts' at once (:meth:`LimitsServer.retire`),
-so a dead worker never holds a slot for good. A restarted actor starts
+``lease_ttl_s`` (its process or node died) are ended as abandoned, so a
+dead worker never holds a slot for good. Not sooner, even when a shard's
+retry says its earlier attempt is dead: a request whose client died may
+still be running at the gateway (a server does not stop work on a closed
+connection), and it counts against the gateway's cap until it ends there. A restarted actor starts
 cautious, as after a 429: a pause, then slow start from one request. During
 the pause (``adopt_window_s``, longer than two renewals) every live client
 re-registers the permits it still has in flight (``adopt``), so requests of
@@ -183,16 +185,6 @@ class LimitsServer:
 
     def _touch(self, worker: str, now: float) -> None:
         self._seen[worker] = now
-
-    async def retire(self, prefix: str, keep: str) -> int:
-        """Workers named ``prefix...`` other than ``keep`` are dead: their permits end now.
-
-        A shard's retry says so of its earlier attempts (Ray retries a task once its
-        worker or node is gone), so their slots come back at once, not after
-        ``lease_ttl_s``. Returns the permits ended.
-        """
-        dead = {w for w in self._seen if w.startswith(prefix) and w != keep}
-        return self._forget(dead, self._clock(), "of an earlier attempt")
 
     def _expire(self, now: float) -> None:
         self._forget({w for w, at in self._seen.items() if now - at > self.lease_ttl_s}, now,

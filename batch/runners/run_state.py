@@ -42,10 +42,9 @@ class RunState:
         return await self.coordinator.attempt(shard)
 
     async def retire(self, prefix: str, keep: str) -> None:
-        """Workers ``prefix...`` but ``keep`` are dead: their permits and budget end now."""
+        """Workers ``prefix...`` but ``keep`` are dead: what they held counts as spent now.
+        Their permits end with their leases (limits_server's module doc says why)."""
         await self.coordinator.retire(prefix, keep)
-        for server in self.limits.values():
-            await server.retire(prefix, keep)
 
     async def report(self, worker: str, events: list[Event]) -> Control:
         return await self.coordinator.report(worker, events)
