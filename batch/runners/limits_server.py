@@ -12,15 +12,15 @@ A lease is answered within ``poll_s`` (an empty grant when nothing may start
 yet), so no call to it is long. During slow start one call waits out the
 few milliseconds between a round's starts (at most ``spacing_s`` each) to
 grant up to what was asked: one permit a call, a round would take as many
-round trips. Leases: a worker renews its lease with every
-call and every few seconds; the permits of a worker silent for
-``lease_ttl_s`` (its process or node died) are ended as abandoned, so a
-dead worker never holds a slot for good. Not sooner, even when a shard's
-retry says its earlier attempt is dead: a request whose client died may
-still be running at the gateway (a server does not stop work on a closed
-connection), and it counts against the gateway's cap until it ends there. A restarted actor starts
-cautious, as after a 429: a pause, then slow start from one request. During
-the pause (``adopt_window_s``, longer than two renewals) every live client
+round trips. Leases: a worker renews its lease with every call and every few
+seconds; the permits of a worker silent for ``lease_ttl_s`` (its process or
+node died) are ended as abandoned, so a dead worker never holds a slot for
+good. Not sooner, even when a shard's retry says its earlier attempt is
+dead: a request whose client died may still be running at the gateway (a
+server does not stop work on a closed connection), and it counts against the
+gateway's cap until it ends there. A restarted actor starts cautious, as
+after a 429: a pause, then slow start from one request. During the pause
+(``adopt_window_s``, longer than two renewals) every live client
 re-registers the permits it still has in flight (``adopt``), so requests of
 the actor's previous life count against the cap of its new one.
 """
@@ -187,12 +187,11 @@ class LimitsServer:
         self._seen[worker] = now
 
     def _expire(self, now: float) -> None:
-        self._forget({w for w, at in self._seen.items() if now - at > self.lease_ttl_s}, now,
-                     "of silent workers")
-
-    def _forget(self, dead: set[str], now: float, why: str) -> int:
+        """End the permits of workers silent for ``lease_ttl_s`` (the module doc says why
+        no sooner)."""
+        dead = {w for w, at in self._seen.items() if now - at > self.lease_ttl_s}
         if not dead:
-            return 0
+            return
         for worker in dead:
             del self._seen[worker]
         lost = [seq for seq, worker in self._holder.items() if worker in dead]
@@ -202,9 +201,8 @@ class LimitsServer:
             self.controller.on_end(seq, now, None)
         if lost:
             self.expired += len(lost)
-            log.warning("ended %d permit(s) %s", len(lost), why)
+            log.warning("ended %d permit(s) of silent workers", len(lost))
             self._notify()
-        return len(lost)
 
     def _event(self) -> asyncio.Event:
         if self._changed is None:
