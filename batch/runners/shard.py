@@ -66,22 +66,25 @@ class ShardSpec:
 
 class _ExitSeam(Reporter):
     """Test seam: the worker process dies (os._exit) after ``count`` successes, once per
-    cluster run (the first attempt to create ``marker`` is the one that dies)."""
+    cluster run (the first attempt to create ``marker`` is the one that dies). The
+    marker lists the ids of the successes it saw, committed before it died."""
 
     def __init__(self, remote: CoordinatorRemote, worker: str, count: int, marker: str) -> None:
         super().__init__(remote, worker)
         self._count = count
         self._marker = marker
-        self._seen = 0
+        self._seen: list[str] = []
 
     def on_success(self, job: Job, state: JobState, cost_usd: float) -> None:
         super().on_success(job, state, cost_usd)
-        self._seen += 1
-        if self._seen == self._count:
+        self._seen.append(job.id)
+        if len(self._seen) == self._count:
             try:
-                os.close(os.open(self._marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+                fd = os.open(self._marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             except FileExistsError:
                 return
+            os.write(fd, "".join(f"{id_}\n" for id_ in self._seen).encode())
+            os.close(fd)
             os._exit(17)
 
 
