@@ -109,10 +109,13 @@ def _write(path: Path, lines: list[dict[str, object]]) -> None:
                             for n, line in enumerate(lines)))
 
 
-def _plan(catalog: Path, out: Path, model: str | None, fast: bool) -> list[tuple[str, str]] | str:
+def _plan(catalog: Path, out: Path, model: str | None, fast: bool,
+          memo: bool = True) -> list[tuple[str, str]] | str:
+    """The plan: ``fast`` the catalog's (by digest: with the memo's fingerprints, or with
+    none and fingerprinted at the plan), else asked job by job."""
     try:
         manifest = load_manifest(catalog, default_model=model,
-                                 memo=out / STATE_DIR / MEMO if fast else None)
+                                 memo=out / STATE_DIR / MEMO if fast and memo else None)
     except ManifestError as exc:
         return f"invalid: {sorted(str(p) for p in exc.problems)}"
     store = Checkpoint.open(out)
@@ -175,6 +178,8 @@ def test_the_fast_plan_is_the_plan_asked_job_by_job(
     _write(catalog, lines)
     with contextlib.suppress(ManifestError):  # duplicate ids: nothing to record
         _record_some(catalog, out, None, picks)
+    # Validated without fingerprints (no memo: an s3:// or cluster run's manifest).
+    assert _plan(catalog, out, None, True, memo=False) == _plan(catalog, out, None, False)
     # First resume: no memo yet; it writes one.
     assert _plan(catalog, out, None, True) == _plan(catalog, out, None, False)
     # Lines edited, another --model, a torn memo: the memo must not lie.
@@ -187,6 +192,7 @@ def test_the_fast_plan_is_the_plan_asked_job_by_job(
         memo.write_bytes(memo.read_bytes()[:-3])
     assert _plan(catalog, out, model, True) == _plan(catalog, out, model, False)
     assert _plan(catalog, out, model, True) == _plan(catalog, out, model, False)
+    assert _plan(catalog, out, model, True, memo=False) == _plan(catalog, out, model, False)
 
 
 def test_states_read_back_by_offset_survive_compaction_and_a_torn_tail(tmp_path: Path) -> None:
