@@ -39,7 +39,7 @@ def row(job: Job, state: JobState | None, fp: str, store: StateStore) -> dict[st
         "model": job.model,
         "aspect_ratio": job.aspect_ratio,
         "image_size": job.image_size,
-        "usage": state.usage if state is not None and current else None,
+        "usage": (state.usage or None) if state is not None and current else None,
         "latency_s": state.latency_s if state is not None and current else None,
     }
 
@@ -57,6 +57,13 @@ def rows(jobs: Sequence[Job], store: StateStore) -> Iterator[dict[str, Any]]:
     # Every job's record located at once, when the catalog knows its ids' digests.
     places = table.places(ids) if ids is not None else None
     for job in jobs:
+        known = int(fps[job.index]) if fps is not None else 0
+        state = table.recent(job.id)
+        if state is not None:  # just written: no record to read back and parse
+            current = (fp_digest(state.fingerprint) == known if known
+                       else state.fingerprint == fingerprint(job))
+            yield row(job, state, state.fingerprint if current else "", store)
+            continue
         if places is not None:
             n = job.index
             record = table.read_record(job.id, int(places[0][n]), int(places[1][n]))
@@ -66,7 +73,6 @@ def rows(jobs: Sequence[Job], store: StateStore) -> Iterator[dict[str, Any]]:
         if record is None:
             yield row(job, None, "", store)
             continue
-        known = int(fps[job.index]) if fps is not None else 0
         try:
             current = (fp_digest(record["fp"]) == known if known
                        else record["fp"] == fingerprint(job))

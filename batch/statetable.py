@@ -245,6 +245,10 @@ class StateTable(Mapping[str, Any]):
             if len(self._recent) > _RECENT_STATES:
                 del self._recent[next(iter(self._recent))]
 
+    def recent(self, job_id: str) -> Any:
+        """The state of ``job_id`` if appended lately (among the last 1,024), else None."""
+        return self._recent.get(job_id)
+
     def record(self, job_id: str) -> tuple[dict[str, Any] | None, bool]:
         """The last record of ``job_id`` as read from the journal (no JobState built), and
         whether its images were found as recorded at open (see :meth:`checked_intact`)."""

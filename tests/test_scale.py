@@ -260,6 +260,48 @@ def test_states_written_this_session_read_back_as_the_journal_says(tmp_path: Pat
         store.close()
 
 
+def test_results_rows_of_states_written_this_session_match_a_later_readers(
+    tmp_path: Path,
+) -> None:
+    """results.jsonl at the end of a run takes the states it just wrote from memory; a
+    later reader (``imgbatch report``, the next run) builds the rows from the journal:
+    the same lines, whatever the status, error, usage or fingerprint said."""
+    catalog, out = tmp_path / "c.jsonl", tmp_path / "out"
+    catalog.write_text("".join(json.dumps({"id": f"j{n}", "prompt": f"p {n}"}) + "\n"
+                               for n in range(8)))
+    (out / "images").mkdir(parents=True)
+    jobs = list(load_manifest(catalog).jobs)
+    store = Checkpoint.open(out)
+    try:
+        for n, job in enumerate(jobs[:7]):
+            fp = fingerprint(job) if n != 5 else "ef" * 32  # j5: of another fingerprint
+            images: tuple[ImageRecord, ...] = ()
+            metas: tuple[FileMeta, ...] = ()
+            status = [Status.SUCCEEDED, Status.FAILED, Status.PENDING][n % 3]
+            if status is Status.SUCCEEDED:
+                path = out / f"images/{job.id}.png"
+                path.write_bytes(b"png" + job.id.encode())
+                images = (ImageRecord(f"images/{job.id}.png", "0" * 64, path.stat().st_size,
+                                      "image/png", 1, 1),)
+                metas = (FileMeta(None, path.stat().st_mtime_ns),)
+            error = {"type": "http", "status": 500, "message": "boom"} if n % 3 else None
+            usage = [None, "{}", '{"prompt_tokens":3}'][n % 3]
+            store.record(JobState(job.id, fp, status, n + 1, error, images, metas,
+                                  usage_json=usage, latency_s=0.5 * n), durable=n == 6)
+        os.unlink(out / "images/j3.png")  # gone since: pending on both paths
+        now = list(rows(jobs, store))
+    finally:
+        store.close()
+    store = Checkpoint.open(out)
+    try:
+        later = list(rows(jobs, store))
+    finally:
+        store.close()
+    assert now == later
+    assert [r["status"] for r in now] == ["succeeded", "failed", "pending", "pending",
+                                          "failed", "pending", "succeeded", "pending"]
+
+
 @pytest.mark.parametrize("damage", [
     lambda line: line[:-5] + b"XXXXX",  # the end of the record replaced
     lambda line: line.replace(b'"usage":', b'"usage":{{', 1),  # broken just past the regex
