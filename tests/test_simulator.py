@@ -550,3 +550,24 @@ def test_serve_prints_its_address_and_stops_on_sigint() -> None:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_a_simulator_takes_its_batch_files_with_it(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each simulator started used to leave a folder in /tmp (5,664 of them, 12 GB of batch
+    files, on this machine after a day of tests): made on the first upload, gone at stop."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    async def scenario(url: str, session: aiohttp.ClientSession) -> None:
+        assert not list(tmp_path.iterdir())  # none until a batch file comes
+        form = aiohttp.FormData()
+        form.add_field("purpose", "batch")
+        form.add_field("file", b'{"custom_id": "a"}\n', filename="in.jsonl")
+        async with session.post(f"{url}/v1/files", data=form) as resp:
+            assert resp.status == 200, await resp.text()
+        assert [p.name[:13] for p in tmp_path.iterdir()] == ["imgbatch-sim-"]
+
+    run(SimConfig(), scenario)
+    assert not list(tmp_path.iterdir())

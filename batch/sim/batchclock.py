@@ -18,6 +18,7 @@ import enum
 import hashlib
 import os
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -104,7 +105,7 @@ class BatchSimState:
 
     config: BatchSimConfig
     clock: BatchClock = field(default_factory=BatchClock)
-    folder: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="imgbatch-sim-")))
+    folder: Path | None = None  # uploads and results, made on first use; gone at cleanup
     calls: dict[str, int] = field(default_factory=dict)  # upload, create, poll, download...
     paid_lines: dict[str, int] = field(default_factory=dict)  # prompt sha -> images billed
     batch_attempts: dict[str, int] = field(default_factory=dict)  # prompt sha -> batches
@@ -134,9 +135,17 @@ class BatchSimState:
                 "clock_offset_s": self.clock.offset_s}
 
     def new_path(self, prefix: str) -> Path:
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="imgbatch-sim-"))
         handle, name = tempfile.mkstemp(prefix=prefix, dir=self.folder)
         os.close(handle)
         return Path(name)
+
+    async def remove(self, _app: object = None) -> None:
+        """Delete the folder of uploads and results (an aiohttp cleanup hook): every
+        simulator started used to leave one in /tmp, batch files and all."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _ordinals(text: str) -> tuple[int, ...]:

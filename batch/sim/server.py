@@ -313,6 +313,7 @@ def build_app(config: SimConfig) -> web.Application:
     app.router.add_route("*", "/v1/images/edits", sim.images)
     batch_openai.install(app, config, sim.batches)
     app.router.add_route("*", "/{tail:.*}", sim.not_found)
+    app.on_cleanup.append(sim.batches.remove)
     return app
 
 
