@@ -32,7 +32,7 @@ from batch.errors import (
     UsageError,
 )
 from batch.imagecheck import Verify
-from batch.manifest import summarize
+from batch.manifestjobs import summarize
 from batch.progress import setup_logging
 from batch.runcommand import (  # the exit codes are the CLI's contract; they live with run
     EXIT_INCOMPLETE,
@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     manifest = routing.load(args)
     enforce_capabilities(manifest, args.provider)
-    plan = summarize(manifest)
+    plan = summarize(manifest.jobs)
     print(f"{args.manifest}: valid, {plan['jobs']} job(s)")
     for key, value in plan.items():
         if key != "jobs":

@@ -387,28 +387,3 @@ class _Builder:
         hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(allowed)}"
         self.bad(location, ex.show(key, 40).strip("'\""), f"unknown {what}{hint}")
 
-
-def summarize(manifest: Manifest) -> dict[str, Any]:
-    """A plan for `imgbatch validate`: job counts by size/ratio and model, input images."""
-    shapes = manifest.jobs.shapes
-    pairs: Counter[tuple[str, str]] = Counter()
-    models: Counter[str] = Counter()
-    for job, n in shapes.weighted():
-        pairs[(job.image_size, job.aspect_ratio)] += n
-        models[job.model] += n
-    by_size: dict[str, dict[str, int]] = {}
-    for size, ratio in sorted(pairs, key=lambda p: (_rank(IMAGE_SIZES, p[0]),
-                                                   _rank(ASPECT_RATIOS, p[1]))):
-        by_size.setdefault(size, {})[ratio] = pairs[(size, ratio)]
-    return {
-        "jobs": len(manifest.jobs),
-        "by_size_and_ratio": by_size,
-        "by_model": dict(sorted(models.items())),
-        "input_images": shapes.input_kinds(),
-        # bytes sent over the whole run: a file used by 10 jobs counts 10 times
-        "input_image_bytes": shapes.input_bytes(),
-    }
-
-
-def _rank(order: tuple[str, ...], value: str) -> int:
-    return order.index(value) if value in order else len(order)

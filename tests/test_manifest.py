@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from batch import manifest as manifest_module
 from batch.errors import ManifestError, Problem
 from batch.jobs import DEFAULT_ASPECT_RATIO, DEFAULT_IMAGE_SIZE, InputKind
-from batch.manifest import Manifest, load_manifest, summarize
+from batch.manifest import Manifest, load_manifest
+from batch.manifestjobs import summarize
 
 DATA = Path(__file__).parent / "data" / "manifests"
 PNG = (DATA / "pixel.png").read_bytes()
@@ -147,7 +148,7 @@ def test_catalog_fixture_uses_every_feature() -> None:
     assert image.mime == "image/png" and image.size_bytes == len(PNG)
     assert image.digest == hashlib.sha256(PNG).hexdigest() and image.source == "pixel.png"
     assert manifest.pricing == {"house-model": {"1K": 0.04, "2K": 0.08}}
-    assert summarize(manifest) == {
+    assert summarize(manifest.jobs) == {
         "jobs": 8,
         "by_size_and_ratio": {"2K": {"1:1": 3, "16:9": 5}},
         "by_model": {"house-model": 8},
