@@ -398,6 +398,3 @@ class StateTable(Mapping[str, Any]):
             state = self._parse(self._read(int(offset), int(length)))
             if state is not None:
                 yield state
-
-
-__all__ = ["Scan", "StateTable"]

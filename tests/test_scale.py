@@ -289,15 +289,20 @@ def test_results_rows_of_states_written_this_session_match_a_later_readers(
             store.record(JobState(job.id, fp, status, n + 1, error, images, metas,
                                   usage_json=usage, latency_s=0.5 * n), durable=n == 6)
         os.unlink(out / "images/j3.png")  # gone since: pending on both paths
-        now = list(rows(jobs, store))
+        assert isinstance(store.states, StateTable)
+        assert all(store.states.recent(job.id) is not None for job in jobs[:7])
+        # As built, and streamed from the catalog with the digests its memo gives.
+        streamed = load_manifest(catalog, memo=out / STATE_DIR / MEMO).jobs
+        now, now_streamed = list(rows(jobs, store)), list(rows(streamed, store))
     finally:
         store.close()
     store = Checkpoint.open(out)
     try:
+        assert isinstance(store.states, StateTable) and store.states.recent("j0") is None
         later = list(rows(jobs, store))
     finally:
         store.close()
-    assert now == later
+    assert now == later and now_streamed == later
     assert [r["status"] for r in now] == ["succeeded", "failed", "pending", "pending",
                                           "failed", "pending", "succeeded", "pending"]
 
