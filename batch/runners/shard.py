@@ -117,7 +117,8 @@ async def run_shard(spec: ShardSpec, limits: Mapping[str, LimitsRemote],
     worker = writer_id(spec.run, spec.shard, attempt)
     if number > 1:
         # A retry: Ray runs it once the earlier attempt's worker or node is gone, so the
-        # slots and budget that attempt held come back now, not when its lease expires.
+        # budget that attempt held counts as spent now, not when its lease expires. Its
+        # slots wait for their leases (the gateway may still serve what it sent).
         try:
             await call(coordinator.retire(writer_id(spec.run, spec.shard, "a")[:-1], worker))
         except Exception as exc:  # they expire all the same
