@@ -287,10 +287,13 @@ class _Catalog:
         for start in range(0, len(asked), _PLAN_BATCH):
             part = list(itertools.islice(jobs, _PLAN_BATCH))
             prints = [fingerprint(job) for job in part]
-            # Fingerprinted now: the index answers for most, as the memo's digests would
-            # have; reading a job's record back to ask it costs ~30 µs.
-            again = done_mask(ids[asked[start:start + len(part)]],
-                              np.array([fp_digest(fp) for fp in prints], np.uint64)).tolist()
+            if self.memo_path is None:
+                # Fingerprinted now: the index answers for most, as the memo's digests
+                # would have; reading a job's record back to ask it costs ~30 µs.
+                again = done_mask(ids[asked[start:start + len(part)]], np.array(
+                    [fp_digest(fp) for fp in prints], np.uint64)).tolist()
+            else:  # the index was asked with the memo's digests above
+                again = [False] * len(part)
             for job, fp, done in zip(part, prints, again, strict=True):
                 if not done and not store.is_done(job, fp):
                     todo.append((job, fp))

@@ -60,11 +60,7 @@ def rows(jobs: Sequence[Job], store: StateStore) -> Iterator[dict[str, Any]]:
         known = int(fps[job.index]) if fps is not None else 0
         state = table.recent(job.id)
         if state is not None:  # just written: no record to read back and parse
-            try:  # a shard's segment folded in may say anything, as the journal may
-                current = (fp_digest(state.fingerprint) == known if known
-                           else state.fingerprint == fingerprint(job))
-            except (ValueError, TypeError):
-                current = False
+            current = _is_current(state.fingerprint, known, job)
             yield row(job, state, state.fingerprint if current else "", store)
             continue
         if places is not None:
@@ -76,12 +72,16 @@ def rows(jobs: Sequence[Job], store: StateStore) -> Iterator[dict[str, Any]]:
         if record is None:
             yield row(job, None, "", store)
             continue
-        try:
-            current = (fp_digest(record["fp"]) == known if known
-                       else record["fp"] == fingerprint(job))
-        except (ValueError, TypeError, KeyError):
-            current = False
-        yield _record_row(job, record, current, intact, store)
+        yield _record_row(job, record, _is_current(record.get("fp"), known, job), intact, store)
+
+
+def _is_current(fp: Any, known: int, job: Job) -> bool:
+    """Whether a recorded fingerprint is ``job``'s: by the digest the load computed when
+    ``known``. A record may say anything (a hand edit, a shard's segment): not current."""
+    try:
+        return bool(fp_digest(fp) == known if known else fp == fingerprint(job))
+    except (ValueError, TypeError):
+        return False
 
 
 def _record_row(job: Job, record: dict[str, Any], current: bool, intact: bool,
