@@ -5,11 +5,8 @@ and sleeps on nothing, so the same object runs the real pool (through
 :class:`batch.limits.Limits`) and gateways simulated on a virtual clock
 (tests/test_congestion.py). After TCP's slow start and Netflix's concurrency-limits:
 
-- **Slow start.** The first round is ``initial_limit`` requests; each round
-  whose requests were all admitted doubles the next one, spread so that a 429
-  comes back before much more is sent. A request counts as admitted once
-  answered with anything but 429, or once in flight longer than a 429 takes
-  to come back (limiters refuse at the door): slow answers do not slow the ramp.
+- **Slow start** (:mod:`batch.slowstart`): rounds that double while admitted,
+  spread so that a 429 comes back before much more is sent.
 - **An isolated 429 is noise**: its request waits its own ``Retry-After`` (the
   retry policy) and the pool goes on.
 - **A shared limit is evidence**: a run of refused starts in a row longer than
@@ -33,6 +30,8 @@ import enum
 import math
 import operator
 from dataclasses import dataclass
+
+from batch.slowstart import SlowStart, Start
 
 MAX_STEP = 0.25  # the largest pace step while probing
 _AT = operator.attrgetter("at")
@@ -73,12 +72,6 @@ class ControlConfig:
             raise ValueError("max_limit must be at least 1 and rpm positive")
 
 
-@dataclass
-class _Start:
-    at: float
-    refused: bool | None = None  # None: not answered yet
-
-
 class Controller:
     """See the module docstring. Times are seconds on any monotonic clock."""
 
@@ -90,13 +83,10 @@ class Controller:
         pinned = config.rpm / 60.0 / 1.01 if config.rpm else None  # 1%: network jitter
         self.rate: float | None = pinned  # starts per second, None: not paced
         self._tat = -math.inf  # GCRA: the earliest next start when paced
-        self.slow_start = config.adaptive and pinned is None and config.max_limit > 1
-        self.window = min(config.initial_limit, config.max_limit) if self.slow_start \
-            else config.max_limit
-        self._round_first = 0  # seq of the first start of the current round
-        self._next_start = -math.inf  # slow start spreads a round's starts
+        ramp = config.adaptive and pinned is None and config.max_limit > 1
+        self._ramp = SlowStart(config.initial_limit, config.max_limit) if ramp else None
         self._turnaround_min = math.inf  # fastest answer seen
-        self._starts: list[_Start] = []
+        self._starts: list[Start] = []
         self._base = 0  # seq of _starts[0]
         self._noise = config.prior_share  # background 429 share (isolated ones)
         self._turnaround_429 = 0.0  # a decaying maximum
@@ -125,8 +115,13 @@ class Controller:
         self._judge_interval(now)
         if self.in_flight >= self.config.max_limit:
             return math.inf
-        if self.slow_start and (wait := self._round_wait(now)) > 0:
-            return wait
+        if self._ramp is not None:
+            wait = self._ramp.wait_s(now, self._starts, self._base, admit_s=self._admit_s(),
+                                     turnaround_429_s=self._turnaround_429)
+            if wait is None:
+                self._end_slow_start(now, "a full pool was admitted")
+            elif wait > 0:
+                return wait
         if self.rate is not None and self._tat > now:
             return self._tat - now
         return 0.0
@@ -137,11 +132,10 @@ class Controller:
         self.peak = max(self.peak, self.in_flight)
         if self.rate is not None:
             self._tat = max(self._tat, now) + 1.0 / self.rate
-        if self.slow_start and self._round_first > 0:
-            # A burst limit met mid-round then costs a few 429s, not the rest of it.
-            spread = min(self._turnaround_min / 3, self._admit_s() / self.window)
-            self._next_start = now + spread
-        self._starts.append(_Start(now))
+        if self._ramp is not None:
+            self._ramp.on_start(now, turnaround_min_s=self._turnaround_min,
+                                admit_s=self._admit_s())
+        self._starts.append(Start(now))
         self._trim(now)
         return self._base + len(self._starts) - 1
 
@@ -170,34 +164,24 @@ class Controller:
             return Verdict.SHARED
         self._learn_noise(True)
         self._judge_interval(now, early=True)
+        if self._ramp is not None:
+            self._ramp.on_isolated(ticket)
         return Verdict.ISOLATED
 
     # -- slow start ------------------------------------------------------------------
 
-    def _round_wait(self, now: float) -> float:
-        started = self._base + len(self._starts) - self._round_first
-        if started < self.window:
-            return max(0.0, self._next_start - now)
-        # The round is sent: the next one waits until every request of it is admitted.
-        admit_s = self._admit_s()
-        latest = 0.0
-        for start in self._starts[max(0, self._round_first - self._base):]:
-            if start.refused is None:  # a 429 was judged when it came back
-                latest = max(latest, start.at + admit_s - now)
-        if latest > 0:
-            return latest
-        if self.window >= self.config.max_limit and self._round_first > 0:
-            # Two full rounds: the second one spread out, since the first went at once.
-            self._end_slow_start(now, "a full pool was admitted")
-            return 0.0
-        self.window = min(self.config.max_limit, 2 * self.window)
-        self._round_first = self._base + len(self._starts)
-        return 0.0
+    @property
+    def slow_start(self) -> bool:
+        return self._ramp is not None
+
+    @property
+    def window(self) -> int:
+        """The current round's size in slow start; after it, the pool."""
+        return self.config.max_limit if self._ramp is None else self._ramp.window
 
     def _end_slow_start(self, now: float, why: str) -> None:
-        if self.slow_start:
-            self.slow_start = False
-            self.window = self.config.max_limit
+        if self._ramp is not None:
+            self._ramp = None
             self.events.append(f"slow start over at {self.in_flight} in flight: {why}")
 
     def _admit_s(self) -> float:
@@ -395,7 +379,8 @@ class Controller:
     def _trim(self, now: float) -> None:
         cutoff = now - self.config.horizon_s
         drop = 0
-        keep_from = self._round_first - self._base if self.slow_start else len(self._starts)
+        keep_from = len(self._starts) if self._ramp is None else \
+            self._ramp.round_first - self._base
         while drop < min(len(self._starts), keep_from) and self._starts[drop].at < cutoff:
             drop += 1
         if drop >= 256:  # in batches: the list is shifted once per 256 starts

@@ -748,7 +748,7 @@ def render(ctx: Ctx, info: dict[str, Any], wall: float) -> str:
         "a 60 s one: with a 60 s window all 200 requests fit in one window and nothing is ever "
         "rate limited. The ideal is 200 requests at 600/min = 20 s (the window lets a bursty "
         "client finish the last 20 at 18 s). Without `--rpm`, the run's first wave of 64 "
-        "requests is not sent at once: slow start (`batch.congestion`) sends 16, then rounds "
+        "requests is not sent at once: slow start (`batch.slowstart`) sends 16, then rounds "
         "twice as large spread out so that a 429 comes back before much more is sent; the "
         "429s that find the burst allowance pause the pool, and the pace learnt from them "
         "keeps the rest of the run nearly free of 429s.",

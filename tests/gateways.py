@@ -161,6 +161,8 @@ def run(gateway: Gateway, jobs: int, config: ControlConfig, *, latency_s: float 
             workers_free -= 1
         while sending:
             wait = ctl.wait_s(now)
+            # Asking again changes nothing: a lease server asks twice (before and in a call).
+            assert ctl.wait_s(now) == wait, (now, wait, ctl.__dict__)
             if wait > 0:
                 if wait < math.inf and now + wait < wake_at:
                     wake_at = now + wait

@@ -87,6 +87,61 @@ def test_an_isolated_429_does_not_pause_the_pool() -> None:
     assert ctl.wait_s(0.01) == 0.0  # the pool goes on; only that request waits 30 s
 
 
+def _slow_start_round_two(ctl: Controller) -> tuple[float, list[int]]:
+    """Round one (16) sent and answered in 5 ms, then round two started at 1 ms spacing."""
+    first = [ctl.on_start(0.0) for _ in range(16)]
+    for ticket in first:
+        ctl.on_end(ticket, 0.005, Outcome.ADMITTED)
+    now, second = 0.005, []
+    for _ in range(4):
+        now += ctl.wait_s(now)
+        second.append(ctl.on_start(now))
+        now += 0.001
+    return now, second
+
+
+def test_a_429_in_slow_start_holds_starts_until_a_later_request_gets_through() -> None:
+    ctl = Controller(ControlConfig(max_limit=64))
+    now, second = _slow_start_round_two(ctl)
+    # The first of round two refused 3 ms after it left: its three successors are out.
+    assert ctl.on_end(second[0], now, Outcome.REFUSED, 2.0) is Verdict.ISOLATED
+    assert 0 < ctl.wait_s(now) < math.inf  # until the eldest is two 429 turnarounds old
+    assert ctl.on_end(second[1], now + 0.001, Outcome.REFUSED, 2.0) is Verdict.ISOLATED
+    assert ctl.wait_s(now + 0.001) > 0  # still nothing got through
+    assert ctl.on_end(second[2], now + 0.002, Outcome.ADMITTED) is None
+    assert ctl.wait_s(now + 0.002) == 0.0  # one did: the 429s were noise, the ramp goes on
+    assert ctl.slow_start
+
+
+def test_a_run_of_429s_in_slow_start_costs_what_was_under_way_then_pauses() -> None:
+    ctl = Controller(ControlConfig(max_limit=64))
+    now, second = _slow_start_round_two(ctl)
+    verdicts = [ctl.on_end(ticket, now + 0.001 * i, Outcome.REFUSED, 2.0)
+                for i, ticket in enumerate(second[:2])]
+    assert verdicts == [Verdict.ISOLATED, Verdict.ISOLATED]
+    # The two others are still under way, so nothing more starts: had they been back
+    # admitted, the next start would be one at a time until one got through.
+    assert ctl.wait_s(now + 0.002) > 0
+    assert ctl.on_end(second[2], now + 0.002, Outcome.REFUSED, 2.0) is Verdict.SHARED
+    assert ctl.wait_s(now + 0.002) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(("refuse_s", "most_first_wave"), [(0.002, 4), (0.009, 6), (0.015, 10)])
+def test_a_burst_limit_met_in_slow_start_costs_the_requests_under_way(
+    refuse_s: float, most_first_wave: int
+) -> None:
+    """20 per 2 s at 64 in flight, no latency: round two meets the limit at its 5th start.
+
+    The 429s before the pause are the first refused request and those sent within one
+    429 turnaround after it. Before slow start held on a 429 there were two more each
+    time: sending went on until three refused in a row had come back.
+    """
+    r = run(SlidingWindow(20, 2.0), 200, ControlConfig(64), refuse_s=refuse_s)
+    first_wave = sum(t < 1.0 for t in r.refused_at)
+    assert 3 <= first_wave <= most_first_wave, (first_wave, r.events)
+    assert r.done == 200 and r.shared >= 1
+
+
 def test_a_run_of_refused_starts_pauses_the_pool_once() -> None:
     ctl = Controller(ControlConfig(max_limit=8, adaptive=False))
     tickets = [ctl.on_start(0.0) for _ in range(8)]

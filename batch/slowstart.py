@@ -1,0 +1,92 @@
+"""Slow start: how a run's first requests grow to the pool, pure (clock readings in).
+
+After TCP's slow start. The first round is ``initial`` requests at once; each
+round whose requests were all admitted doubles the next one, spread so that a
+429 comes back before much more is sent. A request counts as admitted once
+answered with anything but 429, or once in flight longer than a 429 takes to
+come back (``admit_s``: limiters refuse at the door), so slow answers do not
+slow the ramp. Slow start is over after two full rounds, the second spread out
+since the first went at once, or when :class:`batch.congestion.Controller`
+finds a shared limit.
+
+A 429 holds further starts until a request sent after it gets through
+(answered, or out for two 429 turnarounds), one at a time: a burst limit then
+costs only what was already under way, and noise a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# Waits are rounded up by this, so that a clock read after one says it is over (a
+# virtual clock adding a wait of 1e-17 to 100.0 would otherwise never get there).
+EPSILON_S = 1e-6
+
+
+@dataclass
+class Start:
+    """One request start, as the controller remembers it."""
+
+    at: float
+    refused: bool | None = None  # None: not answered yet
+
+
+class SlowStart:
+    """The rounds of one endpoint's slow start; ``starts[i]`` is the start of seq ``base + i``."""
+
+    def __init__(self, initial: int, max_limit: int) -> None:
+        self.max_limit = max_limit
+        self.window = min(initial, max_limit)
+        self.round_first = 0  # seq of the first start of the current round
+        self._held_after: int | None = None  # seq of a refused request
+        self._next_start = -math.inf  # a round's starts are spread
+
+    def wait_s(self, now: float, starts: list[Start], base: int, *, admit_s: float,
+               turnaround_429_s: float) -> float | None:
+        """0 if a request may start; else how long to wait; None: slow start is over."""
+        if self._held_after is not None:
+            wait = self._held_wait(now, starts, base, turnaround_429_s)
+            if wait > 0:
+                return wait
+        started = base + len(starts) - self.round_first
+        if started < self.window:
+            return max(0.0, self._next_start - now)
+        # The round is sent: the next one waits until every request of it is admitted.
+        latest = 0.0
+        for start in starts[max(0, self.round_first - base):]:
+            if start.refused is None:  # a 429 was judged when it came back
+                latest = max(latest, start.at + admit_s - now)
+        if latest > 0:
+            return latest
+        if self.window >= self.max_limit and self.round_first > 0:
+            return None
+        self.window = min(self.max_limit, 2 * self.window)
+        self.round_first = base + len(starts)
+        return 0.0
+
+    def on_start(self, now: float, *, turnaround_min_s: float, admit_s: float) -> None:
+        """A request starts now."""
+        if self.round_first > 0:
+            # A burst limit met mid-round then costs a few 429s, not the rest of it.
+            self._next_start = now + min(turnaround_min_s / 3, admit_s / self.window)
+
+    def on_isolated(self, ticket: int) -> None:
+        """The request of ``ticket`` came back 429, taken for noise so far."""
+        held = self._held_after
+        self._held_after = ticket if held is None else max(held, ticket)
+
+    def _held_wait(self, now: float, starts: list[Start], base: int,
+                   turnaround_429_s: float) -> float:
+        assert self._held_after is not None
+        # Requests sent after one a limit refused come back refused too, within a 429's
+        # turnaround; growing meanwhile would only add to that wave.
+        until = now - 2.0 * turnaround_429_s + EPSILON_S
+        young = math.inf
+        for start in starts[max(0, self._held_after + 1 - base):]:
+            if start.refused is False or (start.refused is None and start.at <= until):
+                self._held_after = None  # one got through: that 429 was noise
+                return 0.0
+            if start.refused is None:
+                young = min(young, start.at - until + EPSILON_S)
+        return 0.0 if young == math.inf else young  # none under way: send one
