@@ -18,6 +18,8 @@ import random
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from batch.congestion import ControlConfig, Controller, Outcome, Verdict
 from tests.gateways import (
@@ -197,6 +199,45 @@ def test_endless_429s_keep_pausing_and_never_stop_on_their_own() -> None:
         now += 0.001
     assert ctl.in_flight == 0 and ctl.rate is None  # nothing accepted: nothing to pace by
     assert ctl.wait_s(now) <= 0.1 + 1e-9
+
+
+_STEP = st.tuples(
+    st.sampled_from(["start", "start", "answer"]),
+    st.floats(0.0, 3.0),  # seconds that pass first
+    st.integers(0, 10_000),  # which request under way is answered
+    st.sampled_from([Outcome.ADMITTED, Outcome.REFUSED, Outcome.REFUSED, None]),
+    st.sampled_from([None, 0.0, 0.5, 2.0, 60.0]),  # its Retry-After
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 64), st.sampled_from([None, 120.0]), st.lists(_STEP, max_size=400))
+def test_whatever_comes_back_in_whatever_order_the_pool_never_locks(
+    pool: int, rpm: float | None, steps: list[tuple[str, float, int, Outcome | None,
+                                                    float | None]]
+) -> None:
+    """Answers in any order, 429s in runs or alone, abandoned requests, time jumps:
+    asking twice gives one answer, and with nothing under way a start is always
+    allowed within a few finite waits (a wait of inf then would end the run never)."""
+    ctl = Controller(ControlConfig(pool, rpm=rpm))
+    now, out = 0.0, []
+    for kind, passed_s, pick, outcome, retry_after_s in steps:
+        now += passed_s
+        wait = ctl.wait_s(now)
+        assert ctl.wait_s(now) == wait
+        if not out:
+            for _ in range(6):  # a pause, the pace, slow start's spacing or hold
+                if wait == 0:
+                    break
+                assert 0 < wait < math.inf, (now, wait, ctl.__dict__)
+                now += wait
+                wait = ctl.wait_s(now)
+            assert wait == 0, (now, wait, ctl.__dict__)
+        if kind == "start" and wait == 0:
+            out.append(ctl.on_start(now))
+        elif kind == "answer" and out:
+            ctl.on_end(out.pop(pick % len(out)), now, outcome, retry_after_s)
+        assert ctl.in_flight == len(out) <= pool
 
 
 # -- gateways on a virtual clock ---------------------------------------------------------
