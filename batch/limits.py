@@ -11,9 +11,12 @@ and events in, decisions out) behind the two calls the engine makes:
   judged isolated or a shared limit.
 
 A slot left without an answer (cancelled, stopped) tells the controller
-nothing about the server. Every wait is a plain await on a future that a
-clock timer or a change wakes, so cancelling the waiting task (the engine's
-stop) ends it at once. The clock is injected (:class:`Clock`): tests drive
+nothing about the server. Waiters queue in order and only the first asks the
+controller, so that an answer wakes as many tasks as it freed slots rather
+than all of them (a herd of up to 2 x concurrency per answer); the first
+one that starts hands the turn on. Every wait is a plain await on a future that a clock timer, a
+change or the waiter before wakes, so cancelling the waiting task (the
+engine's stop) ends it at once. The clock is injected (:class:`Clock`): tests drive
 time by hand with the same code. One ``Limits`` per endpoint, no shared
 state beyond it.
 """
@@ -21,7 +24,9 @@ state beyond it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
+import itertools
 import logging
 import math
 import time
@@ -79,7 +84,8 @@ class Limits:
         self.name = name  # the endpoint's, named in the log when a run has several
         self.controller = Controller(config)
         self._clock: Clock = clock or LoopClock()
-        self._waiters: set[asyncio.Future[None]] = set()
+        self._line: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._asking: set[asyncio.Future[None]] = set()  # what waiters given the turn await
 
     @property
     def peak(self) -> int:
@@ -124,28 +130,44 @@ class Limits:
 
     async def _turn(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            wait = self.controller.wait_s(self._clock.now())
-            self._log_events()
-            if wait <= 0:
-                return
-            woken: asyncio.Future[None] = loop.create_future()
-            self._waiters.add(woken)
-            timer = None
-            if wait < math.inf:
-                timer = self._clock.call_later(wait, functools.partial(_wake, woken))
-            try:
-                await woken
-            finally:
-                self._waiters.discard(woken)
-                if timer is not None:
-                    timer.cancel()
+        turn: asyncio.Future[None] = loop.create_future()
+        self._line.append(turn)
+        try:
+            if self._line[0] is not turn:
+                await turn  # the waiter before hands the turn on
+            while True:
+                wait = self.controller.wait_s(self._clock.now())
+                self._log_events()
+                if wait <= 0:
+                    return
+                woken: asyncio.Future[None] = loop.create_future()
+                self._asking.add(woken)
+                timer = None
+                if wait < math.inf:
+                    timer = self._clock.call_later(wait, functools.partial(_wake, woken))
+                try:
+                    await woken
+                finally:
+                    self._asking.discard(woken)
+                    if timer is not None:
+                        timer.cancel()
+        finally:
+            # Started or cancelled: the next in line asks the controller. It runs after
+            # this one's start (no await comes between), so it sees that slot taken.
+            first = self._line[0] is turn
+            self._line.remove(turn)
+            if first and self._line:
+                _wake(self._line[0])
 
     def _changed(self) -> None:
-        """Something the controller decides on changed: every waiter looks again."""
+        """Something the controller decides on changed: the waiters given the turn look
+        again, and as many more as there are free slots (all at once, not one a hop)."""
         self._log_events()
-        for woken in self._waiters:
+        for woken in self._asking:
             _wake(woken)
+        free = self.controller.config.max_limit - self.controller.in_flight
+        for turn in itertools.islice(self._line, max(0, free)):
+            _wake(turn)
 
     def _log_events(self) -> None:
         events = self.controller.events

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from batch.congestion import ControlConfig, Verdict
+from batch.congestion import ControlConfig, Controller, Verdict
 from batch.errors import RateLimited, ServerError
 from batch.limits import Limits, Ticket
 from batch.providers import chat_wire
@@ -149,6 +149,68 @@ def test_cancelling_a_waiter_ends_its_wait_at_once_and_takes_no_slot() -> None:
         return cancelled, limits.in_flight
 
     assert asyncio.run(scenario()) == (True, 0)
+
+
+class _CountingController(Controller):
+    """Counts its answers to "may one start now?"."""
+
+    asked = 0
+
+    def wait_s(self, now: float) -> float:
+        self.asked += 1
+        return super().wait_s(now)
+
+
+def test_an_answer_wakes_one_waiter_not_all_of_them() -> None:
+    """A full pool of 4 and 60 waiting: each answer asks the controller about twice
+    (the one that starts, and the next in line), not 60 times."""
+
+    async def scenario() -> tuple[int, int, list[int]]:
+        limits = Limits(ControlConfig(max_limit=4, adaptive=False), VirtualClock())
+        counting = limits.controller = _CountingController(limits.config)
+        started: list[Ticket] = []
+        releases = [asyncio.Event() for _ in range(64)]
+        tasks = [asyncio.create_task(_hold(limits, started, releases[i])) for i in range(64)]
+        await _settle()
+        counting.asked = 0
+        for i in range(8):
+            releases[i].set()
+            await _settle()
+        asked = counting.asked
+        for release in releases:
+            release.set()
+        await asyncio.gather(*tasks)
+        return asked, len(started), [t.seq for t in started[:12]]
+
+    asked, started, order = asyncio.run(scenario())
+    assert started == 64
+    assert asked <= 3 * 8, asked
+    assert order == sorted(order)  # and in the order they came
+
+
+@pytest.mark.parametrize("cancel", [[0], [1], [0, 1], [1, 2], [0, 1, 2, 3]])
+def test_cancelling_waiters_anywhere_in_line_hands_the_turn_on(cancel: list[int]) -> None:
+    """The first waiter (the one asking the controller), one behind it, one just handed
+    the turn: none of them strands those after it."""
+
+    async def scenario() -> tuple[int, int]:
+        limits = _limits(VirtualClock(), adaptive=False, max_limit=1)
+        release = asyncio.Event()
+        started: list[Ticket] = []
+        holder = asyncio.create_task(_hold(limits, started, release))
+        await _settle()
+        waiters = [asyncio.create_task(_hold(limits, started, release)) for _ in range(6)]
+        await _settle()
+        release.set()  # the holder answers: the first waiter is handed the turn ...
+        await asyncio.sleep(0)
+        for i in cancel:  # ... and cancelled before or after it could take it
+            waiters[i].cancel()
+        async with asyncio.timeout(10):  # a stranded line would wait forever
+            results = await asyncio.gather(holder, *waiters, return_exceptions=True)
+        cancelled = sum(isinstance(r, asyncio.CancelledError) for r in results)
+        return len(started) + cancelled, limits.in_flight
+
+    assert asyncio.run(scenario()) == (7, 0)
 
 
 def test_a_slot_left_without_an_answer_frees_and_judges_nothing() -> None:
