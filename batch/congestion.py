@@ -149,7 +149,7 @@ class Controller:
         start = self._starts[i] if 0 <= i < len(self._starts) else None
         if start is None or outcome is None:
             if start is not None:  # abandoned: it tells nothing about the server
-                start.refused = False
+                start.refused, start.abandoned = False, True
             return None
         start.refused = outcome is Outcome.REFUSED
         self._turnaround_min = min(self._turnaround_min, now - start.at)
@@ -326,6 +326,10 @@ class Controller:
         if not early and now < self._probe_at:
             return
         begin, end = self._interval_start, now if early else now - self._admit_s()
+        if end <= begin:
+            # No start of the interval can be judged yet: 429s that take long to come
+            # back (admit_s = 4 turnarounds) reach past the interval's end.
+            return
         first = bisect.bisect_left(self._starts, begin, key=_AT)
         last = bisect.bisect_left(self._starts, end, key=_AT)
         refused = sum(1 for start in self._starts[first:last] if start.refused)

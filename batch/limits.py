@@ -11,14 +11,16 @@ and events in, decisions out) behind the two calls the engine makes:
   judged isolated or a shared limit.
 
 A slot left without an answer (cancelled, stopped) tells the controller
-nothing about the server. Waiters queue in order and only the first asks the
-controller, so that an answer wakes as many tasks as it freed slots rather
-than all of them (a herd of up to 2 x concurrency per answer); the first
-one that starts hands the turn on. Every wait is a plain await on a future that a clock timer, a
+nothing about the server. Waiters queue in order and only those given the
+turn ask the controller: a change wakes those already asking and as many
+more as there are free slots. With the pool full, the usual state of a long
+run, an answer wakes one task rather than all of them (a herd of up to 2 x
+concurrency per answer). The first one that starts, or is cancelled, hands
+the turn on. Every wait is a plain await on a future that a clock timer, a
 change or the waiter before wakes, so cancelling the waiting task (the
-engine's stop) ends it at once. The clock is injected (:class:`Clock`): tests drive
-time by hand with the same code. One ``Limits`` per endpoint, no shared
-state beyond it.
+engine's stop) ends it at once. The clock is injected (:class:`Clock`):
+tests drive time by hand with the same code. One ``Limits`` per endpoint, no
+shared state beyond it.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ class Limits:
         self.controller = Controller(config)
         self._clock: Clock = clock or LoopClock()
         self._line: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._asking: set[asyncio.Future[None]] = set()  # what waiters given the turn await
+        # What the waiters given the turn await, in the order they asked.
+        self._asking: dict[asyncio.Future[None], None] = {}
 
     @property
     def peak(self) -> int:
@@ -141,14 +144,14 @@ class Limits:
                 if wait <= 0:
                     return
                 woken: asyncio.Future[None] = loop.create_future()
-                self._asking.add(woken)
+                self._asking[woken] = None
                 timer = None
                 if wait < math.inf:
                     timer = self._clock.call_later(wait, functools.partial(_wake, woken))
                 try:
                     await woken
                 finally:
-                    self._asking.discard(woken)
+                    self._asking.pop(woken, None)
                     if timer is not None:
                         timer.cancel()
         finally:
@@ -163,7 +166,7 @@ class Limits:
         """Something the controller decides on changed: the waiters given the turn look
         again, and as many more as there are free slots (all at once, not one a hop)."""
         self._log_events()
-        for woken in self._asking:
+        for woken in list(self._asking):
             _wake(woken)
         free = self.controller.config.max_limit - self.controller.in_flight
         for turn in itertools.islice(self._line, max(0, free)):

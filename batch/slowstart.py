@@ -19,8 +19,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# Waits are rounded up by this, so that a clock read after one says it is over (a
-# virtual clock adding a wait of 1e-17 to 100.0 would otherwise never get there).
+# A start this close to its release counts as released, so that the clock read after
+# waiting the wait says it is over (a virtual clock adding a wait of 1e-17 to 100.0
+# would otherwise be told to wait 1e-17 again, for ever).
 EPSILON_S = 1e-6
 
 
@@ -30,6 +31,7 @@ class Start:
 
     at: float
     refused: bool | None = None  # None: not answered yet
+    abandoned: bool = False  # ended unanswered (refused is False): it tells nothing
 
 
 class SlowStart:
@@ -63,7 +65,7 @@ class SlowStart:
             return None
         self.window = min(self.max_limit, 2 * self.window)
         self.round_first = base + len(starts)
-        return 0.0
+        return max(0.0, self._next_start - now)  # what asking again would say
 
     def on_start(self, now: float, *, turnaround_min_s: float, admit_s: float) -> None:
         """A request starts now."""
@@ -84,6 +86,8 @@ class SlowStart:
         until = now - 2.0 * turnaround_429_s + EPSILON_S
         young = math.inf
         for start in starts[max(0, self._held_after + 1 - base):]:
+            if start.abandoned:
+                continue
             if start.refused is False or (start.refused is None and start.at <= until):
                 self._held_after = None  # one got through: that 429 was noise
                 return 0.0

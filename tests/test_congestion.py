@@ -89,35 +89,60 @@ def test_an_isolated_429_does_not_pause_the_pool() -> None:
     assert ctl.wait_s(0.01) == 0.0  # the pool goes on; only that request waits 30 s
 
 
-def _slow_start_round_two(ctl: Controller) -> tuple[float, list[int]]:
-    """Round one (16) sent and answered in 5 ms, then round two started at 1 ms spacing."""
+def _slow_start_round_two(ctl: Controller) -> tuple[float, list[int], list[float]]:
+    """Round one (16) sent and answered in 5 ms, then round two started at its spacing
+    (1.56 ms), each start asked 1 ms after the one before; its tickets and start times."""
     first = [ctl.on_start(0.0) for _ in range(16)]
     for ticket in first:
         ctl.on_end(ticket, 0.005, Outcome.ADMITTED)
-    now, second = 0.005, []
+    now, second, times = 0.005, [], []
     for _ in range(4):
         now += ctl.wait_s(now)
         second.append(ctl.on_start(now))
+        times.append(now)
         now += 0.001
-    return now, second
+    return now, second, times
 
 
 def test_a_429_in_slow_start_holds_starts_until_a_later_request_gets_through() -> None:
     ctl = Controller(ControlConfig(max_limit=64))
-    now, second = _slow_start_round_two(ctl)
-    # The first of round two refused 3 ms after it left: its three successors are out.
+    now, second, times = _slow_start_round_two(ctl)
+    # The first of round two refused: its three successors are out.
     assert ctl.on_end(second[0], now, Outcome.REFUSED, 2.0) is Verdict.ISOLATED
-    assert 0 < ctl.wait_s(now) < math.inf  # until the eldest is two 429 turnarounds old
+    # Until the eldest of them has been out two 429 turnarounds with no 429.
+    turnaround = now - times[0]
+    assert ctl.wait_s(now) == pytest.approx(times[1] + 2 * turnaround - now, abs=1e-5)
     assert ctl.on_end(second[1], now + 0.001, Outcome.REFUSED, 2.0) is Verdict.ISOLATED
     assert ctl.wait_s(now + 0.001) > 0  # still nothing got through
-    assert ctl.on_end(second[2], now + 0.002, Outcome.ADMITTED) is None
-    assert ctl.wait_s(now + 0.002) == 0.0  # one did: the 429s were noise, the ramp goes on
+    assert ctl.on_end(second[2], now + 0.002, None) is None  # abandoned: it tells nothing
+    assert ctl.wait_s(now + 0.002) > 0
+    assert ctl.on_end(second[3], now + 0.003, Outcome.ADMITTED) is None
+    assert ctl.wait_s(now + 0.003) == 0.0  # one did: the 429s were noise, the ramp goes on
     assert ctl.slow_start
+
+
+def test_slow_start_says_the_same_when_asked_twice_at_a_round_boundary() -> None:
+    """Round two sent 4 ms apart and abandoned at once: the call that opens round three
+    says what the next call says (it used to say go, then wait for the spacing)."""
+    ctl = Controller(ControlConfig(max_limit=64))
+    first = [ctl.on_start(0.0) for _ in range(16)]
+    for ticket in first:
+        ctl.on_end(ticket, 0.005, Outcome.ADMITTED)
+    now, second = 0.005, []
+    while len(second) < 32:
+        now += ctl.wait_s(now)
+        second.append(ctl.on_start(now))
+        now += 0.004
+    now -= 0.004
+    for ticket in second:
+        ctl.on_end(ticket, now, None)
+    wait = ctl.wait_s(now)
+    assert wait > 0 and ctl.wait_s(now) == wait and ctl.window == 64
 
 
 def test_a_run_of_429s_in_slow_start_costs_what_was_under_way_then_pauses() -> None:
     ctl = Controller(ControlConfig(max_limit=64))
-    now, second = _slow_start_round_two(ctl)
+    now, second, _ = _slow_start_round_two(ctl)
     verdicts = [ctl.on_end(ticket, now + 0.001 * i, Outcome.REFUSED, 2.0)
                 for i, ticket in enumerate(second[:2])]
     assert verdicts == [Verdict.ISOLATED, Verdict.ISOLATED]
@@ -306,21 +331,28 @@ def test_shared_limits_are_found_with_few_429s_and_followed(latency: float) -> N
 
 
 @pytest.mark.parametrize("kind", ["window", "bucket"])
-@pytest.mark.parametrize("latency", [0.0, 1.0])
+@pytest.mark.parametrize(("latency", "refuse_s"), [(0.0, 0.002), (1.0, 0.002), (1.0, 1.0)])
 def test_a_limit_that_halves_at_60s_and_recovers_at_120s_is_followed(
-    kind: str, latency: float
+    kind: str, latency: float, refuse_s: float
 ) -> None:
+    """``refuse_s``: how long a 429 takes to come back. At 1 s (a far or slow gateway)
+    the pace's interval was once judged before any of its starts could be, and the
+    count of its answers came out negative (``math domain error`` out of wait_s)."""
     for seed in SEEDS:
         factor = halves_then_recovers(60.0, 120.0)
         gw: Gateway = (SlidingWindow(100, 10.0, factor) if kind == "window"
                        else TokenBucket(10.0, 20, factor))
         full = 10.0  # requests per second the limit allows outside [60, 120)
         r = run(gw, 2400, ControlConfig(64), latency_s=latency, jitter_s=0.2 * latency,
-                seed=seed)
-        what = f"{kind} latency={latency} seed={seed}"
+                refuse_s=refuse_s, seed=seed)
+        what = f"{kind} latency={latency} refuse_s={refuse_s} seed={seed}"
         # Down: within 20 s of the halving, few 429s while at half the limit.
         assert r.refused_between(80.0, 120.0) <= 0.15 * 40 * full / 2, (what, r.events)
         assert r.goodput(80.0, 120.0) >= 0.7 * full / 2, (what, r.events)
         # Up: the pace climbs back within a minute of the recovery.
         assert r.goodput(180.0, 220.0) >= 0.75 * full, (what, r.events)
-        assert r.share_429 < 0.1, (what, r.refused, r.requests)
+        # 429s a second late cost a second of starts each time the bucket is met
+        # (20-21% of requests at 1 s, 8-9% at 0.3 s, measured): no extra spend or
+        # time, but more than a near gateway's 4-5%.
+        most = 0.1 if refuse_s < 0.5 or kind == "window" else 0.25
+        assert r.share_429 < most, (what, r.refused, r.requests)

@@ -7,6 +7,7 @@ advances it, so "still waiting" and "started" are observed, never slept for.
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import itertools
 from collections.abc import Callable
@@ -163,14 +164,21 @@ class _CountingController(Controller):
 
 def test_an_answer_wakes_one_waiter_not_all_of_them() -> None:
     """A full pool of 4 and 60 waiting: each answer asks the controller about twice
-    (the one that starts, and the next in line), not 60 times."""
+    (the one that starts, and the next in line), not 60 times; they start in order."""
 
-    async def scenario() -> tuple[int, int, list[int]]:
+    async def scenario() -> tuple[int, list[int]]:
         limits = Limits(ControlConfig(max_limit=4, adaptive=False), VirtualClock())
         counting = limits.controller = _CountingController(limits.config)
-        started: list[Ticket] = []
+        order: list[int] = []
         releases = [asyncio.Event() for _ in range(64)]
-        tasks = [asyncio.create_task(_hold(limits, started, releases[i])) for i in range(64)]
+
+        async def hold(i: int) -> None:
+            async with limits.slot() as ticket:
+                order.append(i)
+                await releases[i].wait()
+                limits.on_answer(ticket)
+
+        tasks = [asyncio.create_task(hold(i)) for i in range(64)]
         await _settle()
         counting.asked = 0
         for i in range(8):
@@ -180,37 +188,61 @@ def test_an_answer_wakes_one_waiter_not_all_of_them() -> None:
         for release in releases:
             release.set()
         await asyncio.gather(*tasks)
-        return asked, len(started), [t.seq for t in started[:12]]
+        return asked, order
 
-    asked, started, order = asyncio.run(scenario())
-    assert started == 64
+    asked, order = asyncio.run(scenario())
     assert asked <= 3 * 8, asked
-    assert order == sorted(order)  # and in the order they came
+    assert order[:12] == list(range(12)), order  # in the order they came
+    assert sorted(order) == list(range(64))
 
 
-@pytest.mark.parametrize("cancel", [[0], [1], [0, 1], [1, 2], [0, 1, 2, 3]])
+class _Line(collections.deque[asyncio.Future[None]]):
+    """The waiters' line, noting whose turn each future is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.owner: dict[asyncio.Future[None], asyncio.Task[object] | None] = {}
+
+    def append(self, turn: asyncio.Future[None]) -> None:
+        self.owner[turn] = asyncio.current_task()
+        super().append(turn)
+
+
+@pytest.mark.parametrize("cancel", [[0], [1], [0, 1], [1, 2], [0, 1, 2, 3], [5]])
 def test_cancelling_waiters_anywhere_in_line_hands_the_turn_on(cancel: list[int]) -> None:
-    """The first waiter (the one asking the controller), one behind it, one just handed
-    the turn: none of them strands those after it."""
+    """Waiters in ``cancel`` are cancelled the moment they are handed the turn, before
+    they could take it; the first (asking the controller) also while it waits: none of
+    them strands those after it."""
 
-    async def scenario() -> tuple[int, int]:
+    async def scenario() -> tuple[int, int, int]:
         limits = _limits(VirtualClock(), adaptive=False, max_limit=1)
+        line = limits._line = _Line()
         release = asyncio.Event()
         started: list[Ticket] = []
         holder = asyncio.create_task(_hold(limits, started, release))
         await _settle()
         waiters = [asyncio.create_task(_hold(limits, started, release)) for _ in range(6)]
         await _settle()
-        release.set()  # the holder answers: the first waiter is handed the turn ...
-        await asyncio.sleep(0)
-        for i in cancel:  # ... and cancelled before or after it could take it
-            waiters[i].cancel()
+        doomed = {waiters[i] for i in cancel}
+        if 0 in cancel:
+            waiters[0].cancel()  # the first in line, asking the controller
+        release.set()
+        handed = 0
+        for _ in range(200):  # every waiter gets to run in turn
+            for turn in list(line):
+                task = line.owner.get(turn)
+                if turn.done() and task in doomed and not task.done():
+                    task.cancel()  # handed the turn, not yet run
+                    handed += 1
+            await asyncio.sleep(0)
         async with asyncio.timeout(10):  # a stranded line would wait forever
             results = await asyncio.gather(holder, *waiters, return_exceptions=True)
         cancelled = sum(isinstance(r, asyncio.CancelledError) for r in results)
-        return len(started) + cancelled, limits.in_flight
+        return len(started) + cancelled, limits.in_flight, handed
 
-    assert asyncio.run(scenario()) == (7, 0)
+    total, in_flight, handed = asyncio.run(scenario())
+    assert (total, in_flight) == (7, 0)
+    assert handed == len(cancel) - (0 in cancel)  # each doomed one was handed the turn
 
 
 def test_a_slot_left_without_an_answer_frees_and_judges_nothing() -> None:
