@@ -278,10 +278,11 @@ class _Catalog:
         if done_mask is None:
             return None
         ids = np.frombuffer(self.digests.ids, np.uint64)
-        fps = np.frombuffer(self.digests.fps, np.uint64)
-        if self.memo_path is None:  # validated without fingerprints: zeros, none surely done
-            fps = np.zeros(len(ids), np.uint64)
-        asked = np.flatnonzero(~done_mask(ids, fps))
+        if self.memo_path is None:  # validated without fingerprints: none surely done yet
+            asked = np.arange(len(ids))
+        else:
+            fps = np.frombuffer(self.digests.fps, np.uint64)
+            asked = np.flatnonzero(~done_mask(ids, fps))
         jobs = self.build(asked.tolist())
         todo = []
         for start in range(0, len(asked), _PLAN_BATCH):
