@@ -1,13 +1,16 @@
 """Slow start: how a run's first requests grow to the pool, pure (clock readings in).
 
-After TCP's slow start. The first round is ``initial`` requests at once; each
-round whose requests were all admitted doubles the next one, spread so that a
-429 comes back before much more is sent. A request counts as admitted once
-answered with anything but 429, or once in flight longer than a 429 takes to
-come back (``admit_s``: limiters refuse at the door), so slow answers do not
-slow the ramp. Slow start is over after two full rounds, the second spread out
-since the first went at once, or when :class:`batch.congestion.Controller`
-finds a shared limit.
+After TCP's slow start. The first round is ``initial`` requests at once; once
+all of it is admitted, each round doubles the one before, its starts spread
+over ``admit_s`` so that a 429 comes back before much more is sent. A request
+counts as admitted once answered with anything but 429, or once in flight
+longer than a 429 takes to come back (``admit_s``: limiters refuse at the
+door), so slow answers do not slow the ramp. A spread round follows the one
+before as soon as one request of it is admitted (TCP's ACK clock): a pool of
+50 fills in two turns of ``admit_s``, where waiting for whole rounds took
+three. Slow start is over once a round the size of the pool, not the first,
+has a request admitted, or when :class:`batch.congestion.Controller` finds a
+shared limit.
 
 A 429 holds further starts until a request sent after it gets through
 (answered, or out for two 429 turnarounds), one at a time: a burst limit then
@@ -54,23 +57,35 @@ class SlowStart:
         started = base + len(starts) - self.round_first
         if started < self.window:
             return max(0.0, self._next_start - now)
-        # The round is sent: the next one waits until every request of it is admitted.
-        latest = 0.0
-        for start in starts[max(0, self.round_first - base):]:
-            if start.refused is None:  # a 429 was judged when it came back
-                latest = max(latest, start.at + admit_s - now)
-        if latest > 0:
-            return latest
+        wait = self._round_wait(now, starts[max(0, self.round_first - base):], admit_s)
+        if wait > 0:
+            return wait
         if self.window >= self.max_limit and self.round_first > 0:
             return None
         self.window = min(self.max_limit, 2 * self.window)
         self.round_first = base + len(starts)
         return max(0.0, self._next_start - now)  # what asking again would say
 
+    def _round_wait(self, now: float, sent: list[Start], admit_s: float) -> float:
+        """How long the next round waits for the one just sent (``sent``)."""
+        # The first round went at once: all of it is judged before more go. A later one
+        # was spread, and a 429 to any of it still holds whatever was sent after.
+        every = self.round_first == 0
+        wait = 0.0 if every else math.inf
+        for start in sent:
+            if start.refused is None:  # a 429 was judged when it came back
+                due = start.at + admit_s - now
+                wait = max(wait, due) if every else min(wait, due)
+            elif not (every or start.abandoned or start.refused):
+                return 0.0  # answered
+        return 0.0 if wait == math.inf else max(0.0, wait)
+
     def on_start(self, now: float, *, turnaround_min_s: float, admit_s: float) -> None:
         """A request starts now."""
         if self.round_first > 0:
             # A burst limit met mid-round then costs a few 429s, not the rest of it.
+            # Spaced from the actual start: a start made late by a busy loop is one whose
+            # 429 would come back late too, so the next one is not brought forward.
             self._next_start = now + min(turnaround_min_s / 3, admit_s / self.window)
 
     def on_isolated(self, ticket: int) -> None:

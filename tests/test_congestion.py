@@ -82,6 +82,22 @@ def test_slow_answers_do_not_slow_the_ramp() -> None:
     assert now < 0.5  # full concurrency in a fraction of a round trip
 
 
+def test_a_latency_bound_pool_fills_in_two_turns_of_the_admit_time() -> None:
+    """Nothing answered (1 s latency): round one (16) at once and admitted after
+    admit_s, round two spread over admit_s, and round three as soon as the first of
+    round two is admitted. Waiting for all of round two took three turns."""
+    ctl = Controller(ControlConfig(max_limit=50))
+    now = 0.0
+    while ctl.in_flight < 50:
+        wait = ctl.wait_s(now)
+        assert wait < math.inf
+        if wait > 0:
+            now += wait
+        else:
+            ctl.on_start(now)
+    assert now < 2.1 * ctl.config.admit_floor_s  # one spacing after two turns
+
+
 def test_an_isolated_429_does_not_pause_the_pool() -> None:
     ctl = Controller(ControlConfig(max_limit=8, adaptive=False))
     tickets = [ctl.on_start(0.0) for _ in range(8)]
