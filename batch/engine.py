@@ -33,12 +33,7 @@ from tenacity import AsyncRetrying, RetryCallState, stop_never
 from batch.checkpoint import fingerprint
 from batch.commit import GroupCommitter, Offload, in_thread
 from batch.cost import Budget, to_usd
-from batch.errors import (
-    FatalApiError,
-    JobError,
-    RateLimited,
-    StorageError,
-)
+from batch.errors import FatalApiError, JobError, RateLimited, StorageError
 from batch.jobs import Job, Status
 from batch.limits import Limits
 from batch.progress import Observer
@@ -86,10 +81,8 @@ class Engine:
         offload: Offload[None] = in_thread,
         sink: ImageSink | None = None,
     ) -> None:
-        """``provider`` serves every job, or ``Job.endpoint`` picks a Route by name.
-
-        Images go to ``sink`` (default: the store's own).
-        """
+        """``provider`` serves every job, or ``Job.endpoint`` picks a Route by name;
+        images go to ``sink`` (default: the store's own)."""
         if isinstance(provider, Mapping):
             self.routes = dict(provider)
         else:
