@@ -150,6 +150,8 @@ class Controller:
         if start is None or outcome is None:
             if start is not None:  # abandoned: it tells nothing about the server
                 start.refused, start.abandoned = False, True
+                if self._ramp is not None:
+                    self._ramp.on_abandoned(ticket)
             return None
         start.refused = outcome is Outcome.REFUSED
         self._turnaround_min = min(self._turnaround_min, now - start.at)

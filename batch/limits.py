@@ -112,7 +112,8 @@ class Limits:
             self._changed()
 
     def on_answer(self, ticket: Ticket, error: JobError | None = None) -> Verdict | None:
-        """The server answered ``ticket``'s request: ``error`` is None on success.
+        """``ticket``'s request ended: ``error`` is None on success; an error with no
+        HTTP status counts as no answer.
 
         Returns what a 429 was taken for (None for any other answer).
         """
@@ -120,6 +121,13 @@ class Limits:
             return None
         ticket.answered = True
         refused = isinstance(error, RateLimited)
+        if error is not None and not refused and error.http_status is None:
+            # No status to judge by (a connection refused or reset, an input image that
+            # would not download, no answer in time, a body cut short): it says nothing of
+            # the server's limits, and its turnaround would make 429s look instant.
+            self.controller.on_end(ticket.seq, self._clock.now(), None)
+            self._changed()
+            return None
         verdict = self.controller.on_end(
             ticket.seq, self._clock.now(),
             Outcome.REFUSED if refused else Outcome.ADMITTED,

@@ -40,10 +40,12 @@ class Start:
 class SlowStart:
     """The rounds of one endpoint's slow start; ``starts[i]`` is the start of seq ``base + i``."""
 
-    def __init__(self, initial: int, max_limit: int) -> None:
+    def __init__(self, initial: int, max_limit: int, first_seq: int = 0) -> None:
         self.max_limit = max_limit
         self.window = min(initial, max_limit)
-        self.round_first = 0  # seq of the first start of the current round
+        self.round_first = first_seq  # seq of the first start of the current round
+        self._at_once = True  # the current round is the first, sent at once
+        self._abandoned = 0  # starts of the current round that never reached the server
         self._held_after: int | None = None  # seq of a refused request
         self._next_start = -math.inf  # a round's starts are spread
 
@@ -54,23 +56,26 @@ class SlowStart:
             wait = self._held_wait(now, starts, base, turnaround_429_s)
             if wait > 0:
                 return wait
-        started = base + len(starts) - self.round_first
+        # A start that never reached the server (the budget said no, the run stopped, the
+        # connection failed) tells nothing: the round still owes that request.
+        started = base + len(starts) - self.round_first - self._abandoned
         if started < self.window:
             return max(0.0, self._next_start - now)
         wait = self._round_wait(now, starts[max(0, self.round_first - base):], admit_s)
         if wait > 0:
             return wait
-        if self.window >= self.max_limit and self.round_first > 0:
+        if self.window >= self.max_limit and not self._at_once:
             return None
         self.window = min(self.max_limit, 2 * self.window)
         self.round_first = base + len(starts)
+        self._at_once, self._abandoned = False, 0
         return max(0.0, self._next_start - now)  # what asking again would say
 
     def _round_wait(self, now: float, sent: list[Start], admit_s: float) -> float:
         """How long the next round waits for the one just sent (``sent``)."""
         # The first round went at once: all of it is judged before more go. A later one
         # was spread, and a 429 to any of it still holds whatever was sent after.
-        every = self.round_first == 0
+        every = self._at_once
         wait = 0.0 if every else math.inf
         for start in sent:
             if start.refused is None:  # a 429 was judged when it came back
@@ -82,11 +87,16 @@ class SlowStart:
 
     def on_start(self, now: float, *, turnaround_min_s: float, admit_s: float) -> None:
         """A request starts now."""
-        if self.round_first > 0:
+        if not self._at_once:
             # A burst limit met mid-round then costs a few 429s, not the rest of it.
             # Spaced from the actual start: a start made late by a busy loop is one whose
             # 429 would come back late too, so the next one is not brought forward.
             self._next_start = now + min(turnaround_min_s / 3, admit_s / self.window)
+
+    def on_abandoned(self, ticket: int) -> None:
+        """The request of ``ticket`` ended without an answer from the server."""
+        if ticket >= self.round_first:
+            self._abandoned += 1
 
     def on_isolated(self, ticket: int) -> None:
         """The request of ``ticket`` came back 429, taken for noise so far."""

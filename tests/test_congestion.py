@@ -94,6 +94,21 @@ def test_a_latency_bound_pool_fills_in_two_turns_of_the_admit_time() -> None:
     assert _fill(ctl) < 2.1 * ctl.config.admit_floor_s  # one spacing after two turns
 
 
+def test_starts_that_never_reach_the_server_do_not_grow_the_ramp() -> None:
+    """Every start abandoned at once (the budget said no, the run is stopping): 200 of
+    them leave slow start at its first round. They used to end it ("a full pool was
+    admitted") after 113, and the next 64 real requests went out at once."""
+    ctl = Controller(ControlConfig(max_limit=64))
+    now = 0.0
+    for _ in range(200):
+        wait = ctl.wait_s(now)
+        assert wait < math.inf
+        now += wait
+        if wait == 0:
+            ctl.on_end(ctl.on_start(now), now, None)
+    assert ctl.slow_start and ctl.window == 16
+
+
 def test_an_isolated_429_does_not_pause_the_pool() -> None:
     ctl = Controller(ControlConfig(max_limit=8, adaptive=False))
     tickets = [ctl.on_start(0.0) for _ in range(8)]
@@ -134,7 +149,7 @@ def test_a_429_in_slow_start_holds_starts_until_a_later_request_gets_through() -
 
 
 def test_slow_start_says_the_same_when_asked_twice_at_a_round_boundary() -> None:
-    """Round two sent 4 ms apart and abandoned at once: the call that opens round three
+    """Round two sent 4 ms apart and answered at once: the call that opens round three
     says what the next call says (it used to say go, then wait for the spacing)."""
     ctl = Controller(ControlConfig(max_limit=64))
     first = [ctl.on_start(0.0) for _ in range(16)]
@@ -147,7 +162,7 @@ def test_slow_start_says_the_same_when_asked_twice_at_a_round_boundary() -> None
         now += 0.004
     now -= 0.004
     for ticket in second:
-        ctl.on_end(ticket, now, None)
+        ctl.on_end(ticket, now, Outcome.ADMITTED)
     wait = ctl.wait_s(now)
     assert wait > 0 and ctl.wait_s(now) == wait and ctl.window == 64
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import pytest
 
 from batch.congestion import ControlConfig, Controller, Verdict
-from batch.errors import RateLimited, ServerError
+from batch.errors import RateLimited, ServerError, TransportError
 from batch.limits import Limits, Ticket
 from batch.providers import chat_wire
 
@@ -254,6 +254,41 @@ def test_a_slot_left_without_an_answer_frees_and_judges_nothing() -> None:
         return limits.in_flight, limits.controller.rate
 
     assert asyncio.run(scenario()) == (0, None)
+
+
+def test_an_error_without_a_status_is_no_answer_to_the_controller() -> None:
+    """A connection reset at once (no HTTP status) is not the server answering in 0 s:
+    taken for one, it made 429s look instant and sent slow start's rounds unspaced."""
+
+    async def scenario() -> list[float]:
+        clock = VirtualClock()
+        limits = _limits(clock, max_limit=64)
+        holds = [limits.slot() for _ in range(16)]
+        tickets = [await hold.__aenter__() for hold in holds]
+        limits.on_answer(tickets[0], TransportError("connection reset by peer"))
+        await clock.advance(0.005)
+        for ticket in tickets[1:]:
+            limits.on_answer(ticket)
+        for hold in holds:
+            await hold.__aexit__(None, None, None)
+        starts: list[float] = []
+
+        async def unanswered() -> None:
+            async with limits.slot():
+                starts.append(clock.now())
+                await asyncio.Event().wait()
+
+        tasks = [asyncio.create_task(unanswered()) for _ in range(8)]
+        for _ in range(120):
+            await clock.advance(0.001)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return starts
+
+    starts = asyncio.run(scenario())
+    assert len(starts) == 8
+    assert min(b - a for a, b in itertools.pairwise(starts)) > 0.001  # spaced, as after 5 ms
 
 
 def test_rpm_spaces_starts_on_the_injected_clock() -> None:
