@@ -13,8 +13,9 @@ and sleeps on nothing, so the same object runs the real pool (through
   chance explains at the background 429 share (one shorter when the 429s say
   the key's quota is spent), or a 429 share far above it. Only then does the
   pool pause for the ``Retry-After`` and get paced: at the rate the server
-  accepted, or at most half the pace when a paced run meets the limit again.
-  If slowing down does not make 429s rarer, pacing is dropped.
+  accepted (none: slow start again from one request), or at most half the pace
+  when a paced run meets the limit again. If slowing down does not make 429s
+  rarer, pacing is dropped.
 - **Probing.** While paced, each clean interval raises the pace by a step that
   doubles (5%, 10%, 20%, 25%...), so a limit that rose again is found in a
   number of intervals that grows with the log of the gap; more 429s than the
@@ -287,24 +288,30 @@ class Controller:
             return
         at, pause = self._pending_estimate
         self._pending_estimate = None
-        estimate = self.estimate_rate(at, pause)
+        estimate = self.estimate_rate(at, pause, now=now)
         if estimate is not None and (self.rate is None or estimate * self.config.safety
                                      < self.rate):
             self._set_rate(estimate * self.config.safety, now, "learnt from the 429s")
+        elif estimate is None and self.rate is None and self.config.max_limit > 1:
+            # Nothing was accepted, so there is no pace to learn: start again from one
+            # request, as TCP does after a timeout, not with the whole pool at once.
+            self._ramp = SlowStart(1, self.config.max_limit, self._base + len(self._starts))
+            self.events.append("slow start again from one request: none was accepted")
         # The first step up waits two intervals: the pace was just measured.
         self._interval_start = now
         self._probe_at = now + 2 * self._interval_s
 
-    def estimate_rate(self, at: float, pause: float, since: float = -math.inf) -> float | None:
-        """Starts per second the server accepted before it refused at ``at``.
-
-        A window or bucket that refuses at ``at`` for ``pause`` seconds after
-        accepting A requests over ``span`` seconds allows about
-        A / (span + pause): the oldest accepted one leaves it ``pause`` from now.
-        """
-        # Requests still out were admitted: a 429 would be back by now.
-        accepted = [s.at for s in self._starts
-                    if since <= s.at <= at and s.refused is not True]
+    def estimate_rate(self, at: float, pause: float, since: float = -math.inf,
+                      now: float | None = None) -> float | None:
+        """Starts per second the server accepted before it refused at ``at``, asked at
+        ``now`` (default ``at``). A window or bucket that refuses at ``at`` for ``pause``
+        seconds after accepting A requests over ``span`` seconds allows about
+        A / (span + pause): the oldest accepted one leaves it ``pause`` from now."""
+        # A request still out was admitted once a 429 would be back by now; one abandoned
+        # never reached the server.
+        young = (at if now is None else now) - self._admit_s()
+        accepted = [s.at for s in self._starts if since <= s.at <= at and (
+            s.at <= young if s.refused is None else not (s.refused or s.abandoned))]
         if not accepted:
             return None
         window = at - accepted[0] + pause
@@ -328,9 +335,7 @@ class Controller:
         if not early and now < self._probe_at:
             return
         begin, end = self._interval_start, now if early else now - self._admit_s()
-        if end <= begin:
-            # No start of the interval can be judged yet: 429s that take long to come
-            # back (admit_s = 4 turnarounds) reach past the interval's end.
+        if end <= begin:  # nothing judged yet: slow 429s reach past the interval's end
             return
         first = bisect.bisect_left(self._starts, begin, key=_AT)
         last = bisect.bisect_left(self._starts, end, key=_AT)

@@ -227,6 +227,31 @@ def test_the_pace_learnt_from_a_shared_limit(
     assert ctl.estimate_rate(span_s, pause_s) == pytest.approx(expected, rel=0.01)
 
 
+@pytest.mark.parametrize(("abandoned", "retry_after_s"), [
+    (0, 1.0),  # all 16 refused
+    (13, 2.0),  # 13 never reached the server (the budget said no), 3 refused
+    (0, 0.0),  # 3 refused at once with Retry-After 0, 13 sent a moment ago and still out
+])
+def test_a_shared_limit_that_accepted_nothing_starts_again_from_one_request(
+    abandoned: int, retry_after_s: float
+) -> None:
+    """No request was accepted before the 429s: there is no pace to learn. The pool
+    used to go out whole when the pause ended, or at a pace counted from requests that
+    never reached the server or had just left (74,100/min)."""
+    ctl = Controller(ControlConfig(max_limit=200))
+    tickets = [ctl.on_start(0.0) for _ in range(16)]
+    for ticket in tickets[:abandoned]:
+        ctl.on_end(ticket, 0.005, None)
+    refused = tickets[abandoned:] if retry_after_s else tickets[:3]
+    for ticket in refused:
+        ctl.on_end(ticket, 0.01, Outcome.REFUSED, retry_after_s)
+    now, burst = 0.01 + retry_after_s, 0
+    while ctl.wait_s(now) == 0 and burst < 200:
+        ctl.on_start(now)
+        burst += 1
+    assert (burst, ctl.rate, ctl.slow_start) == (1, None, True)
+
+
 def test_rpm_pins_the_pace_and_429s_do_not_move_it() -> None:
     ctl = Controller(ControlConfig(max_limit=64, rpm=600))
     starts = []
