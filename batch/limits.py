@@ -121,16 +121,14 @@ class Limits:
             return None
         ticket.answered = True
         refused = isinstance(error, RateLimited)
+        outcome: Outcome | None = Outcome.REFUSED if refused else Outcome.ADMITTED
         if error is not None and not refused and error.http_status is None:
             # No status to judge by (a connection refused or reset, an input image that
             # would not download, no answer in time, a body cut short): it says nothing of
             # the server's limits, and its turnaround would make 429s look instant.
-            self.controller.on_end(ticket.seq, self._clock.now(), None)
-            self._changed()
-            return None
+            outcome = None
         verdict = self.controller.on_end(
-            ticket.seq, self._clock.now(),
-            Outcome.REFUSED if refused else Outcome.ADMITTED,
+            ticket.seq, self._clock.now(), outcome,
             error.retry_after_s if error is not None and refused else None,
             shared_said=isinstance(error, RateLimited) and error.quota_used_up,
         )
